@@ -1,0 +1,199 @@
+//! account_ledger: a Rust projection keeping every transaction of the bank example, and per
+//! account the number and totals of credits and debits and the time of the last activity.
+//!
+//! It shows the typed side of the projection contract: each event type has a serde struct, and a
+//! payload that does not fit it is a poison event handled by the projection's `on_error`.
+
+use rusqlite::{params, Transaction};
+use serde::Deserialize;
+
+use crate::event::Event;
+use crate::projection::{Projection, ProjectionError};
+
+const CREATED: &str = "account.AccountCreated";
+const CREDITED: &str = "account.AccountCredited";
+const DEBITED: &str = "account.AccountDebited";
+
+#[derive(Debug, Deserialize)]
+struct AccountCreated {
+    account_id: String,
+    balance: i64,
+}
+
+/// Credits and debits carry the same fields.
+#[derive(Debug, Deserialize)]
+struct AccountTransaction {
+    account_id: String,
+    transaction_id: String,
+    amount: i64,
+}
+
+pub struct AccountLedger;
+
+impl AccountLedger {
+    fn record(
+        tx: &Transaction,
+        event: &Event,
+        kind: &str,
+        change: AccountTransaction,
+    ) -> Result<(), ProjectionError> {
+        if change.amount < 0 {
+            return Err(ProjectionError::Rejected(format!(
+                "{kind} of a negative amount ({})",
+                change.amount
+            )));
+        }
+        tx.prepare_cached(
+            "INSERT INTO account_ledger_entries
+                 (event_offset, account_id, transaction_id, kind, amount, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            crate::store::offset_to_sql(event.offset),
+            change.account_id,
+            change.transaction_id,
+            kind,
+            change.amount,
+            event.created
+        ])?;
+        let (credit, debit) = if kind == "credit" {
+            (change.amount, 0)
+        } else {
+            (0, change.amount)
+        };
+        let updated = tx
+            .prepare_cached(
+                "UPDATE account_activity SET
+                     credits = credits + (?2 > 0), debits = debits + (?3 > 0),
+                     credited_total = credited_total + ?2, debited_total = debited_total + ?3,
+                     last_offset = ?4, last_activity = ?5
+                 WHERE account_id = ?1",
+            )?
+            .execute(params![
+                change.account_id,
+                credit,
+                debit,
+                crate::store::offset_to_sql(event.offset),
+                event.created
+            ])?;
+        if updated != 1 {
+            return Err(ProjectionError::Rejected(format!(
+                "{kind} for account {} which was never created",
+                change.account_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Projection for AccountLedger {
+    fn event_types(&self) -> Vec<String> {
+        vec![CREATED.into(), CREDITED.into(), DEBITED.into()]
+    }
+
+    fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS account_ledger_entries (
+                 event_offset   INTEGER PRIMARY KEY,
+                 account_id     TEXT NOT NULL,
+                 transaction_id TEXT NOT NULL,
+                 kind           TEXT NOT NULL CHECK (kind IN ('credit', 'debit')),
+                 amount         INTEGER NOT NULL,
+                 created        TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS account_ledger_entries_by_account
+                 ON account_ledger_entries (account_id, event_offset);
+             CREATE TABLE IF NOT EXISTS account_activity (
+                 account_id      TEXT PRIMARY KEY,
+                 opening_balance INTEGER NOT NULL,
+                 credits         INTEGER NOT NULL DEFAULT 0,
+                 debits          INTEGER NOT NULL DEFAULT 0,
+                 credited_total  INTEGER NOT NULL DEFAULT 0,
+                 debited_total   INTEGER NOT NULL DEFAULT 0,
+                 opened_offset   INTEGER NOT NULL,
+                 last_offset     INTEGER NOT NULL,
+                 last_activity   TEXT NOT NULL
+             );",
+        )?;
+        Ok(())
+    }
+
+    fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
+        match event.event_type.as_str() {
+            CREATED => {
+                let created: AccountCreated = event.decode()?;
+                let offset = crate::store::offset_to_sql(event.offset);
+                tx.prepare_cached(
+                    "INSERT INTO account_activity
+                         (account_id, opening_balance, opened_offset, last_offset, last_activity)
+                     VALUES (?1, ?2, ?3, ?3, ?4)",
+                )?
+                .execute(params![
+                    created.account_id,
+                    created.balance,
+                    offset,
+                    event.created
+                ])?;
+                Ok(())
+            }
+            CREDITED => Self::record(tx, event, "credit", event.decode()?),
+            DEBITED => Self::record(tx, event, "debit", event.decode()?),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+    use serde_json::json;
+
+    fn event(offset: u64, event_type: &str, payload: serde_json::Value) -> Event {
+        Event {
+            offset,
+            event_id: format!("id-{offset}"),
+            event_type: event_type.into(),
+            aggregate_name: "*account.Account".into(),
+            aggregate_version: 0,
+            created: format!("t{offset}"),
+            payload: Some(payload),
+        }
+    }
+
+    #[test]
+    fn keeps_entries_and_activity() -> Result<(), Box<dyn std::error::Error>> {
+        let mut conn = Connection::open_in_memory()?;
+        let tx = conn.transaction()?;
+        let ledger = AccountLedger;
+        ledger.setup(&tx)?;
+        ledger.apply(
+            &tx,
+            &event(0, CREATED, json!({"account_id": "a", "balance": 3})),
+        )?;
+        let credit = json!({"account_id": "a", "transaction_id": "t", "amount": 4});
+        ledger.apply(&tx, &event(1, CREDITED, credit))?;
+        let debit = json!({"account_id": "a", "transaction_id": "u", "amount": 1});
+        ledger.apply(&tx, &event(2, DEBITED, debit))?;
+        let row: (i64, i64, i64, i64, String) = tx.query_row(
+            "SELECT credits, debits, credited_total, debited_total, last_activity
+               FROM account_activity WHERE account_id = 'a'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?;
+        assert_eq!(row, (1, 1, 4, 1, "t2".to_string()));
+        let entries: i64 =
+            tx.query_row("SELECT count(*) FROM account_ledger_entries", [], |r| {
+                r.get(0)
+            })?;
+        assert_eq!(entries, 2);
+
+        let wrong_type = json!({"account_id": "a", "transaction_id": "v", "amount": "lots"});
+        let err = ledger.apply(&tx, &event(3, CREDITED, wrong_type));
+        assert!(matches!(err, Err(ProjectionError::Decode(_))), "{err:?}");
+        let unknown = json!({"account_id": "nobody", "transaction_id": "w", "amount": 1});
+        let err = ledger.apply(&tx, &event(4, CREDITED, unknown));
+        assert!(matches!(err, Err(ProjectionError::Rejected(_))), "{err:?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,31 @@
+//! `projector check`: validates a config and builds its projections (declarative SQL is prepared
+//! against its schema) without touching the database or the feeds.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::Config;
+
+pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let projections = crate::projection::build_all(&config)?;
+    println!(
+        "{}: ok ({} feed{}, {} projection{})",
+        path.display(),
+        config.feeds.len(),
+        if config.feeds.len() == 1 { "" } else { "s" },
+        projections.len(),
+        if projections.len() == 1 { "" } else { "s" },
+    );
+    for projection in &projections {
+        let mut types: Vec<&str> = projection.event_types.iter().map(String::as_str).collect();
+        types.sort_unstable();
+        println!(
+            "  {} on feed {}: {}",
+            projection.name,
+            projection.feed,
+            types.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

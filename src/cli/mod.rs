@@ -1,0 +1,104 @@
+//! The command line: clap derive structs whose doc comments are the help text, and one file per
+//! subcommand.
+
+mod check;
+mod demo;
+mod query;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Projector: folds event feeds into SQLite read models, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "projector", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: poll the feeds and keep the read models current until SIGTERM or SIGINT.
+    Run {
+        /// The configuration file.
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and its projections without running anything.
+    Check {
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+    },
+    /// Query the read-model database (read-only) and print the rows.
+    Query {
+        /// The SQL to run, e.g. "SELECT * FROM account_balances".
+        sql: String,
+        /// The configuration whose database to query.
+        #[arg(
+            long,
+            short,
+            default_value = "consumer.toml",
+            conflicts_with = "database"
+        )]
+        config: PathBuf,
+        /// Query this database file instead of the configured one.
+        #[arg(long)]
+        database: Option<PathBuf>,
+        /// Print one JSON object per row instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start an embedded bank feed, run the real daemon pipeline over it, and show the result.
+    Demo {
+        /// How many events the embedded feed holds.
+        #[arg(long, default_value_t = 5000)]
+        events: usize,
+        /// The fraction of feed requests that fail (0 to 0.5), to watch the daemon retry.
+        #[arg(long, default_value_t = 0.0)]
+        fault_rate: f64,
+        /// Where to put the demo's config and database (it is emptied first).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => run::run(&config),
+        Command::Check { config } => check::check(&config),
+        Command::Query {
+            sql,
+            config,
+            database,
+            json,
+        } => query::query(&sql, &config, database.as_deref(), json),
+        Command::Demo {
+            events,
+            fault_rate,
+            dir,
+        } => demo::demo(events, fault_rate, dir),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` picks the level (`default_level` without it), colours only on a
+/// terminal.
+fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,120 @@
+//! `projector query`: runs one SQL statement on a read-only connection to the read-model
+//! database and prints the rows, as an aligned table or as JSON lines.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use rusqlite::types::ValueRef;
+
+use crate::config::Config;
+
+pub fn query(
+    sql: &str,
+    config: &Path,
+    database: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let database = match database {
+        Some(database) => database.to_path_buf(),
+        None => Config::load(config)?.daemon.database,
+    };
+    if !database.exists() {
+        anyhow::bail!(
+            "database {} does not exist (has the daemon run yet?)",
+            database.display()
+        );
+    }
+    let conn = crate::store::open_reader(&database)
+        .with_context(|| format!("opening {}", database.display()))?;
+    let mut statement = conn.prepare(sql).context("preparing the query")?;
+    let columns: Vec<String> = statement.column_names().map(|c| c.to_string()).collect();
+    let mut rows = statement.query([])?;
+    let mut table: Vec<Vec<String>> = Vec::new();
+    while let Some(row) = rows.next()? {
+        if json {
+            let mut object = serde_json::Map::new();
+            for (index, column) in columns.iter().enumerate() {
+                object.insert(column.clone(), to_json(row.get_ref(index)?));
+            }
+            println!("{}", serde_json::Value::Object(object));
+        } else {
+            table.push(
+                (0..columns.len())
+                    .map(|index| row.get_ref(index).map(to_text))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+    }
+    if !json {
+        print!("{}", format_table(&columns, &table));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_text(value: ValueRef) -> String {
+    match value {
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Blob(b) => format!("<{} bytes>", b.len()),
+    }
+}
+
+fn to_json(value: ValueRef) -> serde_json::Value {
+    match value {
+        ValueRef::Null => serde_json::Value::Null,
+        ValueRef::Integer(i) => i.into(),
+        ValueRef::Real(f) => f.into(),
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+        ValueRef::Blob(b) => format!("<{} bytes>", b.len()).into(),
+    }
+}
+
+/// An aligned text table with a header line and a row count.
+pub fn format_table(columns: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, &width)| format!("{cell:<width$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(columns);
+    out += &line(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>());
+    for row in rows {
+        out += &line(row);
+    }
+    out += &format!(
+        "({} row{})\n",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_is_aligned() {
+        let table = super::format_table(
+            &["id".into(), "balance".into()],
+            &[
+                vec!["a".into(), "12".into()],
+                vec!["long-id".into(), "3".into()],
+            ],
+        );
+        assert_eq!(
+            table,
+            "id       balance\n-------  -------\na        12\nlong-id  3\n(2 rows)\n"
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! An in-process, Flux-compatible feed server on a loopback port: the demo's bank feed, and the
+//! feed the tests (and benchmarks) run the real daemon against.
+//!
+//! It answers as a real Flux server does (pages as `application/json`, bodies as `text/plain`
+//! with a trailing newline, `null` for an unknown id, 422 for a negative offset), and it can
+//! inject faults on request: scripted ones for a test to provoke one failure exactly, or random
+//! ones at a rate from a seed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+/// One event as the server stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: String,
+    pub aggregate_name: String,
+    pub aggregate_version: i64,
+    pub event_type: String,
+    pub created: String,
+    /// The payload as JSON text.
+    pub body: String,
+}
+
+/// A way for one response to go wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// This HTTP status, with a short text body.
+    Status(u16),
+    /// This status (429 or 503) with `Retry-After: seconds`.
+    RetryAfter { status: u16, seconds: u32 },
+    /// Half the real response, then the connection breaks.
+    ResetMidBody,
+    /// Accept the request and never answer.
+    Hang,
+    /// Status 200 and a Content-Length of half the real response, which is all that is sent.
+    Truncated,
+    /// Status 200 and text that is not JSON.
+    InvalidJson,
+    /// Status 200 and JSON that is not a page (`events` is not an array).
+    WrongShape,
+    /// Status 200 and a proxy's HTML error page.
+    HtmlPage,
+    /// Status 200 and `null`: Flux's answer for an event id it does not know.
+    NullBody,
+}
+
+/// Which requests a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Pages,
+    Bodies,
+}
+
+/// Faults that clear by themselves when retried, per target: what a flaky network and a flaky
+/// server do. (Not `Hang`: it costs a whole request timeout.)
+const TRANSIENT_PAGE_FAULTS: &[Fault] = &[
+    Fault::Status(500),
+    Fault::Status(502),
+    Fault::RetryAfter {
+        status: 503,
+        seconds: 0,
+    },
+    Fault::RetryAfter {
+        status: 429,
+        seconds: 0,
+    },
+    Fault::ResetMidBody,
+    Fault::Truncated,
+    Fault::InvalidJson,
+    Fault::WrongShape,
+    Fault::HtmlPage,
+];
+const TRANSIENT_BODY_FAULTS: &[Fault] = &[
+    Fault::Status(500),
+    Fault::Status(404),
+    Fault::RetryAfter {
+        status: 503,
+        seconds: 0,
+    },
+    Fault::ResetMidBody,
+    Fault::Truncated,
+    Fault::InvalidJson,
+    Fault::HtmlPage,
+    Fault::NullBody,
+];
+
+#[derive(Default)]
+struct Faults {
+    scripted: VecDeque<(Target, Fault)>,
+    random: Option<(fastrand::Rng, f64)>,
+}
+
+impl Faults {
+    fn take(&mut self, target: Target) -> Option<Fault> {
+        if let Some(index) = self.scripted.iter().position(|(t, _)| *t == target) {
+            return self.scripted.remove(index).map(|(_, fault)| fault);
+        }
+        let (rng, rate) = self.random.as_mut()?;
+        if rng.f64() >= *rate {
+            return None;
+        }
+        let choices = match target {
+            Target::Pages => TRANSIENT_PAGE_FAULTS,
+            Target::Bodies => TRANSIENT_BODY_FAULTS,
+        };
+        Some(choices[rng.usize(..choices.len())])
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    events: Vec<StoredEvent>,
+    by_id: HashMap<String, usize>,
+}
+
+struct Shared {
+    store: RwLock<Store>,
+    faults: Mutex<Faults>,
+    page_size: usize,
+    page_requests: AtomicU64,
+    body_requests: Mutex<HashMap<String, u64>>,
+    faults_injected: AtomicU64,
+}
+
+impl Shared {
+    fn take_fault(&self, target: Target) -> Option<Fault> {
+        let fault = self
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(target);
+        if fault.is_some() {
+            self.faults_injected.fetch_add(1, Ordering::Relaxed);
+        }
+        fault
+    }
+}
+
+/// A running feed server; it stops when dropped.
+pub struct FeedServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FeedServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FeedServer {
+    /// Serves `events` on `addr` (use port 0 for any free port), 20 per page as Flux does.
+    pub async fn start(addr: SocketAddr, events: Vec<StoredEvent>) -> std::io::Result<FeedServer> {
+        let shared = Arc::new(Shared {
+            store: RwLock::new(Store::default()),
+            faults: Mutex::new(Faults::default()),
+            page_size: 20,
+            page_requests: AtomicU64::new(0),
+            body_requests: Mutex::new(HashMap::new()),
+            faults_injected: AtomicU64::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let router = Router::new()
+            .route("/events", get(page))
+            .route("/events/{id}", get(body))
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, router).await {
+                tracing::error!("feed server stopped: {err}");
+            }
+        });
+        let server = FeedServer { addr, shared, task };
+        server.append(events);
+        Ok(server)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The feed's URL, as a consumer is configured with it.
+    pub fn url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    pub fn append(&self, events: Vec<StoredEvent>) {
+        let mut guard = self
+            .shared
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let store = &mut *guard;
+        for event in events {
+            store.by_id.insert(event.id.clone(), store.events.len());
+            store.events.push(event);
+        }
+    }
+
+    /// Replaces the whole feed, as a producer that rewrote or reset its history would.
+    pub fn replace(&self, events: Vec<StoredEvent>) {
+        *self
+            .shared
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Store::default();
+        self.append(events);
+    }
+
+    pub fn len(&self) -> usize {
+        self.shared
+            .store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .events
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next `times` requests of `target` answer with `fault`.
+    pub fn inject(&self, target: Target, fault: Fault, times: usize) {
+        let mut faults = self
+            .shared
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        faults
+            .scripted
+            .extend(std::iter::repeat_n((target, fault), times));
+    }
+
+    /// From now on, each request fails with a random transient fault with probability `rate`.
+    pub fn random_faults(&self, seed: u64, rate: f64) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .random = Some((fastrand::Rng::with_seed(seed), rate));
+    }
+
+    pub fn page_requests(&self) -> u64 {
+        self.shared.page_requests.load(Ordering::Relaxed)
+    }
+
+    /// How many times bodies of events of `event_type` were asked for.
+    pub fn body_requests(&self, event_type: &str) -> u64 {
+        self.shared
+            .body_requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(event_type)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.shared.faults_injected.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Serialize)]
+struct PageJson<'a> {
+    description: &'static str,
+    events: Vec<EntryJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct EntryJson<'a> {
+    event_id: &'a str,
+    url: String,
+    aggregate_name: &'a str,
+    aggregate_version: i64,
+    event_type: &'a str,
+    created: &'a str,
+}
+
+async fn page(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    shared.page_requests.fetch_add(1, Ordering::Relaxed);
+    let offset = match query.get("offset").map(|text| text.parse::<i64>()) {
+        None => 0,
+        Some(Ok(offset)) if offset >= 0 => offset as usize,
+        Some(_) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"message": "Invalid offset"}"#,
+            )
+                .into_response()
+        }
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or("localhost")
+        .to_string();
+    let json = {
+        let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
+        let end = offset
+            .saturating_add(shared.page_size)
+            .min(store.events.len());
+        let events = store.events.get(offset..end).unwrap_or_default();
+        let page = PageJson {
+            description: "event feed",
+            events: events
+                .iter()
+                .map(|event| EntryJson {
+                    event_id: &event.id,
+                    url: format!("http://{host}/events/{}", event.id),
+                    aggregate_name: &event.aggregate_name,
+                    aggregate_version: event.aggregate_version,
+                    event_type: &event.event_type,
+                    created: &event.created,
+                })
+                .collect(),
+        };
+        serde_json::to_string(&page).unwrap_or_default()
+    };
+    match shared.take_fault(Target::Pages) {
+        Some(fault) => faulty(fault, json).await,
+        None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+    }
+}
+
+async fn body(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let (event_type, text) = {
+        let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
+        match store
+            .by_id
+            .get(&id)
+            .and_then(|&index| store.events.get(index))
+        {
+            Some(event) => (event.event_type.clone(), format!("{}\n", event.body)),
+            None => (String::new(), "null\n".to_string()),
+        }
+    };
+    *shared
+        .body_requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(event_type)
+        .or_default() += 1;
+    match shared.take_fault(Target::Bodies) {
+        Some(fault) => faulty(fault, text).await,
+        None => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
+    }
+}
+
+/// The response `fault` makes of the real response text `real`.
+async fn faulty(fault: Fault, real: String) -> Response {
+    let half = real.as_bytes()[..real.len() / 2].to_vec();
+    match fault {
+        Fault::Status(code) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "injected fault",
+        )
+            .into_response(),
+        Fault::RetryAfter { status, seconds } => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            [(header::RETRY_AFTER, seconds.to_string())],
+            "slow down",
+        )
+            .into_response(),
+        Fault::ResetMidBody => {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(Bytes::from(half)),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "injected reset",
+                )),
+            ];
+            Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
+        }
+        Fault::Hang => {
+            // Long enough to outlast any client timeout; the test ends first.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        Fault::Truncated => {
+            let mut response = Response::new(Body::from(half));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_LENGTH,
+                header::HeaderValue::from(real.len()),
+            );
+            // As when a peer dies mid-response: the connection closes short of the length.
+            headers.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        Fault::InvalidJson => (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"events\": [",
+        )
+            .into_response(),
+        Fault::WrongShape => (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"events": {"not": "an array"}}"#,
+        )
+            .into_response(),
+        Fault::HtmlPage => (
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        )
+            .into_response(),
+        Fault::NullBody => "null\n".into_response(),
+    }
+}

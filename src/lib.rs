@@ -1,0 +1,32 @@
+//! Projector: a read-model daemon. It polls event feeds over HTTP, folds their events into
+//! read models in SQLite through pluggable projections, and keeps each projection's offset in the
+//! same transaction as its writes, so every event is applied exactly once.
+//!
+//! Data flows one way: feed -> pipeline -> writer (projections, checkpoints) -> commit.
+#![deny(clippy::unwrap_used)]
+
+/// Deterministic bank events and the balances they fold to (demo data, test oracle).
+pub mod bank_feed;
+/// The command-line interface, one file per subcommand.
+pub mod cli;
+/// `consumer.toml`: parsing and validation with file:line:column errors.
+pub mod config;
+/// The supervisor: one reader per feed, one writer, shutdown.
+pub mod daemon;
+/// The Event a feed yields.
+pub mod event;
+/// Feed clients (one per format), fetch errors and backoff.
+pub mod feed;
+/// An in-process Flux-compatible feed server with fault injection (demo, tests, benchmarks).
+pub mod feed_server;
+/// One feed's read loop: page, bodies, batch, commit.
+pub mod pipeline;
+/// The projection contract, declarative SQL projections, building projections from the config.
+pub mod projection;
+/// The projection modules that ship (declarative files and Rust modules).
+#[path = "../projections/mod.rs"]
+pub mod projections;
+/// The SQLite database: pragmas, migrations, checkpoints, dead letters.
+pub mod store;
+/// The single database writer thread: one transaction per batch.
+pub mod writer;

@@ -1,0 +1,114 @@
+//! The contract between the daemon and a projection, and building projections from the config.
+//!
+//! A projection never commits: the daemon hands it an open transaction, and the projection's
+//! writes commit together with its checkpoint, or not at all.
+
+pub mod sql;
+
+use std::collections::HashSet;
+
+use rusqlite::Transaction;
+
+use crate::config::{Config, ConfigError, OnError, ProjectionConfig};
+use crate::event::{DecodeError, Event};
+
+/// A read model fed by the events of one feed.
+pub trait Projection: Send {
+    /// The event types this projection applies. The daemon fetches bodies only for these and
+    /// passes over every other entry of the feed.
+    fn event_types(&self) -> Vec<String>;
+
+    /// Creates its tables if they are missing. Runs at every start, inside a transaction.
+    fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError>;
+
+    /// Applies one event of a registered type, inside the daemon's open transaction.
+    fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError>;
+}
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("SQL failed: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl ProjectionError {
+    /// A failure of the database rather than of the event: retry the batch, do not blame the event.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            ProjectionError::Sql(err) => crate::store::is_storage_failure(err),
+            _ => false,
+        }
+    }
+}
+
+/// A projection built from its `[[projection]]` table, ready to run.
+pub struct ConfiguredProjection {
+    pub name: String,
+    pub feed: String,
+    pub on_error: OnError,
+    pub event_types: HashSet<String>,
+    pub projection: Box<dyn Projection>,
+}
+
+impl ConfiguredProjection {
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.event_types.contains(event_type)
+    }
+}
+
+/// Builds every projection of a validated config: loads and checks declarative files (their SQL
+/// is prepared against their own schema) and instantiates Rust modules.
+pub fn build_all(config: &Config) -> Result<Vec<ConfiguredProjection>, ConfigError> {
+    config
+        .projections
+        .iter()
+        .map(|projection| build(config, projection))
+        .collect()
+}
+
+fn build(
+    config: &Config,
+    projection: &ProjectionConfig,
+) -> Result<ConfiguredProjection, ConfigError> {
+    let built: Box<dyn Projection> = match (&projection.file, &projection.module) {
+        (Some(file), _) => {
+            let text = std::fs::read_to_string(file.get_ref()).map_err(|err| {
+                ConfigError::new(
+                    config.source.locate(file),
+                    format!(
+                        "cannot read projection file {}: {err}",
+                        file.get_ref().display()
+                    ),
+                )
+            })?;
+            Box::new(sql::SqlProjection::parse(file.get_ref(), &text)?)
+        }
+        (None, Some(module)) => match crate::projections::find(module.get_ref()) {
+            Some(module) => (module.build)(),
+            None => {
+                return Err(ConfigError::new(
+                    config.source.locate(module),
+                    format!("no Rust projection module named {:?}", module.get_ref()),
+                ))
+            }
+        },
+        (None, None) => {
+            return Err(ConfigError::new(
+                config.source.locate(&projection.name),
+                "a projection needs `file` or `module`",
+            ))
+        }
+    };
+    Ok(ConfiguredProjection {
+        name: projection.name().to_string(),
+        feed: projection.feed().to_string(),
+        on_error: projection.on_error,
+        event_types: built.event_types().into_iter().collect(),
+        projection: built,
+    })
+}

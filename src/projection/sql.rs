@@ -1,0 +1,392 @@
+//! Declarative projections: a TOML file holding the schema SQL and, per event type, one SQL
+//! statement whose named parameters are bound from the payload and the event's metadata.
+//!
+//! Values are only ever bound as SQLite parameters, never pasted into SQL text, so a payload
+//! cannot change what a statement does. Every statement is prepared against the file's own
+//! schema when the file loads, so `projector check` catches SQL mistakes before anything runs.
+//!
+//! ```toml
+//! schema = "CREATE TABLE IF NOT EXISTS balances (account_id TEXT PRIMARY KEY, balance INTEGER)"
+//! [on."account.AccountCredited"]
+//! sql = "UPDATE balances SET balance = balance + :amount WHERE account_id = :account_id"
+//! expect_rows = 1                      # anything else is a poison event
+//! params = { amount = "/amount" }      # default for :name is the payload field "/name"
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, Transaction};
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use super::{Projection, ProjectionError};
+use crate::config::{ConfigError, Location};
+use crate::event::{DecodeError, Event};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectionFile {
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for readers of the file
+    description: String,
+    schema: Spanned<String>,
+    on: BTreeMap<String, HandlerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandlerFile {
+    sql: Spanned<String>,
+    #[serde(default)]
+    params: BTreeMap<String, Spanned<String>>,
+    expect_rows: Option<usize>,
+}
+
+/// Where a statement parameter takes its value from.
+#[derive(Debug, Clone, PartialEq)]
+enum ParamSource {
+    /// A JSON pointer into the payload, e.g. `/account_id` or `/address/city`.
+    Pointer(String),
+    Offset,
+    EventId,
+    EventType,
+    AggregateName,
+    AggregateVersion,
+    Created,
+    /// The whole payload as JSON text.
+    Payload,
+}
+
+impl ParamSource {
+    const METADATA: &'static str =
+        "@offset, @event_id, @event_type, @aggregate_name, @aggregate_version, @created, @payload";
+
+    fn parse(text: &str) -> Option<ParamSource> {
+        Some(match text {
+            "@offset" => ParamSource::Offset,
+            "@event_id" => ParamSource::EventId,
+            "@event_type" => ParamSource::EventType,
+            "@aggregate_name" => ParamSource::AggregateName,
+            "@aggregate_version" => ParamSource::AggregateVersion,
+            "@created" => ParamSource::Created,
+            "@payload" => ParamSource::Payload,
+            pointer if pointer.starts_with('/') => ParamSource::Pointer(pointer.to_string()),
+            _ => return None,
+        })
+    }
+
+    fn value<'e>(&self, event: &'e Event) -> Result<ToSqlOutput<'e>, DecodeError> {
+        let decode_error = |reason: String| DecodeError {
+            event_type: event.event_type.clone(),
+            reason,
+        };
+        Ok(match self {
+            ParamSource::Offset => {
+                ToSqlOutput::Owned(SqlValue::Integer(crate::store::offset_to_sql(event.offset)))
+            }
+            ParamSource::EventId => text(&event.event_id),
+            ParamSource::EventType => text(&event.event_type),
+            ParamSource::AggregateName => text(&event.aggregate_name),
+            ParamSource::AggregateVersion => {
+                ToSqlOutput::Owned(SqlValue::Integer(event.aggregate_version))
+            }
+            ParamSource::Created => text(&event.created),
+            ParamSource::Payload => match &event.payload {
+                Some(payload) => ToSqlOutput::Owned(SqlValue::Text(payload.to_string())),
+                None => return Err(decode_error("the event has no payload".into())),
+            },
+            ParamSource::Pointer(pointer) => {
+                let found = event
+                    .payload
+                    .as_ref()
+                    .and_then(|payload| payload.pointer(pointer))
+                    .ok_or_else(|| decode_error(format!("the payload has no field {pointer}")))?;
+                json_to_sql(found).map_err(|reason| decode_error(format!("{pointer}: {reason}")))?
+            }
+        })
+    }
+}
+
+fn text(value: &str) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(ValueRef::Text(value.as_bytes()))
+}
+
+/// JSON to SQLite: strings stay text, integers stay integers, objects and arrays become JSON text.
+fn json_to_sql(value: &Value) -> Result<ToSqlOutput<'_>, String> {
+    Ok(match value {
+        Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+        Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*b))),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => ToSqlOutput::Owned(SqlValue::Integer(i)),
+            (None, _) if n.is_u64() => {
+                return Err(format!("{n} is beyond SQLite's 64-bit signed integers"))
+            }
+            (None, Some(f)) => ToSqlOutput::Owned(SqlValue::Real(f)),
+            (None, None) => return Err(format!("{n} is not a representable number")),
+        },
+        Value::String(s) => text(s),
+        Value::Array(_) | Value::Object(_) => ToSqlOutput::Owned(SqlValue::Text(value.to_string())),
+    })
+}
+
+#[derive(Debug)]
+struct Handler {
+    sql: String,
+    /// Parameter i + 1 of the statement takes its value from `params[i]`.
+    params: Vec<ParamSource>,
+    expect_rows: Option<usize>,
+}
+
+/// A loaded, checked declarative projection.
+#[derive(Debug)]
+pub struct SqlProjection {
+    schema: String,
+    handlers: HashMap<String, Handler>,
+}
+
+impl SqlProjection {
+    /// Parses and checks the projection file `path` whose text is `text`.
+    pub fn parse(path: &Path, text: &str) -> Result<SqlProjection, ConfigError> {
+        let file: ProjectionFile =
+            toml::from_str(text).map_err(|err| ConfigError::from_toml(path, text, &err))?;
+        let locate = |span: std::ops::Range<usize>| Location::at_offset(path, text, span.start);
+        if file.on.is_empty() {
+            return Err(ConfigError::new(
+                Location::whole_file(path),
+                "the projection handles no event type: add an [on.\"<event type>\"] table",
+            ));
+        }
+
+        // Check the SQL against the projection's own schema in a scratch database.
+        let scratch = Connection::open_in_memory()
+            .map_err(|err| ConfigError::new(Location::whole_file(path), err.to_string()))?;
+        scratch
+            .execute_batch(file.schema.get_ref())
+            .map_err(|err| {
+                ConfigError::new(
+                    locate(file.schema.span()),
+                    format!("schema SQL fails: {err}"),
+                )
+            })?;
+
+        let mut handlers = HashMap::new();
+        for (event_type, handler) in &file.on {
+            let sql_location = locate(handler.sql.span());
+            let statement = scratch.prepare(handler.sql.get_ref()).map_err(|err| {
+                ConfigError::new(
+                    sql_location.clone(),
+                    format!("SQL for {event_type:?} fails: {err}"),
+                )
+            })?;
+            let mut params = Vec::new();
+            let mut used = Vec::new();
+            for index in 1..=statement.parameter_count() {
+                let Some(name) = statement.parameter_name(index) else {
+                    return Err(ConfigError::new(
+                        sql_location,
+                        format!(
+                            "SQL for {event_type:?} uses a positional parameter (?); name it, like :account_id"
+                        ),
+                    ));
+                };
+                let bare = &name[1..];
+                used.push(bare.to_string());
+                params.push(match handler.params.get(bare) {
+                    None => ParamSource::Pointer(format!("/{bare}")),
+                    Some(source) => ParamSource::parse(source.get_ref()).ok_or_else(|| {
+                        ConfigError::new(
+                            locate(source.span()),
+                            format!(
+                                "parameter {bare:?} takes its value from {:?}: write a JSON pointer into the payload (\"/field\") or one of {}",
+                                source.get_ref(),
+                                ParamSource::METADATA
+                            ),
+                        )
+                    })?,
+                });
+            }
+            if let Some((unused, source)) =
+                handler.params.iter().find(|(name, _)| !used.contains(name))
+            {
+                return Err(ConfigError::new(
+                    locate(source.span()),
+                    format!("parameter {unused:?} is not used by the SQL for {event_type:?}"),
+                ));
+            }
+            handlers.insert(
+                event_type.clone(),
+                Handler {
+                    sql: handler.sql.get_ref().clone(),
+                    params,
+                    expect_rows: handler.expect_rows,
+                },
+            );
+        }
+        Ok(SqlProjection {
+            schema: file.schema.into_inner(),
+            handlers,
+        })
+    }
+}
+
+impl Projection for SqlProjection {
+    fn event_types(&self) -> Vec<String> {
+        self.handlers.keys().cloned().collect()
+    }
+
+    fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {
+        tx.execute_batch(&self.schema)?;
+        Ok(())
+    }
+
+    fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
+        let Some(handler) = self.handlers.get(&event.event_type) else {
+            return Ok(());
+        };
+        let mut statement = tx.prepare_cached(&handler.sql)?;
+        for (index, source) in handler.params.iter().enumerate() {
+            statement.raw_bind_parameter(index + 1, source.value(event)?)?;
+        }
+        let changed = statement.raw_execute()?;
+        match handler.expect_rows {
+            Some(expected) if expected != changed => Err(ProjectionError::Rejected(format!(
+                "the SQL for {} changed {changed} rows where {expected} were expected",
+                event.event_type
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BALANCES: &str = include_str!("../../projections/account_balances.toml");
+
+    fn event(offset: u64, event_type: &str, payload: Value) -> Event {
+        Event {
+            offset,
+            event_id: format!("id-{offset}"),
+            event_type: event_type.into(),
+            aggregate_name: "*account.Account".into(),
+            aggregate_version: 0,
+            created: "Sun Nov 22 19:04:21 2026".into(),
+            payload: Some(payload),
+        }
+    }
+
+    fn error_of(text: &str) -> String {
+        match SqlProjection::parse(Path::new("p.toml"), text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_balances_fold_the_bank_events() -> Result<(), Box<dyn std::error::Error>> {
+        let projection = SqlProjection::parse(Path::new("account_balances.toml"), BALANCES)?;
+        let mut conn = Connection::open_in_memory()?;
+        let tx = conn.transaction()?;
+        projection.setup(&tx)?;
+        let created = json!({"account_id": "a", "balance": 10});
+        projection.apply(&tx, &event(0, "account.AccountCreated", created))?;
+        let credit = json!({"account_id": "a", "transaction_id": "t1", "amount": 5});
+        projection.apply(&tx, &event(1, "account.AccountCredited", credit))?;
+        let debit = json!({"account_id": "a", "transaction_id": "t2", "amount": 7});
+        projection.apply(&tx, &event(2, "account.AccountDebited", debit))?;
+        let (balance, offset): (i64, i64) = tx.query_row(
+            "SELECT balance, updated_offset FROM account_balances WHERE account_id = 'a'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        assert_eq!((balance, offset), (8, 2));
+
+        // A credit to an account that was never created is refused, not silently dropped.
+        let orphan = json!({"account_id": "zz", "transaction_id": "t3", "amount": 1});
+        let err = projection.apply(&tx, &event(3, "account.AccountCredited", orphan));
+        assert!(matches!(err, Err(ProjectionError::Rejected(_))), "{err:?}");
+        // A missing field is a decode error naming the field.
+        let err = projection.apply(&tx, &event(4, "account.AccountCredited", json!({})));
+        assert!(
+            matches!(&err, Err(ProjectionError::Decode(e)) if e.reason.contains("/amount") || e.reason.contains("/account_id")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_payloads_are_bound_never_executed() -> Result<(), Box<dyn std::error::Error>> {
+        let text = r#"
+schema = "CREATE TABLE notes (id TEXT, body TEXT, raw TEXT, at INTEGER)"
+[on.noted]
+sql = "INSERT INTO notes VALUES (:id, :body, :raw, :at)"
+params = { body = "/nested/deep/text", raw = "@payload", at = "@offset" }
+"#;
+        let projection = SqlProjection::parse(Path::new("p.toml"), text)?;
+        let mut conn = Connection::open_in_memory()?;
+        let tx = conn.transaction()?;
+        projection.setup(&tx)?;
+        let evil = "x'); DROP TABLE notes; --";
+        let payload = json!({"id": evil, "nested": {"deep": {"text": evil}}});
+        projection.apply(&tx, &event(9, "noted", payload))?;
+        let (id, body, at): (String, String, i64) =
+            tx.query_row("SELECT id, body, at FROM notes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        assert_eq!((id.as_str(), body.as_str(), at), (evil, evil, 9));
+        Ok(())
+    }
+
+    #[test]
+    fn mistakes_are_located_in_the_projection_file() {
+        let base = "schema = \"CREATE TABLE t (a INTEGER)\"\n[on.e]\n";
+        let err = error_of(&format!("{base}sql = \"INSERT INTO nope VALUES (:a)\"\n"));
+        assert!(
+            err.starts_with("p.toml:3:7:") && err.contains("no such table"),
+            "{err}"
+        );
+        let err = error_of(&format!("{base}sql = \"INSERT INTO t VALUES (?)\"\n"));
+        assert!(err.contains("positional"), "{err}");
+        let err = error_of(&format!(
+            "{base}sql = \"INSERT INTO t VALUES (:a)\"\nparams = {{ a = \"offset\" }}\n"
+        ));
+        assert!(
+            err.starts_with("p.toml:4:16:") && err.contains("@offset"),
+            "{err}"
+        );
+        let err = error_of(&format!(
+            "{base}sql = \"INSERT INTO t VALUES (:a)\"\nparams = {{ b = \"/b\" }}\n"
+        ));
+        assert!(err.contains("\"b\" is not used"), "{err}");
+        let err = error_of(&format!(
+            "{base}sql = \"INSERT INTO t VALUES (1); DELETE FROM t\"\n"
+        ));
+        assert!(err.starts_with("p.toml:3:7:"), "{err}");
+        let err = error_of("schema = \"CREATE TABLE\"\n[on.e]\nsql = \"SELECT 1\"\n");
+        assert!(err.starts_with("p.toml:1:10:"), "{err}");
+        let err = error_of("schema = \"\"\n[on.e]\nsqll = \"SELECT 1\"\n");
+        assert!(err.contains("sqll"), "{err}");
+    }
+
+    #[test]
+    fn numbers_keep_their_sqlite_type() {
+        assert!(matches!(
+            json_to_sql(&json!(5)),
+            Ok(ToSqlOutput::Owned(SqlValue::Integer(5)))
+        ));
+        assert!(matches!(
+            json_to_sql(&json!(1.5)),
+            Ok(ToSqlOutput::Owned(SqlValue::Real(_)))
+        ));
+        assert!(json_to_sql(&json!(u64::MAX)).is_err());
+        assert!(matches!(
+            json_to_sql(&json!({"a": 1})),
+            Ok(ToSqlOutput::Owned(SqlValue::Text(t))) if t == r#"{"a":1}"#
+        ));
+    }
+}

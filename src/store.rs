@@ -1,0 +1,229 @@
+//! The SQLite database: opening it with the pragmas a read-model store wants, Projector's own
+//! tables and their migrations, checkpoints and dead letters.
+//!
+//! A checkpoint is written in the same transaction as the projection writes it covers; that is
+//! the whole of the exactly-once guarantee, so nothing here commits on its own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+
+/// Projector's own schema, oldest first. Append only: never edit or remove a migration, because
+/// `user_version` records how many of them a database has run.
+const MIGRATIONS: &[&str] = &[
+    // 1: checkpoints and dead letters.
+    "CREATE TABLE projector_checkpoints (
+        projection    TEXT PRIMARY KEY,
+        feed          TEXT NOT NULL,
+        next_offset   INTEGER NOT NULL,
+        last_event_id TEXT,
+        updated_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE projector_dead_letters (
+        id           INTEGER PRIMARY KEY,
+        projection   TEXT NOT NULL,
+        feed         TEXT NOT NULL,
+        event_offset INTEGER NOT NULL,
+        event_id     TEXT NOT NULL,
+        event_type   TEXT NOT NULL,
+        payload      TEXT,
+        error        TEXT NOT NULL,
+        recorded_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX projector_dead_letters_by_projection
+        ON projector_dead_letters (projection, event_offset);",
+];
+
+/// How long a writer waits for a lock held by someone else (an operator's shell, a backup).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a projection stands: the offset of the next event it expects, and the id of the event
+/// just before it (to prove, on restart, that the feed still has that event there).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub next_offset: u64,
+    pub last_event_id: Option<String>,
+}
+
+/// One event a projection could not apply under `on_error = "skip"`.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    pub projection: &'a str,
+    pub feed: &'a str,
+    pub event_offset: u64,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub payload: Option<String>,
+    pub error: String,
+}
+
+/// Opens (creating if needed) the database for writing and brings Projector's tables up to date.
+pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // A missing folder is created, like systemd's StateDirectory; failure shows up in open.
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers never block the writer and the writer never blocks readers. NORMAL is durable
+    // across process crashes in WAL mode; only a power loss can drop the last commits.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(
+            mode,
+            "database did not switch to WAL mode; readers may block the daemon"
+        );
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens the database read-only, for `projector query` and the demo's progress display.
+pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!(
+                "the database is at schema version {version}, newer than this projector knows ({}); upgrade projector",
+                MIGRATIONS.len()
+            )),
+        ));
+    }
+    for migration in &MIGRATIONS[version..] {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.commit()
+}
+
+pub fn load_checkpoint(tx: &Transaction, projection: &str) -> rusqlite::Result<Option<Checkpoint>> {
+    tx.prepare_cached(
+        "SELECT next_offset, last_event_id FROM projector_checkpoints WHERE projection = ?1",
+    )?
+    .query_row([projection], |row| {
+        Ok(Checkpoint {
+            next_offset: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
+            last_event_id: row.get(1)?,
+        })
+    })
+    .optional()
+}
+
+pub fn save_checkpoint(
+    tx: &Transaction,
+    projection: &str,
+    feed: &str,
+    checkpoint: &Checkpoint,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO projector_checkpoints (projection, feed, next_offset, last_event_id, updated_at)
+         VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (projection) DO UPDATE SET
+             feed = excluded.feed, next_offset = excluded.next_offset,
+             last_event_id = excluded.last_event_id, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        projection,
+        feed,
+        offset_to_sql(checkpoint.next_offset),
+        checkpoint.last_event_id
+    ])?;
+    Ok(())
+}
+
+pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO projector_dead_letters
+             (projection, feed, event_offset, event_id, event_type, payload, error, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+    )?
+    .execute(params![
+        letter.projection,
+        letter.feed,
+        offset_to_sql(letter.event_offset),
+        letter.event_id,
+        letter.event_type,
+        letter.payload,
+        letter.error
+    ])?;
+    Ok(())
+}
+
+/// SQLite integers are signed; a feed offset never gets near 2^63.
+pub fn offset_to_sql(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// True for errors of the database itself (disk full, I/O, locks): the batch is retried later.
+/// Anything else a projection's SQL raises (a constraint, a bad value) is the event's fault.
+pub fn is_storage_failure(err: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    match err.sqlite_error_code() {
+        Some(code) => matches!(
+            code,
+            DiskFull
+                | SystemIoFailure
+                | DatabaseBusy
+                | DatabaseLocked
+                | OutOfMemory
+                | CannotOpen
+                | DatabaseCorrupt
+                | NotADatabase
+                | ReadOnly
+                | FileLockingProtocolFailed
+                | OperationInterrupted
+        ),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_idempotent_and_checkpoints_round_trip() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("nested/db.sqlite");
+        drop(open_writer(&path)?);
+        let mut conn = open_writer(&path)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let tx = conn.transaction()?;
+        assert_eq!(load_checkpoint(&tx, "p")?, None);
+        let checkpoint = Checkpoint {
+            next_offset: 42,
+            last_event_id: Some("e41".into()),
+        };
+        save_checkpoint(&tx, "p", "bank", &checkpoint)?;
+        assert_eq!(load_checkpoint(&tx, "p")?, Some(checkpoint));
+        Ok(tx.commit()?)
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db.sqlite");
+        open_writer(&path)?.pragma_update(None, "user_version", 99)?;
+        let err = open_writer(&path).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("newer")));
+        Ok(())
+    }
+}

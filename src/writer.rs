@@ -1,0 +1,507 @@
+//! The one thread that writes the database. It owns the connection and every projection, and
+//! applies each batch of events in one transaction together with the checkpoints it moves.
+//!
+//! This is where "exactly once" lives: an event is applied to a projection only if its offset is
+//! exactly that projection's next offset, and the new checkpoint commits in the same transaction
+//! as the projection's writes. Passing the event just before a checkpoint, the writer also checks
+//! that its id is the one the checkpoint recorded: if not, the feed was rewritten, and nothing of
+//! the batch is applied.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::OnError;
+use crate::event::Event;
+use crate::projection::{ConfiguredProjection, ProjectionError};
+use crate::store::{self, Checkpoint, DeadLetter};
+
+/// Events of one feed, in offset order, for some of its projections.
+#[derive(Debug)]
+pub struct Batch {
+    pub feed: String,
+    pub projections: Vec<String>,
+    pub events: Vec<Event>,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// The batch's projections and where they stand now.
+    pub checkpoints: Vec<(String, Checkpoint)>,
+    /// Projections halted by a poison event (`on_error = "stop"`).
+    pub halted: Vec<Halt>,
+    /// Event applications (an event applied to two projections counts twice).
+    pub applied: usize,
+    pub dead_lettered: usize,
+}
+
+/// A projection stopped at an event it could not apply.
+#[derive(Debug, Clone)]
+pub struct Halt {
+    pub projection: String,
+    pub offset: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub error: String,
+}
+
+/// Why a batch was not committed. Nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the database failed: {0}")]
+    Storage(String),
+    #[error(
+        "the feed was rewritten: projection {projection:?} applied event {expected} at offset {offset}, but the feed now has {found} there"
+    )]
+    FeedRewritten {
+        projection: String,
+        offset: u64,
+        expected: String,
+        found: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A projection as the writer holds it.
+struct Slot {
+    projection: ConfiguredProjection,
+    checkpoint: Checkpoint,
+    halted: bool,
+}
+
+/// Where one projection starts, as read when the writer opened.
+#[derive(Debug, Clone)]
+pub struct StartingPoint {
+    pub projection: String,
+    pub feed: String,
+    pub event_types: Vec<String>,
+    pub checkpoint: Checkpoint,
+}
+
+pub struct Writer {
+    conn: Connection,
+    slots: Vec<Slot>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Writer {
+    /// Opens the database, sets up every projection's tables and reads their checkpoints, all in
+    /// one transaction.
+    pub fn open(path: &Path, projections: Vec<ConfiguredProjection>) -> anyhow::Result<Writer> {
+        use anyhow::Context;
+        let mut conn = store::open_writer(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        let mut slots = Vec::with_capacity(projections.len());
+        {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for projection in projections {
+                projection
+                    .projection
+                    .setup(&tx)
+                    .with_context(|| format!("setting up projection {:?}", projection.name))?;
+                let checkpoint = match store::load_checkpoint(&tx, &projection.name)? {
+                    Some(checkpoint) => checkpoint,
+                    None => {
+                        let fresh = Checkpoint::default();
+                        store::save_checkpoint(&tx, &projection.name, &projection.feed, &fresh)?;
+                        fresh
+                    }
+                };
+                slots.push(Slot {
+                    projection,
+                    checkpoint,
+                    halted: false,
+                });
+            }
+            tx.commit()?;
+        }
+        let by_name = slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| (slot.projection.name.clone(), index))
+            .collect();
+        Ok(Writer {
+            conn,
+            slots,
+            by_name,
+        })
+    }
+
+    pub fn starting_points(&self) -> Vec<StartingPoint> {
+        self.slots
+            .iter()
+            .map(|slot| StartingPoint {
+                projection: slot.projection.name.clone(),
+                feed: slot.projection.feed.clone(),
+                event_types: slot.projection.event_types.iter().cloned().collect(),
+                checkpoint: slot.checkpoint.clone(),
+            })
+            .collect()
+    }
+
+    /// Moves the writer to its own thread. It runs until every handle is dropped, finishing the
+    /// batches already sent.
+    pub fn spawn(self) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
+        let (jobs, receiver) = mpsc::channel(16);
+        let thread = std::thread::Builder::new()
+            .name("projector-writer".into())
+            .spawn(move || self.run(receiver))?;
+        Ok((WriterHandle { jobs }, thread))
+    }
+
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(job) = jobs.blocking_recv() {
+            // A panicking projection is a bug, but it must not take the other feeds down: its
+            // transaction rolls back as it unwinds, and the batch is reported as failed.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&job.batch)))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(ApplyError::Internal(format!(
+                        "a projection panicked: {message}"
+                    )))
+                });
+            // The pipeline may have gone (shutdown); the batch is committed or not either way.
+            let _ = job.reply.send(result);
+        }
+    }
+
+    /// Applies a batch in one transaction. On error nothing is committed and no in-memory
+    /// checkpoint moves.
+    pub fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
+        let members: Vec<usize> = batch
+            .projections
+            .iter()
+            .filter_map(|name| self.by_name.get(name).copied())
+            .filter(|&index| !self.slots[index].halted)
+            .collect();
+        let mut checkpoints: Vec<Checkpoint> = members
+            .iter()
+            .map(|&index| self.slots[index].checkpoint.clone())
+            .collect();
+        let mut halts: Vec<Option<Halt>> = vec![None; members.len()];
+        let mut outcome = BatchOutcome::default();
+
+        let storage = |err: rusqlite::Error| ApplyError::Storage(err.to_string());
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(storage)?;
+        for event in &batch.events {
+            for (k, &index) in members.iter().enumerate() {
+                let slot = &self.slots[index];
+                let checkpoint = &mut checkpoints[k];
+                if halts[k].is_some() {
+                    continue;
+                }
+                if event.offset < checkpoint.next_offset {
+                    if event.offset + 1 == checkpoint.next_offset
+                        && checkpoint.last_event_id.as_deref() != Some(event.event_id.as_str())
+                    {
+                        return Err(ApplyError::FeedRewritten {
+                            projection: slot.projection.name.clone(),
+                            offset: event.offset,
+                            expected: checkpoint.last_event_id.clone().unwrap_or_default(),
+                            found: event.event_id.clone(),
+                        });
+                    }
+                    continue;
+                }
+                if event.offset > checkpoint.next_offset {
+                    return Err(ApplyError::Internal(format!(
+                        "projection {:?} expects offset {} but the batch jumps to {}",
+                        slot.projection.name, checkpoint.next_offset, event.offset
+                    )));
+                }
+                if slot.projection.handles(&event.event_type) {
+                    match apply_one(&tx, &slot.projection, event).map_err(storage)? {
+                        Ok(()) => outcome.applied += 1,
+                        Err(err) if err.is_storage_failure() => {
+                            return Err(ApplyError::Storage(err.to_string()))
+                        }
+                        Err(err) => match slot.projection.on_error {
+                            OnError::Stop => {
+                                halts[k] = Some(Halt {
+                                    projection: slot.projection.name.clone(),
+                                    offset: event.offset,
+                                    event_id: event.event_id.clone(),
+                                    event_type: event.event_type.clone(),
+                                    error: err.to_string(),
+                                });
+                                continue;
+                            }
+                            OnError::Skip => {
+                                store::insert_dead_letter(
+                                    &tx,
+                                    &DeadLetter {
+                                        projection: &slot.projection.name,
+                                        feed: &batch.feed,
+                                        event_offset: event.offset,
+                                        event_id: &event.event_id,
+                                        event_type: &event.event_type,
+                                        payload: event.payload.as_ref().map(|p| p.to_string()),
+                                        error: err.to_string(),
+                                    },
+                                )
+                                .map_err(storage)?;
+                                outcome.dead_lettered += 1;
+                            }
+                        },
+                    }
+                }
+                checkpoint.next_offset = event.offset + 1;
+                checkpoint.last_event_id = Some(event.event_id.clone());
+            }
+        }
+        for (k, &index) in members.iter().enumerate() {
+            let slot = &self.slots[index];
+            if checkpoints[k] != slot.checkpoint {
+                store::save_checkpoint(&tx, &slot.projection.name, &batch.feed, &checkpoints[k])
+                    .map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)?;
+
+        for ((index, checkpoint), halt) in members.into_iter().zip(checkpoints).zip(halts) {
+            let slot = &mut self.slots[index];
+            slot.checkpoint = checkpoint.clone();
+            outcome
+                .checkpoints
+                .push((slot.projection.name.clone(), checkpoint));
+            if let Some(halt) = halt {
+                slot.halted = true;
+                outcome.halted.push(halt);
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+/// Applies one event to one projection inside a savepoint, so that a failing event leaves none
+/// of its writes behind. The outer error is the database failing the savepoint itself.
+fn apply_one(
+    tx: &Transaction,
+    projection: &ConfiguredProjection,
+    event: &Event,
+) -> rusqlite::Result<Result<(), ProjectionError>> {
+    tx.prepare_cached("SAVEPOINT projector_event")?
+        .execute([])?;
+    let result = projection.projection.apply(tx, event);
+    if result.is_err() {
+        tx.prepare_cached("ROLLBACK TO projector_event")?
+            .execute([])?;
+    }
+    tx.prepare_cached("RELEASE projector_event")?.execute([])?;
+    Ok(result)
+}
+
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Result<BatchOutcome, ApplyError>>,
+}
+
+/// Sends batches to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// A batch handed to the writer, whose outcome is awaited later (so the next page can be
+/// fetched meanwhile).
+pub struct PendingBatch {
+    reply: oneshot::Receiver<Result<BatchOutcome, ApplyError>>,
+}
+
+impl WriterHandle {
+    pub async fn submit(&self, batch: Batch) -> PendingBatch {
+        let (reply, receiver) = oneshot::channel();
+        // If the writer is gone, the reply sender is dropped with the job and `outcome` says so.
+        let _ = self.jobs.send(Job { batch, reply }).await;
+        PendingBatch { reply: receiver }
+    }
+}
+
+impl PendingBatch {
+    pub async fn outcome(self) -> Result<BatchOutcome, ApplyError> {
+        self.reply
+            .await
+            .unwrap_or_else(|_| Err(ApplyError::Internal("the database writer stopped".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::Projection;
+    use serde_json::json;
+    use std::collections::HashSet;
+
+    /// Sums `amount` into one row per projection; refuses negative amounts.
+    struct Summer(&'static str);
+
+    impl Projection for Summer {
+        fn event_types(&self) -> Vec<String> {
+            vec!["add".into()]
+        }
+        fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {
+            tx.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {0} (total INTEGER NOT NULL, applied INTEGER NOT NULL);
+                 INSERT INTO {0} SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM {0});",
+                self.0
+            ))?;
+            Ok(())
+        }
+        fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
+            #[derive(serde::Deserialize)]
+            struct Add {
+                amount: i64,
+            }
+            let add: Add = event.decode()?;
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET total = total + ?1, applied = applied + 1",
+                    self.0
+                ),
+                [add.amount],
+            )?;
+            if add.amount < 0 {
+                return Err(ProjectionError::Rejected("negative".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn configured(name: &'static str, on_error: OnError) -> ConfiguredProjection {
+        ConfiguredProjection {
+            name: name.into(),
+            feed: "f".into(),
+            on_error,
+            event_types: HashSet::from(["add".to_string()]),
+            projection: Box::new(Summer(name)),
+        }
+    }
+
+    fn event(offset: u64, event_type: &str, amount: i64) -> Event {
+        Event {
+            offset,
+            event_id: format!("id-{offset}"),
+            event_type: event_type.into(),
+            aggregate_name: String::new(),
+            aggregate_version: 0,
+            created: String::new(),
+            payload: Some(json!({ "amount": amount })),
+        }
+    }
+
+    fn batch(events: Vec<Event>) -> Batch {
+        Batch {
+            feed: "f".into(),
+            projections: vec!["a".into(), "b".into()],
+            events,
+        }
+    }
+
+    fn total(path: &Path, table: &str) -> (i64, i64) {
+        let conn = store::open_reader(path).unwrap_or_else(|e| panic!("{e}"));
+        conn.query_row(&format!("SELECT total, applied FROM {table}"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn open(path: &Path, b_on_error: OnError) -> Writer {
+        Writer::open(
+            path,
+            vec![configured("a", OnError::Stop), configured("b", b_on_error)],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    #[test]
+    fn replayed_events_are_not_applied_twice_even_after_reopening() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let mut writer = open(&path, OnError::Stop);
+        writer.apply(&batch(vec![event(0, "add", 1), event(1, "skip-me", 0)]))?;
+        drop(writer);
+        let mut writer = open(&path, OnError::Stop);
+        assert_eq!(writer.starting_points()[0].checkpoint.next_offset, 2);
+        // The same events again, then new ones: only the new ones count.
+        let outcome = writer.apply(&batch(vec![
+            event(1, "skip-me", 0),
+            event(2, "add", 10),
+            event(3, "add", 100),
+        ]))?;
+        assert_eq!(outcome.applied, 4);
+        assert_eq!(total(&path, "a"), (111, 3));
+        assert_eq!(total(&path, "b"), (111, 3));
+        Ok(())
+    }
+
+    #[test]
+    fn a_poison_event_halts_stop_and_dead_letters_skip() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let mut writer = open(&path, OnError::Skip);
+        let outcome = writer.apply(&batch(vec![
+            event(0, "add", 1),
+            event(1, "add", -5),
+            event(2, "add", 2),
+        ]))?;
+        assert_eq!(outcome.halted.len(), 1);
+        assert_eq!(outcome.halted[0].projection, "a");
+        assert_eq!(outcome.halted[0].offset, 1);
+        assert_eq!(outcome.dead_lettered, 1);
+        // `a` stopped before the poison event, none of whose writes survive anywhere.
+        assert_eq!(total(&path, "a"), (1, 1));
+        assert_eq!(total(&path, "b"), (3, 2));
+        let points = writer.starting_points();
+        assert_eq!(points[0].checkpoint.next_offset, 1);
+        assert_eq!(points[1].checkpoint.next_offset, 3);
+        let conn = store::open_reader(&path)?;
+        let (offset, error): (i64, String) = conn.query_row(
+            "SELECT event_offset, error FROM projector_dead_letters WHERE projection = 'b'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        assert_eq!(offset, 1);
+        assert!(error.contains("negative"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_rewritten_feed_is_refused_whole() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let mut writer = open(&path, OnError::Stop);
+        writer.apply(&batch(vec![event(0, "add", 1), event(1, "add", 2)]))?;
+        let mut replaced = event(1, "add", 2);
+        replaced.event_id = "someone-else".into();
+        let result = writer.apply(&batch(vec![replaced, event(2, "add", 4)]));
+        assert!(
+            matches!(&result, Err(ApplyError::FeedRewritten { offset: 1, .. })),
+            "{result:?}"
+        );
+        assert_eq!(total(&path, "a"), (3, 2));
+        assert_eq!(writer.starting_points()[0].checkpoint.next_offset, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_gap_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut writer = open(&dir.path().join("db"), OnError::Stop);
+        let result = writer.apply(&batch(vec![event(5, "add", 1)]));
+        assert!(matches!(result, Err(ApplyError::Internal(_))), "{result:?}");
+        Ok(())
+    }
+}
