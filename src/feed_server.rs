@@ -43,7 +43,8 @@ pub enum Fault {
     ResetMidBody,
     /// Accept the request and never answer.
     Hang,
-    /// Status 200 and a Content-Length of half the real response, which is all that is sent.
+    /// Status 200 and the first half of the real response (JSON cut short). A transport-level
+    /// cut is `ResetMidBody`.
     Truncated,
     /// Status 200 and text that is not JSON.
     InvalidJson,
@@ -394,20 +395,11 @@ async fn faulty(fault: Fault, real: String) -> Response {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
-        Fault::Truncated => {
-            let mut response = Response::new(Body::from(half));
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_LENGTH,
-                header::HeaderValue::from(real.len()),
-            );
-            // As when a peer dies mid-response: the connection closes short of the length.
-            headers.insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            response
-        }
+        Fault::Truncated => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Bytes::from(half),
+        )
+            .into_response(),
         Fault::InvalidJson => (
             [(header::CONTENT_TYPE, "application/json")],
             "{\"events\": [",

@@ -1,0 +1,267 @@
+//! The harness the daemon tests share: an in-process Flux feed on a loopback port, a temporary
+//! folder with a config, the real `projector` binary spawned on it, and readers of its database.
+//! Nothing sleeps for a fixed time: every wait is for a condition, with a deadline.
+
+#![allow(dead_code)] // each test file uses its own part of the harness
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use projector::feed_server::{FeedServer, StoredEvent};
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Harness {
+    pub server: FeedServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn new(events: Vec<StoredEvent>) -> Harness {
+        Harness::on(SocketAddr::from(([127, 0, 0, 1], 0)), events).await
+    }
+
+    pub async fn on(addr: SocketAddr, events: Vec<StoredEvent>) -> Harness {
+        let server = FeedServer::start(addr, events)
+            .await
+            .unwrap_or_else(|e| panic!("starting the feed server: {e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let projection =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
+        std::fs::copy(projection, dir.path().join("account_balances.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let harness = Harness { server, dir };
+        harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
+        harness
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("consumer.toml")
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("projector.db")
+    }
+
+    /// Writes the config: one feed `bank` at `url` (extra feed keys in `feed_extra`) and the
+    /// given `[[projection]]` tables.
+    pub fn write_config(&self, url: &str, projections: &str, feed_extra: &str) {
+        let text = format!(
+            r#"[daemon]
+database = "projector.db"
+control_socket = "projector.sock"
+
+[[feed]]
+name = "bank"
+url = "{url}"
+format = "flux"
+poll_interval = "50ms"
+retry_initial = "10ms"
+retry_max = "200ms"
+{feed_extra}
+{projections}"#
+        );
+        std::fs::write(self.config_path(), text).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    pub fn spawn(&self) -> Daemon {
+        Daemon::spawn(&self.config_path(), self.dir.path())
+    }
+
+    pub fn checkpoints(&self) -> HashMap<String, u64> {
+        checkpoints(&self.database())
+    }
+
+    pub fn balances(&self) -> BTreeMap<String, i64> {
+        let conn =
+            projector::store::open_reader(&self.database()).unwrap_or_else(|e| panic!("{e}"));
+        let mut statement = conn
+            .prepare("SELECT account_id, balance FROM account_balances")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        rows.collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        let conn =
+            projector::store::open_reader(&self.database()).unwrap_or_else(|e| panic!("{e}"));
+        conn.query_row(sql, [], |row| row.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Waits until every projection named has checkpointed `offset`.
+    pub async fn wait_for_checkpoints(&self, daemon: &mut Daemon, names: &[&str], offset: u64) {
+        let what = format!("{names:?} to reach offset {offset}");
+        wait_for(daemon, &what, || {
+            let checkpoints = self.checkpoints();
+            names
+                .iter()
+                .all(|name| checkpoints.get(*name).copied() == Some(offset))
+        })
+        .await;
+    }
+}
+
+pub const BOTH_PROJECTIONS: &str = r#"
+[[projection]]
+name = "account_balances"
+feed = "bank"
+file = "account_balances.toml"
+
+[[projection]]
+name = "account_ledger"
+feed = "bank"
+module = "account_ledger"
+"#;
+
+pub fn checkpoints(database: &Path) -> HashMap<String, u64> {
+    let Ok(conn) = projector::store::open_reader(database) else {
+        return HashMap::new();
+    };
+    let Ok(mut statement) =
+        conn.prepare("SELECT projection, next_offset FROM projector_checkpoints")
+    else {
+        return HashMap::new();
+    };
+    statement
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+        })
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+/// The real binary, running `projector run`, its log going to a file.
+pub struct Daemon {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path, dir: &Path) -> Daemon {
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_projector"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "projector=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning projector: {e}"));
+        Daemon { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub async fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal("TERM");
+        let status = self.wait_exit().await;
+        (status, self.log())
+    }
+
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap_or_else(|e| panic!("{e}"));
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until it holds; fails the test (with the daemon's log) at the deadline or
+/// if the daemon exits.
+pub async fn wait_for(daemon: &mut Daemon, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if condition() {
+            return;
+        }
+        if let Some(status) = daemon.child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            panic!(
+                "the daemon exited ({status}) while waiting for {what}; log:\n{}",
+                daemon.log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for a line in the daemon's log.
+pub async fn wait_for_log(daemon: &mut Daemon, needle: &str) {
+    let log = daemon.log.clone();
+    wait_for(daemon, &format!("{needle:?} in the log"), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(needle)
+    })
+    .await;
+}
+
+/// Runs a CLI command of the real binary to completion.
+pub fn projector(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running projector: {e}"))
+}
+
+pub fn credits_and_debits(events: &[StoredEvent]) -> i64 {
+    events
+        .iter()
+        .filter(|e| {
+            e.event_type == projector::bank_feed::CREDITED
+                || e.event_type == projector::bank_feed::DEBITED
+        })
+        .count() as i64
+}

@@ -1,0 +1,293 @@
+//! The daemon, spawned as the real binary against an in-process Flux feed: exactness, restarts,
+//! crashes, feed faults, poison events, rewritten feeds and configuration errors.
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::{credits_and_debits, projector, wait_for_log, Harness, BOTH_PROJECTIONS};
+use projector::bank_feed::{self, expected_balances, STATEMENT_REQUESTED};
+use projector::feed_server::{Fault, Target};
+
+const BOTH: &[&str] = &["account_balances", "account_ledger"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn folds_the_feed_exactly_passes_over_unregistered_types_and_stops_on_sigterm() {
+    let events = bank_feed::generate(1, 1500);
+    let harness = Harness::new(events.clone()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1500).await;
+
+    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(
+        harness.count("SELECT count(*) FROM account_ledger_entries"),
+        credits_and_debits(&events)
+    );
+    assert!(events.iter().any(|e| e.event_type == STATEMENT_REQUESTED));
+    assert_eq!(harness.server.body_requests(STATEMENT_REQUESTED), 0);
+    // Full pages were fetched back to back: 75 pages of 20, plus polls at the head.
+    assert!(harness.server.page_requests() >= 76);
+
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_resumes_without_applying_anything_twice() {
+    let events = bank_feed::generate(2, 1300);
+    let (first, more) = events.split_at(700);
+    let harness = Harness::new(first.to_vec()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 700).await;
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+
+    harness.server.append(more.to_vec());
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1300).await;
+    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(
+        harness.count("SELECT count(*) FROM account_ledger_entries"),
+        credits_and_debits(&events)
+    );
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
+    let events = bank_feed::generate(3, 6000);
+    let harness = Harness::new(events.clone()).await;
+    // Faults slow the daemon down enough that the kills land mid-way.
+    harness.server.random_faults(3, 0.05);
+    for threshold in [500, 2500, 4500] {
+        let mut daemon = harness.spawn();
+        common::wait_for(&mut daemon, "progress", || {
+            harness
+                .checkpoints()
+                .values()
+                .all(|&offset| offset >= threshold)
+        })
+        .await;
+        daemon.kill();
+    }
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 6000).await;
+    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(
+        harness.count("SELECT count(*) FROM account_ledger_entries"),
+        credits_and_debits(&events)
+    );
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
+    let events = bank_feed::generate(4, 400);
+    let harness = Harness::new(events.clone()).await;
+    let faults = [
+        Fault::Status(500),
+        Fault::Status(502),
+        Fault::RetryAfter {
+            status: 503,
+            seconds: 1,
+        },
+        Fault::RetryAfter {
+            status: 429,
+            seconds: 0,
+        },
+        Fault::ResetMidBody,
+        Fault::Truncated,
+        Fault::InvalidJson,
+        Fault::WrongShape,
+        Fault::HtmlPage,
+        Fault::Hang,
+    ];
+    for fault in faults {
+        harness.server.inject(Target::Pages, fault, 2);
+    }
+    // A body of the wrong shape is valid JSON that does not decode: a poison event, not a fault.
+    let body_faults = faults
+        .into_iter()
+        .filter(|&fault| fault != Fault::WrongShape)
+        .chain([Fault::Status(404), Fault::NullBody]);
+    for fault in body_faults {
+        harness.server.inject(Target::Bodies, fault, 2);
+    }
+    // A short timeout so that the hanging requests fail fast.
+    harness.write_config(
+        &harness.server.url(),
+        BOTH_PROJECTIONS,
+        "request_timeout = \"300ms\"",
+    );
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
+    assert_eq!(harness.server.faults_injected(), 42);
+    assert_eq!(harness.balances(), expected_balances(&events));
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success());
+    // The failure streak was reported when it began and when it ended, not per retry.
+    assert!(log.contains("feed recovered"), "{log}");
+    assert!(log.matches("retrying with backoff").count() < 10, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
+    let addr = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        probe.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    };
+    let events = bank_feed::generate(5, 300);
+    // The harness's own server is elsewhere; point the daemon at the closed port first.
+    let harness = Harness::new(Vec::new()).await;
+    let url = format!("http://{addr}/events");
+    harness.write_config(&url, BOTH_PROJECTIONS, "");
+    let mut daemon = harness.spawn();
+    wait_for_log(&mut daemon, "could not connect").await;
+    let late = projector::feed_server::FeedServer::start(addr, events.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    assert_eq!(harness.balances(), expected_balances(&events));
+    drop(late);
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_event_halts_a_stop_projection_and_is_dead_lettered_by_a_skip_one() {
+    let mut events = bank_feed::generate(6, 300);
+    let poison = events
+        .iter()
+        .position(|e| e.event_type == bank_feed::CREDITED)
+        .unwrap_or_else(|| panic!("no credit in the feed"));
+    events[poison].body = r#"{"account_id":"x","transaction_id":"y","amount":"lots"}"#.into();
+    let harness = Harness::new(events.clone()).await;
+    let projections = BOTH_PROJECTIONS.replace(
+        "module = \"account_ledger\"",
+        "module = \"account_ledger\"\non_error = \"skip\"",
+    );
+    harness.write_config(&harness.server.url(), &projections, "");
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, &["account_ledger"], 300)
+        .await;
+    harness
+        .wait_for_checkpoints(&mut daemon, &["account_balances"], poison as u64)
+        .await;
+    wait_for_log(&mut daemon, "projection halted").await;
+    assert_eq!(
+        harness.count(&format!(
+            "SELECT count(*) FROM projector_dead_letters WHERE projection = 'account_ledger' AND event_offset = {poison} AND error LIKE '%invalid type%'"
+        )),
+        1
+    );
+    // The stop projection holds exactly the events before the poison one.
+    assert_eq!(harness.balances(), expected_balances(&events[..poison]));
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success());
+    assert!(log.contains(&format!("offset={poison}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewritten_feed_halts_instead_of_applying_the_wrong_events() {
+    let events = bank_feed::generate(7, 200);
+    let harness = Harness::new(events.clone()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+
+    harness.server.replace(bank_feed::generate(8, 400));
+    let mut daemon = harness.spawn();
+    wait_for_log(&mut daemon, "the feed was rewritten").await;
+    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(harness.checkpoints().get("account_balances"), Some(&200));
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success(), "a halted feed does not end the daemon");
+
+    // A feed cut short below the checkpoints halts too.
+    harness.server.replace(events[..150].to_vec());
+    let mut daemon = harness.spawn();
+    wait_for_log(&mut daemon, "the feed shrank").await;
+    assert_eq!(harness.checkpoints().get("account_ledger"), Some(&200));
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_projection_builds_from_zero_while_the_other_goes_on() {
+    let events = bank_feed::generate(9, 900);
+    let harness = Harness::new(events[..500].to_vec()).await;
+    let balances_only = BOTH_PROJECTIONS
+        .split("[[projection]]")
+        .nth(1)
+        .map(|table| format!("[[projection]]{table}"))
+        .unwrap_or_default();
+    harness.write_config(&harness.server.url(), &balances_only, "");
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, &["account_balances"], 500)
+        .await;
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+
+    harness.server.append(events[500..].to_vec());
+    harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 900).await;
+    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(
+        harness.count("SELECT count(*) FROM account_ledger_entries"),
+        credits_and_debits(&events)
+    );
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success());
+    // Two readers: the caught-up projection did not wait for the new one.
+    assert!(log.contains("next_offset=500"), "{log}");
+    assert!(log.contains("next_offset=0"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_errors_name_file_line_and_column_and_exit_2() {
+    let harness = Harness::new(Vec::new()).await;
+    let config = harness.config_path();
+    let config_arg = config.to_string_lossy().to_string();
+
+    let output = projector(&["check", "--config", &config_arg]);
+    assert!(output.status.success(), "{output:?}");
+
+    let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    let cases = [
+        (
+            text.replace("poll_interval = \"50ms\"", "poll_interval = \"0s\""),
+            ":9:17:",
+        ),
+        (
+            text.replace("format = \"flux\"", "format = \"atom\""),
+            ":8:10:",
+        ),
+        (text.replace("feed = \"bank\"", "feed = \"nope\""), ":16:8:"),
+        (
+            text.replace("account_balances.toml", "missing.toml"),
+            ":17:8:",
+        ),
+        (format!("{text}\nsurprise = 1\n"), ":24:1:"),
+    ];
+    for (bad, location) in cases {
+        std::fs::write(&config, &bad).unwrap_or_else(|e| panic!("{e}"));
+        for command in ["check", "run"] {
+            let output = projector(&[command, "--config", &config_arg]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+            assert!(
+                stderr.contains(&format!("consumer.toml{location}")),
+                "{command}: expected {location} in: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    let output = projector(&["check", "--config", "/nonexistent/consumer.toml"]);
+    assert_eq!(output.status.code(), Some(2));
+}
