@@ -291,3 +291,63 @@ async fn config_errors_name_file_line_and_column_and_exit_2() {
     let output = projector(&["check", "--config", "/nonexistent/consumer.toml"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_response_is_refused_and_retried_not_applied() {
+    let events = bank_feed::generate(10, 100);
+    let harness = Harness::new(events).await;
+    // A page of 20 entries is about 5 KiB: over this limit.
+    harness.write_config(
+        &harness.server.url(),
+        BOTH_PROJECTIONS,
+        "max_response_bytes = 1024",
+    );
+    let mut daemon = harness.spawn();
+    wait_for_log(&mut daemon, "over the limit of 1024").await;
+    assert_eq!(harness.checkpoints().get("account_balances"), Some(&0));
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[test]
+fn the_demo_runs_the_pipeline_and_checks_its_result() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir_arg = dir.path().to_string_lossy().to_string();
+    let output = projector(&[
+        "demo",
+        "--events",
+        "400",
+        "--fault-rate",
+        "0.1",
+        "--dir",
+        &dir_arg,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("account_balances matches the fold of the feed"),
+        "{stdout}"
+    );
+    // What it wrote is a real config that `check` accepts and `query` reads.
+    let config = dir
+        .path()
+        .join("consumer.toml")
+        .to_string_lossy()
+        .to_string();
+    assert!(projector(&["check", "--config", &config]).status.success());
+    let query = projector(&[
+        "query",
+        "--config",
+        &config,
+        "--json",
+        "SELECT count(*) AS n FROM account_ledger_entries",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&query.stdout).starts_with("{\"n\":"),
+        "{query:?}"
+    );
+}
