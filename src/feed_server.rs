@@ -65,7 +65,7 @@ pub enum Target {
 
 /// Faults that clear by themselves when retried, per target: what a flaky network and a flaky
 /// server do. (Not `Hang`: it costs a whole request timeout.)
-const TRANSIENT_PAGE_FAULTS: &[Fault] = &[
+pub const TRANSIENT_PAGE_FAULTS: &[Fault] = &[
     Fault::Status(500),
     Fault::Status(502),
     Fault::RetryAfter {
@@ -82,7 +82,7 @@ const TRANSIENT_PAGE_FAULTS: &[Fault] = &[
     Fault::WrongShape,
     Fault::HtmlPage,
 ];
-const TRANSIENT_BODY_FAULTS: &[Fault] = &[
+pub const TRANSIENT_BODY_FAULTS: &[Fault] = &[
     Fault::Status(500),
     Fault::Status(404),
     Fault::RetryAfter {

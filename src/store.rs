@@ -126,6 +126,23 @@ pub fn load_checkpoint(tx: &Transaction, projection: &str) -> rusqlite::Result<O
     .optional()
 }
 
+/// Every projection's checkpoint, by projection name (for readers: the demo, status, tests).
+pub fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<(String, Checkpoint)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT projection, next_offset, last_event_id FROM projector_checkpoints ORDER BY projection",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            Checkpoint {
+                next_offset: row.get::<_, i64>(1)?.try_into().unwrap_or(0),
+                last_event_id: row.get(2)?,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
 pub fn save_checkpoint(
     tx: &Transaction,
     projection: &str,

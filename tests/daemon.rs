@@ -5,9 +5,9 @@ mod common;
 
 use std::net::TcpListener;
 
-use common::{credits_and_debits, projector, wait_for_log, Harness, BOTH_PROJECTIONS};
+use common::{projector, wait_for_log, Harness, BOTH_PROJECTIONS};
 use projector::bank_feed::{self, expected_balances, STATEMENT_REQUESTED};
-use projector::feed_server::{Fault, Target};
+use projector::feed_server::{Fault, Target, TRANSIENT_BODY_FAULTS, TRANSIENT_PAGE_FAULTS};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -18,11 +18,7 @@ async fn folds_the_feed_exactly_passes_over_unregistered_types_and_stops_on_sigt
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1500).await;
 
-    assert_eq!(harness.balances(), expected_balances(&events));
-    assert_eq!(
-        harness.count("SELECT count(*) FROM account_ledger_entries"),
-        credits_and_debits(&events)
-    );
+    harness.assert_exact(&events);
     assert!(events.iter().any(|e| e.event_type == STATEMENT_REQUESTED));
     assert_eq!(harness.server.body_requests(STATEMENT_REQUESTED), 0);
     // Full pages were fetched back to back: 75 pages of 20, plus polls at the head.
@@ -46,11 +42,7 @@ async fn a_restart_resumes_without_applying_anything_twice() {
     harness.server.append(more.to_vec());
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1300).await;
-    assert_eq!(harness.balances(), expected_balances(&events));
-    assert_eq!(
-        harness.count("SELECT count(*) FROM account_ledger_entries"),
-        credits_and_debits(&events)
-    );
+    harness.assert_exact(&events);
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 }
@@ -74,11 +66,7 @@ async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
     }
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 6000).await;
-    assert_eq!(harness.balances(), expected_balances(&events));
-    assert_eq!(
-        harness.count("SELECT count(*) FROM account_ledger_entries"),
-        credits_and_debits(&events)
-    );
+    harness.assert_exact(&events);
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 }
@@ -87,34 +75,23 @@ async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
 async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
     let events = bank_feed::generate(4, 400);
     let harness = Harness::new(events.clone()).await;
-    let faults = [
-        Fault::Status(500),
-        Fault::Status(502),
+    // Every transient fault twice, plus a real Retry-After delay and a server that never answers.
+    let extra = [
         Fault::RetryAfter {
             status: 503,
             seconds: 1,
         },
-        Fault::RetryAfter {
-            status: 429,
-            seconds: 0,
-        },
-        Fault::ResetMidBody,
-        Fault::Truncated,
-        Fault::InvalidJson,
-        Fault::WrongShape,
-        Fault::HtmlPage,
         Fault::Hang,
     ];
-    for fault in faults {
-        harness.server.inject(Target::Pages, fault, 2);
-    }
-    // A body of the wrong shape is valid JSON that does not decode: a poison event, not a fault.
-    let body_faults = faults
-        .into_iter()
-        .filter(|&fault| fault != Fault::WrongShape)
-        .chain([Fault::Status(404), Fault::NullBody]);
-    for fault in body_faults {
-        harness.server.inject(Target::Bodies, fault, 2);
+    let mut injected = 0;
+    for (target, faults) in [
+        (Target::Pages, TRANSIENT_PAGE_FAULTS),
+        (Target::Bodies, TRANSIENT_BODY_FAULTS),
+    ] {
+        for &fault in faults.iter().chain(&extra) {
+            harness.server.inject(target, fault, 2);
+            injected += 2;
+        }
     }
     // A short timeout so that the hanging requests fail fast.
     harness.write_config(
@@ -124,8 +101,8 @@ async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
     );
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
-    assert_eq!(harness.server.faults_injected(), 42);
-    assert_eq!(harness.balances(), expected_balances(&events));
+    assert_eq!(harness.server.faults_injected(), injected);
+    harness.assert_exact(&events);
     let (status, log) = daemon.terminate().await;
     assert!(status.success());
     // The failure streak was reported when it began and when it ended, not per retry.
@@ -150,7 +127,7 @@ async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
-    assert_eq!(harness.balances(), expected_balances(&events));
+    harness.assert_exact(&events);
     drop(late);
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
@@ -203,7 +180,7 @@ async fn a_rewritten_feed_halts_instead_of_applying_the_wrong_events() {
     harness.server.replace(bank_feed::generate(8, 400));
     let mut daemon = harness.spawn();
     wait_for_log(&mut daemon, "the feed was rewritten").await;
-    assert_eq!(harness.balances(), expected_balances(&events));
+    harness.assert_exact(&events);
     assert_eq!(harness.checkpoints().get("account_balances"), Some(&200));
     let (status, _) = daemon.terminate().await;
     assert!(status.success(), "a halted feed does not end the daemon");
@@ -237,11 +214,7 @@ async fn a_new_projection_builds_from_zero_while_the_other_goes_on() {
     harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 900).await;
-    assert_eq!(harness.balances(), expected_balances(&events));
-    assert_eq!(
-        harness.count("SELECT count(*) FROM account_ledger_entries"),
-        credits_and_debits(&events)
-    );
+    harness.assert_exact(&events);
     let (status, log) = daemon.terminate().await;
     assert!(status.success());
     // Two readers: the caught-up projection did not wait for the new one.

@@ -185,14 +185,8 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
 /// The lowest checkpoint of all projections: how far the whole read model has come.
 fn slowest_checkpoint(database: &Path) -> Option<u64> {
     let conn = crate::store::open_reader(database).ok()?;
-    conn.query_row(
-        "SELECT min(next_offset) FROM projector_checkpoints",
-        [],
-        |row| row.get::<_, Option<i64>>(0),
-    )
-    .ok()
-    .flatten()
-    .and_then(|offset| u64::try_from(offset).ok())
+    let checkpoints = crate::store::read_checkpoints(&conn).ok()?;
+    checkpoints.iter().map(|(_, c)| c.next_offset).min()
 }
 
 fn demo_config(feed_url: &str) -> String {

@@ -96,6 +96,19 @@ retry_max = "200ms"
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// Both shipped read models hold exactly the fold of `events`: every balance, and one ledger
+    /// entry per credit or debit (an event applied twice would show in either).
+    pub fn assert_exact(&self, events: &[StoredEvent]) {
+        assert_eq!(
+            self.balances(),
+            projector::bank_feed::expected_balances(events)
+        );
+        assert_eq!(
+            self.count("SELECT count(*) FROM account_ledger_entries"),
+            credits_and_debits(events)
+        );
+    }
+
     /// Waits until every projection named has checkpointed `offset`.
     pub async fn wait_for_checkpoints(&self, daemon: &mut Daemon, names: &[&str], offset: u64) {
         let what = format!("{names:?} to reach offset {offset}");
@@ -122,19 +135,14 @@ module = "account_ledger"
 "#;
 
 pub fn checkpoints(database: &Path) -> HashMap<String, u64> {
-    let Ok(conn) = projector::store::open_reader(database) else {
-        return HashMap::new();
-    };
-    let Ok(mut statement) =
-        conn.prepare("SELECT projection, next_offset FROM projector_checkpoints")
-    else {
-        return HashMap::new();
-    };
-    statement
-        .query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+    // Before the daemon has created the database there are no checkpoints yet.
+    projector::store::open_reader(database)
+        .and_then(|conn| projector::store::read_checkpoints(&conn))
+        .map(|all| {
+            all.into_iter()
+                .map(|(name, c)| (name, c.next_offset))
+                .collect()
         })
-        .map(|rows| rows.filter_map(Result::ok).collect())
         .unwrap_or_default()
 }
 
