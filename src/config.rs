@@ -32,7 +32,11 @@ impl Location {
 
     /// The location of byte `offset` of `source`, the text of `file`.
     pub fn at_offset(file: &Path, source: &str, offset: usize) -> Self {
-        let before = &source[..offset.min(source.len())];
+        let mut end = offset.min(source.len());
+        while !source.is_char_boundary(end) {
+            end -= 1;
+        }
+        let before = &source[..end];
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let column = before[line_start..].chars().count() + 1;
@@ -557,5 +561,8 @@ on_error = "skip"
     fn location_counts_characters_not_bytes() {
         let loc = Location::at_offset(Path::new("f"), "ab\n\u{e9}\u{e9}x", 7);
         assert_eq!((loc.line, loc.column), (2, 3));
+        // An offset inside a character is not a panic.
+        let loc = Location::at_offset(Path::new("f"), "\u{e9}", 1);
+        assert_eq!((loc.line, loc.column), (1, 1));
     }
 }

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::io::Write;
+
 use anyhow::Context;
 use rusqlite::types::ValueRef;
 
@@ -30,6 +32,7 @@ pub fn query(
     let mut statement = conn.prepare(sql).context("preparing the query")?;
     let columns: Vec<String> = statement.column_names().map(|c| c.to_string()).collect();
     let mut rows = statement.query([])?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut table: Vec<Vec<String>> = Vec::new();
     while let Some(row) = rows.next()? {
         if json {
@@ -37,7 +40,12 @@ pub fn query(
             for (index, column) in columns.iter().enumerate() {
                 object.insert(column.clone(), to_json(row.get_ref(index)?));
             }
-            println!("{}", serde_json::Value::Object(object));
+            if !write_or_stop(
+                &mut out,
+                &format!("{}\n", serde_json::Value::Object(object)),
+            )? {
+                return Ok(ExitCode::SUCCESS);
+            }
         } else {
             table.push(
                 (0..columns.len())
@@ -47,9 +55,22 @@ pub fn query(
         }
     }
     if !json {
-        print!("{}", format_table(&columns, &table));
+        write_or_stop(&mut out, &format_table(&columns, &table))?;
     }
-    Ok(ExitCode::SUCCESS)
+    // A reader that went away (`| head`) is not an error.
+    match out.flush() {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Writes `text`; false when the reader has gone away (`projector query ... | head`).
+fn write_or_stop(out: &mut impl Write, text: &str) -> std::io::Result<bool> {
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(err) => Err(err),
+    }
 }
 
 fn to_text(value: ValueRef) -> String {
