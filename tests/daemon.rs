@@ -324,3 +324,35 @@ fn the_demo_runs_the_pipeline_and_checks_its_result() {
         "{query:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_holding_a_transaction_open_does_not_block_the_daemon() {
+    let events = bank_feed::generate(11, 1000);
+    let harness = Harness::new(events[..200].to_vec()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
+
+    // A reader in the middle of a long read transaction, as an operator's sqlite3 shell would be.
+    let reader =
+        projector::store::open_reader(&harness.database()).unwrap_or_else(|e| panic!("{e}"));
+    reader
+        .execute_batch("BEGIN; SELECT count(*) FROM account_balances;")
+        .unwrap_or_else(|e| panic!("{e}"));
+    harness.server.append(events[200..].to_vec());
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;
+    // The reader still sees its snapshot, and was never refused.
+    let seen: i64 = reader
+        .query_row(
+            "SELECT next_offset FROM projector_checkpoints LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seen, 200);
+    reader
+        .execute_batch("COMMIT")
+        .unwrap_or_else(|e| panic!("{e}"));
+    harness.assert_exact(&events);
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
