@@ -86,6 +86,8 @@ pub struct StartingPoint {
 
 pub struct Writer {
     conn: Connection,
+    /// Held while the writer lives: one daemon per database. The OS drops it with the process.
+    _instance_lock: std::fs::File,
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
 }
@@ -95,6 +97,7 @@ impl Writer {
     /// one transaction.
     pub fn open(path: &Path, projections: Vec<ConfiguredProjection>) -> anyhow::Result<Writer> {
         use anyhow::Context;
+        let instance_lock = store::lock_instance(path)?;
         let mut conn = store::open_writer(path)
             .with_context(|| format!("opening database {}", path.display()))?;
         let mut slots = Vec::with_capacity(projections.len());
@@ -128,6 +131,7 @@ impl Writer {
             .collect();
         Ok(Writer {
             conn,
+            _instance_lock: instance_lock,
             slots,
             by_name,
         })
@@ -184,10 +188,6 @@ impl Writer {
             .filter_map(|name| self.by_name.get(name).copied())
             .filter(|&index| !self.slots[index].halted)
             .collect();
-        let mut checkpoints: Vec<Checkpoint> = members
-            .iter()
-            .map(|&index| self.slots[index].checkpoint.clone())
-            .collect();
         let mut halts: Vec<Option<Halt>> = vec![None; members.len()];
         let mut outcome = BatchOutcome::default();
 
@@ -196,6 +196,17 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(storage)?;
+        // The checkpoints as committed, read under the write lock: the database, not this
+        // thread's memory, decides what is applied, so even a second writer cannot double-apply.
+        let committed: Vec<Checkpoint> = members
+            .iter()
+            .map(|&index| {
+                store::load_checkpoint(&tx, &self.slots[index].projection.name)
+                    .map(Option::unwrap_or_default)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        let mut checkpoints = committed.clone();
         for event in &batch.events {
             for (k, &index) in members.iter().enumerate() {
                 let slot = &self.slots[index];
@@ -264,7 +275,7 @@ impl Writer {
         }
         for (k, &index) in members.iter().enumerate() {
             let slot = &self.slots[index];
-            if checkpoints[k] != slot.checkpoint {
+            if checkpoints[k] != committed[k] {
                 store::save_checkpoint(&tx, &slot.projection.name, &batch.feed, &checkpoints[k])
                     .map_err(storage)?;
             }
@@ -493,6 +504,41 @@ mod tests {
         );
         assert_eq!(total(&path, "a"), (3, 2));
         assert_eq!(writer.starting_points()[0].checkpoint.next_offset, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn the_committed_checkpoint_decides_not_the_writers_memory() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let mut writer = open(&path, OnError::Stop);
+        // Another writer commits behind this one's back (here: the checkpoints moved on).
+        let mut conn = store::open_writer(&path)?;
+        let tx = conn.transaction()?;
+        for name in ["a", "b"] {
+            let moved = Checkpoint {
+                next_offset: 1,
+                last_event_id: Some("id-0".into()),
+            };
+            store::save_checkpoint(&tx, name, "f", &moved)?;
+        }
+        tx.commit()?;
+        let outcome = writer.apply(&batch(vec![event(0, "add", 1), event(1, "add", 2)]))?;
+        assert_eq!(outcome.applied, 2, "only offset 1, for a and b");
+        assert_eq!(total(&path, "a"), (2, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn a_second_writer_on_the_same_database_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let first = open(&path, OnError::Stop);
+        let second = Writer::open(&path, vec![configured("a", OnError::Stop)]);
+        let message = second.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(message.contains("already running"), "{message}");
+        drop(first);
+        assert!(Writer::open(&path, vec![configured("a", OnError::Stop)]).is_ok());
         Ok(())
     }
 

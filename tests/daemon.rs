@@ -356,3 +356,22 @@ async fn a_reader_holding_a_transaction_open_does_not_block_the_daemon() {
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_database_refuses_to_start() {
+    let events = bank_feed::generate(12, 100);
+    let harness = Harness::new(events.clone()).await;
+    let mut first = harness.spawn();
+    harness.wait_for_checkpoints(&mut first, BOTH, 100).await;
+    let config = harness.config_path().to_string_lossy().to_string();
+    let second = projector(&["run", "--config", &config]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another projector is already running"),
+        "{stderr}"
+    );
+    harness.assert_exact(&events);
+    let (status, _) = first.terminate().await;
+    assert!(status.success());
+}
