@@ -79,7 +79,13 @@ impl Pipeline {
     pub async fn run(mut self) {
         let mut resyncs = 0;
         loop {
-            match self.follow().await {
+            let applied_before = self.applied;
+            let stop = self.follow().await;
+            if self.applied > applied_before {
+                // Progress was made since the last failure: back off from the start again.
+                resyncs = 0;
+            }
+            match stop {
                 Stop::Shutdown => break,
                 Stop::Halt(reason) => {
                     tracing::error!(feed = %self.feed, "feed halted: {reason}");
