@@ -147,13 +147,16 @@ pub fn load_checkpoint(tx: &Transaction, projection: &str) -> rusqlite::Result<O
     tx.prepare_cached(
         "SELECT next_offset, last_event_id FROM projector_checkpoints WHERE projection = ?1",
     )?
-    .query_row([projection], |row| {
-        Ok(Checkpoint {
-            next_offset: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
-            last_event_id: row.get(1)?,
-        })
-    })
+    .query_row([projection], |row| checkpoint_at(row, 0))
     .optional()
+}
+
+/// The checkpoint in columns `first` (next_offset) and `first + 1` (last_event_id) of `row`.
+fn checkpoint_at(row: &rusqlite::Row, first: usize) -> rusqlite::Result<Checkpoint> {
+    Ok(Checkpoint {
+        next_offset: row.get::<_, i64>(first)?.try_into().unwrap_or(0),
+        last_event_id: row.get(first + 1)?,
+    })
 }
 
 /// Every projection's checkpoint, by projection name (for readers: the demo, status, tests).
@@ -161,15 +164,7 @@ pub fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<(String, Chec
     let mut statement = conn.prepare_cached(
         "SELECT projection, next_offset, last_event_id FROM projector_checkpoints ORDER BY projection",
     )?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            Checkpoint {
-                next_offset: row.get::<_, i64>(1)?.try_into().unwrap_or(0),
-                last_event_id: row.get(2)?,
-            },
-        ))
-    })?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, checkpoint_at(row, 1)?)))?;
     rows.collect()
 }
 
