@@ -1,10 +1,9 @@
 //! `projector query`: runs one SQL statement on a read-only connection to the read-model
 //! database and prints the rows, as an aligned table or as JSON lines.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-
-use std::io::Write;
 
 use anyhow::Context;
 use rusqlite::types::ValueRef;

@@ -21,12 +21,9 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// A feed of `events` on a free loopback port, and a folder with a config reading it.
     pub async fn new(events: Vec<StoredEvent>) -> Harness {
-        Harness::on(SocketAddr::from(([127, 0, 0, 1], 0)), events).await
-    }
-
-    pub async fn on(addr: SocketAddr, events: Vec<StoredEvent>) -> Harness {
-        let server = FeedServer::start(addr, events)
+        let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), events)
             .await
             .unwrap_or_else(|e| panic!("starting the feed server: {e}"));
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
