@@ -124,8 +124,51 @@ impl ConfigSource {
 pub struct DaemonConfig {
     /// The SQLite file holding the read models and the checkpoints.
     pub database: PathBuf,
-    /// The control socket's path (used by the control plane).
+    /// The control socket's path (`projector ctl` speaks to it).
     pub control_socket: PathBuf,
+    /// The socket's permission bits, octal: "0600" lets only the daemon's user steer it,
+    /// "0660" also its group.
+    #[serde(default)]
+    pub control_socket_mode: SocketMode,
+    /// "text" (colours on a terminal, plain under systemd) or "json" (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Permission bits for the control socket, written as an octal string ("0600"). The owner must
+/// be able to read and write it; execute bits mean nothing on a socket and are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl Default for SocketMode {
+    fn default() -> Self {
+        SocketMode(0o600)
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "socket mode {text:?} is not an octal number like \"0600\" or \"0660\""
+            ))
+        })?;
+        if mode > 0o777 || mode & 0o111 != 0 || mode & 0o600 != 0o600 {
+            return Err(serde::de::Error::custom(format!(
+                "socket mode {text:?} must give its owner read and write (0600) and no execute bits, like \"0600\" or \"0660\""
+            )));
+        }
+        Ok(SocketMode(mode))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -441,6 +484,44 @@ impl Config {
         }
     }
 
+    /// Only the `[daemon]` table of a config file, paths resolved, the rest unchecked: what
+    /// `projector ctl` needs to find the socket, even when a projection file is broken.
+    pub fn daemon_section(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct DaemonOnly {
+            daemon: DaemonConfig,
+        }
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigError::new(Location::whole_file(path), format!("cannot read: {err}"))
+        })?;
+        let only: DaemonOnly =
+            toml::from_str(&text).map_err(|err| ConfigError::from_toml(path, &text, &err))?;
+        let source = ConfigSource {
+            path: path.to_path_buf(),
+            text: String::new(),
+        };
+        let mut daemon = only.daemon;
+        daemon.database = source.dir().join(&daemon.database);
+        daemon.control_socket = source.dir().join(&daemon.control_socket);
+        Ok(daemon)
+    }
+
+    /// What a reload cannot change in a running daemon, or None if `other` keeps it.
+    pub fn fixed_setting_changed(&self, other: &Config) -> Option<&'static str> {
+        let (old, new) = (&self.daemon, &other.daemon);
+        if old.database != new.database {
+            Some("daemon.database")
+        } else if old.control_socket != new.control_socket {
+            Some("daemon.control_socket")
+        } else if old.control_socket_mode != new.control_socket_mode {
+            Some("daemon.control_socket_mode")
+        } else if old.log_format != new.log_format {
+            Some("daemon.log_format")
+        } else {
+            None
+        }
+    }
+
     pub fn feed(&self, name: &str) -> Option<&FeedConfig> {
         self.feeds.iter().find(|feed| feed.name() == name)
     }
@@ -549,6 +630,31 @@ on_error = "skip"
         assert!(err.contains("http://"), "{err}");
         let err = error_of(&VALID.replace("name = \"bank\"", "name = \"\""));
         assert!(err.contains(":7:8:") && err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn socket_mode_and_log_format() -> Result<(), ConfigError> {
+        let config = parse(VALID)?;
+        assert_eq!(config.daemon.control_socket_mode, SocketMode(0o600));
+        assert_eq!(config.daemon.log_format, LogFormat::Text);
+        let with = |extra: &str| {
+            VALID.replace(
+                "control_socket = \"projector.sock\"",
+                &format!("control_socket = \"projector.sock\"\n{extra}"),
+            )
+        };
+        let config = parse(&with(
+            "control_socket_mode = \"0660\"\nlog_format = \"json\"",
+        ))?;
+        assert_eq!(config.daemon.control_socket_mode, SocketMode(0o660));
+        assert_eq!(config.daemon.log_format, LogFormat::Json);
+        for bad in ["\"0400\"", "\"0700\"", "\"1600\"", "\"rw\"", "600"] {
+            let err = error_of(&with(&format!("control_socket_mode = {bad}")));
+            assert!(err.contains(":5:23:"), "{bad}: {err}");
+        }
+        let err = error_of(&with("log_format = \"xml\""));
+        assert!(err.contains(":5:14:"), "{err}");
+        Ok(())
     }
 
     #[test]

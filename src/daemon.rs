@@ -1,103 +1,499 @@
-//! The supervisor: opens the database, starts the readers of every feed and owns shutdown.
+//! The supervisor: holds the instance lock and the control socket for the life of the process,
+//! runs an [`Engine`] (the writer and the feed readers of one configuration), and turns every
+//! request, from the socket or from a signal, into the same code path.
 //!
-//! Projections of one feed that stand at the same checkpoint share one reader. A projection
-//! that stands elsewhere (new, or halted last time) gets a reader of its own, so it rebuilds
-//! from its own offset while the others go on.
+//! A reload stops the running engine (its batches in flight commit or roll back whole) and
+//! starts one from the new configuration at the committed checkpoints; if the new one cannot
+//! start, the previous configuration is started again. Pauses live in the database, so they
+//! survive both a reload and a restart.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::control::{ControlSocket, Reply, Request};
 use crate::feed::flux::FluxClient;
 use crate::feed::Backoff;
-use crate::pipeline::{Member, Pipeline, ReadPolicy};
+use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
-use crate::writer::Writer;
+use crate::status::{DaemonStatus, FeedMonitor};
+use crate::store;
+use crate::writer::{Writer, WriterHandle};
 
-/// Runs until `shutdown` is cancelled, then lets every batch in flight commit or roll back whole
-/// and returns. A failing feed never ends it; only a database that cannot be opened does.
-pub async fn run(
-    config: &Config,
-    projections: Vec<ConfiguredProjection>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let database = config.daemon.database.clone();
-    let writer = tokio::task::spawn_blocking(move || Writer::open(&database, projections))
-        .await
-        .context("the database opener panicked")??;
-    let starting_points = writer.starting_points();
-    let (writer, writer_thread) = writer.spawn().context("starting the writer thread")?;
+/// How long a pause waits for the feed's batch in flight before replying anyway.
+const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the systemd STATUS line is refreshed.
+const STATUS_REFRESH: Duration = Duration::from_secs(2);
+/// The reply to `stop`; the control socket keeps the client's connection open until exit.
+pub const STOPPING: &str = "stopping";
 
-    let readers = TaskTracker::new();
-    for feed in &config.feeds {
-        // Group this feed's projections by where they stand; BTreeMap keeps log order stable.
-        let mut groups: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
-        for point in starting_points.iter().filter(|p| p.feed == feed.name()) {
-            groups
-                .entry(point.checkpoint.next_offset)
-                .or_default()
-                .push(Member {
-                    projection: point.projection.clone(),
-                    event_types: point.event_types.iter().cloned().collect::<HashSet<_>>(),
-                    next_offset: point.checkpoint.next_offset,
-                });
-        }
-        if groups.is_empty() {
-            tracing::warn!(
-                feed = feed.name(),
-                "no projection reads this feed; it is not polled"
-            );
-            continue;
-        }
-        let client = FluxClient::new(feed)
-            .with_context(|| format!("building the HTTP client of feed {:?}", feed.name()))?;
-        let policy = ReadPolicy {
-            poll_interval: feed.poll_interval.0,
-            body_concurrency: feed.body_concurrency.0,
-            backoff: Backoff {
-                initial: feed.retry_initial.0,
-                max: feed.retry_max.0,
-            },
-        };
-        for (next_offset, members) in groups {
-            let names: Vec<&str> = members.iter().map(|m| m.projection.as_str()).collect();
-            tracing::info!(
-                feed = feed.name(),
-                url = %feed.url.0,
-                next_offset,
-                projections = names.join(", "),
-                "reading feed"
-            );
-            let pipeline = Pipeline::new(
-                feed.name().to_string(),
-                client.clone(),
-                policy.clone(),
-                writer.clone(),
-                members,
-                shutdown.clone(),
-            );
-            readers.spawn(pipeline.run());
+/// A request and where its reply goes.
+struct Command {
+    request: Request,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// Sends requests to a running daemon; cheap to clone. Signals, the control socket and the demo
+/// steer the daemon through it.
+#[derive(Clone)]
+pub struct DaemonHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl DaemonHandle {
+    pub async fn request(&self, request: Request) -> Reply {
+        self.submit(request).await.await
+    }
+
+    /// Queues a request (requests are handled in the order queued) and returns its reply
+    /// to await.
+    pub async fn submit(&self, request: Request) -> impl std::future::Future<Output = Reply> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.commands.send(Command { request, reply }).await.is_ok();
+        async move {
+            if !sent {
+                return Reply::error("the daemon has stopped");
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| Reply::error("the daemon stopped before answering"))
         }
     }
-    readers.close();
+
+    /// Resolves once the daemon has finished (its supervisor has returned).
+    pub async fn finished(&self) {
+        self.commands.closed().await
+    }
+}
+
+/// The supervisor's end of the channel.
+pub struct Inbox {
+    commands: mpsc::Receiver<Command>,
+    handle: DaemonHandle,
+}
+
+pub fn channel() -> (DaemonHandle, Inbox) {
+    let (commands, receiver) = mpsc::channel(64);
+    let handle = DaemonHandle { commands };
+    let inbox = Inbox {
+        commands: receiver,
+        handle: handle.clone(),
+    };
+    (handle, inbox)
+}
+
+/// Runs until a `stop` request, then lets every batch in flight commit or roll back whole and
+/// returns. A failing feed never ends it; only a database that cannot be opened does.
+pub async fn run(
+    config: Config,
+    projections: Vec<ConfiguredProjection>,
+    inbox: Inbox,
+) -> anyhow::Result<()> {
+    // Held until the process exits: one daemon per database. The kernel drops it even on kill -9.
+    let _instance_lock = store::lock_instance(&config.daemon.database)?;
+    let socket = ControlSocket::bind(
+        &config.daemon.control_socket,
+        config.daemon.control_socket_mode,
+    )?;
+    let socket_path = socket.path().to_path_buf();
+    let engine = Engine::start(&config, projections).await?;
+    let mut supervisor = Supervisor {
+        config,
+        engine: Some(engine),
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+        reloaded_at: None,
+    };
+    let stop_serving = CancellationToken::new();
+    let server = tokio::spawn(socket.serve(inbox.handle.clone(), stop_serving.clone()));
     tracing::info!(
-        database = %config.daemon.database.display(),
+        database = %supervisor.config.daemon.database.display(),
+        socket = %socket_path.display(),
         "projector is running"
     );
+    crate::notify::ready(&supervisor.status().summary());
 
-    shutdown.cancelled().await;
+    let result = supervisor.serve(inbox.commands).await;
+
+    crate::notify::stopping();
     tracing::info!("stopping: letting the batches in flight finish");
-    readers.wait().await;
-    // The readers held the other handles; dropping the last one ends the writer thread once it
-    // has finished what it was sent.
-    drop(writer);
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await
-        .context("waiting for the writer thread")?
-        .map_err(|_| anyhow::anyhow!("the database writer thread panicked"))?;
+    stop_serving.cancel();
+    // The socket file goes when the server does, so a new daemon can start at once.
+    let _ = server.await;
+    let stopped = match supervisor.engine.take() {
+        Some(engine) => engine.stop().await,
+        None => Ok(()),
+    };
+    result.and(stopped)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+struct Supervisor {
+    config: Config,
+    /// None only while a reload swaps engines.
+    engine: Option<Engine>,
+    started_at: SystemTime,
+    started: Instant,
+    reloaded_at: Option<SystemTime>,
+}
+
+impl Supervisor {
+    /// Answers requests until `stop`. An error means the daemon cannot go on (a reload that
+    /// could start neither the new configuration nor the old one).
+    async fn serve(&mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+        let watchdog = crate::notify::watchdog_interval();
+        let mut refresh = tokio::time::interval(match watchdog {
+            // systemd recommends pinging at half the watchdog interval.
+            Some(interval) => (interval / 2).min(STATUS_REFRESH),
+            None => STATUS_REFRESH,
+        });
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    // Every handle lives in this process; the inbox keeps one, so this is Some.
+                    let Some(Command { request, reply }) = command else { return Ok(()) };
+                    let stop = request == Request::Stop;
+                    let answer = self.handle(request).await?;
+                    let _ = reply.send(answer);
+                    if stop {
+                        return Ok(());
+                    }
+                }
+                _ = refresh.tick() => {
+                    if watchdog.is_some() && self.engine.as_ref().is_some_and(Engine::writer_alive) {
+                        crate::notify::watchdog();
+                    }
+                    crate::notify::status(&self.status().summary());
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
+        let reply = match request {
+            Request::Status => Reply {
+                ok: true,
+                status: Some(self.status()),
+                ..Reply::default()
+            },
+            Request::Pause { feed } => self.set_paused(feed.as_deref(), true).await,
+            Request::Resume { feed } => self.set_paused(feed.as_deref(), false).await,
+            Request::Reload => self.reload().await?,
+            Request::Stop => {
+                tracing::info!("stop requested");
+                Reply::done(STOPPING)
+            }
+        };
+        Ok(reply)
+    }
+
+    fn engine(&self) -> anyhow::Result<&Engine> {
+        self.engine
+            .as_ref()
+            .context("internal error: no engine is running")
+    }
+
+    fn status(&self) -> DaemonStatus {
+        let feeds = self
+            .engine
+            .as_ref()
+            .map(|engine| {
+                engine
+                    .feeds
+                    .values()
+                    .map(|feed| feed.monitor.snapshot(&feed.url, *feed.paused.borrow()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config.source.path.display().to_string(),
+            database: self.config.daemon.database.display().to_string(),
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            reloaded_at: self
+                .reloaded_at
+                .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+            feeds,
+        }
+    }
+
+    /// Pauses or resumes one feed (or all): recorded in the database first, so that a crash
+    /// right after cannot forget it, then applied. A pause replies once the feed's readers
+    /// have parked.
+    async fn set_paused(&self, feed: Option<&str>, paused: bool) -> Reply {
+        let verb = if paused { "paused" } else { "resumed" };
+        let Ok(engine) = self.engine() else {
+            return Reply::error("internal error: no engine is running");
+        };
+        let names: Vec<String> = match feed {
+            Some(name) if engine.feeds.contains_key(name) => vec![name.to_string()],
+            Some(name) => {
+                let known: Vec<&str> = engine.feeds.keys().map(String::as_str).collect();
+                return Reply::error(format!(
+                    "no feed named {name:?} (feeds: {})",
+                    known.join(", ")
+                ));
+            }
+            None => engine.feeds.keys().cloned().collect(),
+        };
+        if let Err(err) = engine.writer.set_paused(names.clone(), paused).await {
+            tracing::error!("could not record feeds as {verb}: {err}");
+            return Reply::error(format!("could not record the feeds as {verb}: {err}"));
+        }
+        let mut changed = Vec::new();
+        for name in &names {
+            if let Some(runtime) = engine.feeds.get(name) {
+                if runtime.paused.send_replace(paused) != paused {
+                    changed.push(name.as_str());
+                }
+            }
+        }
+        if !changed.is_empty() {
+            tracing::info!(feeds = changed.join(", "), "{verb}");
+        }
+        let mut message = format!("{verb} {}", names.join(", "));
+        if paused {
+            let parked = futures_util::future::join_all(
+                names
+                    .iter()
+                    .filter_map(|name| engine.feeds.get(name))
+                    .map(|runtime| runtime.monitor.parked()),
+            );
+            if tokio::time::timeout(PAUSE_SETTLE_TIMEOUT, parked)
+                .await
+                .is_err()
+            {
+                message.push_str(
+                    " (recorded; a batch in flight is still finishing, `status` shows when it has)",
+                );
+            }
+        }
+        Reply {
+            ok: true,
+            message: Some(message),
+            feeds: Some(names),
+            ..Reply::default()
+        }
+    }
+
+    /// Reloads the configuration file. A configuration that does not validate is refused and
+    /// the running one goes on; one that validates replaces it.
+    async fn reload(&mut self) -> anyhow::Result<Reply> {
+        let path = self.config.source.path.clone();
+        tracing::info!(config = %path.display(), "reloading the configuration");
+        let refuse = |reason: String| {
+            tracing::error!("reload refused, the running configuration stays: {reason}");
+            Ok(Reply::error(format!(
+                "reload refused, the running configuration stays: {reason}"
+            )))
+        };
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(err) => return refuse(err.to_string()),
+        };
+        if let Some(setting) = self.config.fixed_setting_changed(&config) {
+            return refuse(format!(
+                "{setting} cannot change while projector runs; restart it to change that"
+            ));
+        }
+        let projections = match crate::projection::build_all(&config) {
+            Ok(projections) => projections,
+            Err(err) => return refuse(format!("{err:#}")),
+        };
+        crate::notify::reloading();
+        if let Some(engine) = self.engine.take() {
+            engine.stop().await?;
+        }
+        let reply = match Engine::start(&config, projections).await {
+            Ok(engine) => {
+                self.engine = Some(engine);
+                self.config = config;
+                self.reloaded_at = Some(SystemTime::now());
+                tracing::info!(
+                    feeds = names(self.config.feeds.iter().map(|f| f.name())),
+                    projections = names(self.config.projections.iter().map(|p| p.name())),
+                    "configuration reloaded"
+                );
+                Reply::done("configuration reloaded")
+            }
+            Err(err) => {
+                let reason = format!("{err:#}");
+                tracing::error!("the new configuration could not start ({reason}); starting the previous one again");
+                let projections = crate::projection::build_all(&self.config)
+                    .context("rebuilding the previous configuration's projections")?;
+                self.engine = Some(
+                    Engine::start(&self.config, projections)
+                        .await
+                        .context("restarting the previous configuration")?,
+                );
+                Reply::error(format!(
+                    "the new configuration could not start, the previous one runs again: {reason}"
+                ))
+            }
+        };
+        crate::notify::ready(&self.status().summary());
+        Ok(reply)
+    }
+}
+
+fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}
+
+/// The writer and the feed readers of one configuration.
+struct Engine {
+    writer: WriterHandle,
+    writer_thread: JoinHandle<()>,
+    readers: TaskTracker,
+    stop_readers: CancellationToken,
+    /// By feed name, in name order.
+    feeds: BTreeMap<String, FeedRuntime>,
+}
+
+/// What the supervisor holds of a running feed.
+struct FeedRuntime {
+    url: String,
+    paused: watch::Sender<bool>,
+    monitor: Arc<FeedMonitor>,
+}
+
+impl Engine {
+    /// Opens the database (setting up new projections), then starts a reader for each group of
+    /// a feed's projections that stand at the same checkpoint. A projection that stands
+    /// elsewhere (new, or halted last time) gets a reader of its own, so it rebuilds from its
+    /// own offset while the others go on.
+    async fn start(
+        config: &Config,
+        projections: Vec<ConfiguredProjection>,
+    ) -> anyhow::Result<Engine> {
+        let database = config.daemon.database.clone();
+        let writer = tokio::task::spawn_blocking(move || Writer::open(&database, projections))
+            .await
+            .context("the database opener panicked")??;
+        let starting_points = writer.starting_points();
+        let paused_feeds = writer.paused_feeds();
+        let (writer, writer_thread) = writer.spawn().context("starting the writer thread")?;
+
+        let readers = TaskTracker::new();
+        let stop_readers = CancellationToken::new();
+        let mut feeds = BTreeMap::new();
+        for feed in &config.feeds {
+            let points: Vec<_> = starting_points
+                .iter()
+                .filter(|p| p.feed == feed.name())
+                .collect();
+            let monitor = Arc::new(FeedMonitor::new(
+                feed.name(),
+                points
+                    .iter()
+                    .map(|p| (p.projection.clone(), p.checkpoint.next_offset)),
+            ));
+            let is_paused = paused_feeds.contains(feed.name());
+            let (paused, _) = watch::channel(is_paused);
+            if is_paused {
+                tracing::warn!(
+                    feed = feed.name(),
+                    "feed is paused (recorded in the database); `projector ctl resume {}` resumes it",
+                    feed.name()
+                );
+            }
+            // Group this feed's projections by where they stand; BTreeMap keeps log order stable.
+            let mut groups: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
+            for point in &points {
+                groups
+                    .entry(point.checkpoint.next_offset)
+                    .or_default()
+                    .push(Member {
+                        projection: point.projection.clone(),
+                        event_types: point.event_types.iter().cloned().collect::<HashSet<_>>(),
+                        next_offset: point.checkpoint.next_offset,
+                    });
+            }
+            if groups.is_empty() {
+                tracing::warn!(
+                    feed = feed.name(),
+                    "no projection reads this feed; it is not polled"
+                );
+            } else {
+                let client = FluxClient::new(feed).with_context(|| {
+                    format!("building the HTTP client of feed {:?}", feed.name())
+                })?;
+                let policy = ReadPolicy {
+                    poll_interval: feed.poll_interval.0,
+                    body_concurrency: feed.body_concurrency.0,
+                    backoff: Backoff {
+                        initial: feed.retry_initial.0,
+                        max: feed.retry_max.0,
+                    },
+                };
+                for (next_offset, members) in groups {
+                    tracing::info!(
+                        feed = feed.name(),
+                        url = %feed.url.0,
+                        next_offset,
+                        projections = names(members.iter().map(|m| m.projection.as_str())),
+                        "reading feed"
+                    );
+                    let pipeline = Pipeline::new(
+                        feed.name().to_string(),
+                        client.clone(),
+                        policy.clone(),
+                        writer.clone(),
+                        members,
+                        Steering {
+                            paused: paused.subscribe(),
+                            monitor: monitor.clone(),
+                            shutdown: stop_readers.clone(),
+                        },
+                    );
+                    readers.spawn(pipeline.run());
+                }
+            }
+            feeds.insert(
+                feed.name().to_string(),
+                FeedRuntime {
+                    url: feed.url.0.to_string(),
+                    paused,
+                    monitor,
+                },
+            );
+        }
+        readers.close();
+        Ok(Engine {
+            writer,
+            writer_thread,
+            readers,
+            stop_readers,
+            feeds,
+        })
+    }
+
+    fn writer_alive(&self) -> bool {
+        !self.writer_thread.is_finished()
+    }
+
+    /// Stops the readers, lets the writer finish what it was sent, and waits for both.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop_readers.cancel();
+        self.readers.wait().await;
+        // The readers held the other writer handles; dropping the last one ends the writer
+        // thread once it has finished what it was sent.
+        drop(self.writer);
+        let writer_thread = self.writer_thread;
+        tokio::task::spawn_blocking(move || writer_thread.join())
+            .await
+            .context("waiting for the writer thread")?
+            .map_err(|_| anyhow::anyhow!("the database writer thread panicked"))
+    }
 }

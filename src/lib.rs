@@ -11,7 +11,9 @@ pub mod bank_feed;
 pub mod cli;
 /// `consumer.toml`: parsing and validation with file:line:column errors.
 pub mod config;
-/// The supervisor: one reader per feed, one writer, shutdown.
+/// The control socket: its JSON-lines protocol, the server and the client `ctl` uses.
+pub mod control;
+/// The supervisor: readers and the writer, pause, resume, reload, status, shutdown.
 pub mod daemon;
 /// The Event a feed yields.
 pub mod event;
@@ -19,6 +21,8 @@ pub mod event;
 pub mod feed;
 /// An in-process Flux-compatible feed server with fault injection (demo, tests, benchmarks).
 pub mod feed_server;
+/// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
+pub mod notify;
 /// One feed's read loop: page, bodies, batch, commit.
 pub mod pipeline;
 /// The projection contract, declarative SQL projections, building projections from the config.
@@ -26,7 +30,11 @@ pub mod projection;
 /// The projection modules that ship (declarative files and Rust modules).
 #[path = "../projections/mod.rs"]
 pub mod projections;
-/// The SQLite database: pragmas, migrations, checkpoints, dead letters.
+/// Unix signals turned into the same requests the control socket takes.
+pub mod signals;
+/// What each feed is doing: reader phases, head, lag, rate, errors (for `status`).
+pub mod status;
+/// The SQLite database: pragmas, migrations, checkpoints, dead letters, paused feeds.
 pub mod store;
 /// The single database writer thread: one transaction per batch.
 pub mod writer;

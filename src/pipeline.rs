@@ -6,15 +6,17 @@
 //! feed that contradicts a checkpoint (rewritten, or shrunk below it) halts the pipeline.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
 use crate::feed::flux::{FluxClient, PageEntry};
 use crate::feed::{Backoff, FetchError};
+use crate::status::{FeedMonitor, ReaderPhase};
 use crate::writer::{ApplyError, Batch, PendingBatch, WriterHandle};
 
 /// A projection read by this pipeline, as far as the pipeline needs to know it.
@@ -39,15 +41,28 @@ pub struct Pipeline {
     policy: ReadPolicy,
     writer: WriterHandle,
     members: Vec<Member>,
+    /// Whether the feed is paused; the supervisor owns the value.
+    paused: watch::Receiver<bool>,
+    monitor: Arc<FeedMonitor>,
+    /// This reader's id in `monitor`.
+    reader: usize,
     shutdown: CancellationToken,
-    health: Health,
     passed_over: u64,
     applied: u64,
+}
+
+/// The pipeline's links to the rest of the daemon: how it is steered and where it reports.
+pub struct Steering {
+    pub paused: watch::Receiver<bool>,
+    pub monitor: Arc<FeedMonitor>,
+    pub shutdown: CancellationToken,
 }
 
 /// Why `follow` returned.
 enum Stop {
     Shutdown,
+    /// The feed was paused; the batch in flight has been settled.
+    Paused,
     /// Start again from the committed checkpoints after a pause (the database failed).
     Resync(String),
     /// The feed cannot be read correctly any more; an operator must look.
@@ -61,16 +76,19 @@ impl Pipeline {
         policy: ReadPolicy,
         writer: WriterHandle,
         members: Vec<Member>,
-        shutdown: CancellationToken,
+        steering: Steering,
     ) -> Pipeline {
+        let reader = steering.monitor.add_reader();
         Pipeline {
-            health: Health::new(feed.clone()),
             feed,
             client,
             policy,
             writer,
             members,
-            shutdown,
+            paused: steering.paused,
+            monitor: steering.monitor,
+            reader,
+            shutdown: steering.shutdown,
             passed_over: 0,
             applied: 0,
         }
@@ -78,7 +96,10 @@ impl Pipeline {
 
     pub async fn run(mut self) {
         let mut resyncs = 0;
-        loop {
+        let final_phase = loop {
+            if !self.wait_while_paused().await {
+                break ReaderPhase::Stopped;
+            }
             let applied_before = self.applied;
             let stop = self.follow().await;
             if self.applied > applied_before {
@@ -86,28 +107,53 @@ impl Pipeline {
                 resyncs = 0;
             }
             match stop {
-                Stop::Shutdown => break,
+                Stop::Shutdown => break ReaderPhase::Stopped,
+                Stop::Paused => continue,
                 Stop::Halt(reason) => {
                     tracing::error!(feed = %self.feed, "feed halted: {reason}");
-                    break;
+                    break ReaderPhase::Halted(reason);
                 }
                 Stop::Resync(reason) => {
                     let delay = self.policy.backoff.delay(resyncs, None);
                     resyncs = resyncs.saturating_add(1);
                     tracing::warn!(feed = %self.feed, ?delay, "batch not committed, starting again from the checkpoints: {reason}");
+                    let mut paused = self.paused.clone();
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
+                        _ = self.shutdown.cancelled() => break ReaderPhase::Stopped,
+                        _ = paused.wait_for(|&p| p) => {}
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
-        }
+        };
+        self.monitor.set_phase(self.reader, final_phase);
         tracing::info!(
             feed = %self.feed,
             applied = self.applied,
             passed_over = self.passed_over,
             "feed reader stopped"
         );
+    }
+
+    /// Parks while the feed is paused. False if the daemon is shutting down.
+    async fn wait_while_paused(&mut self) -> bool {
+        if !*self.paused.borrow() {
+            return true;
+        }
+        self.monitor.set_phase(self.reader, ReaderPhase::Paused);
+        tracing::info!(feed = %self.feed, "paused");
+        let shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            // The supervisor holds the sender as long as the pipeline runs.
+            resumed = self.paused.wait_for(|&p| !p) => {
+                if resumed.is_ok() {
+                    tracing::info!(feed = %self.feed, "resumed");
+                    self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
+                }
+                resumed.is_ok()
+            }
+        }
     }
 
     /// The lowest checkpoint's previous event is read again, so the writer can check that the
@@ -125,19 +171,24 @@ impl Pipeline {
         let mut offset = self.start_offset();
         let mut pending: Option<PendingBatch> = None;
         let mut reported_head = false;
+        self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
         loop {
             let shutdown = self.shutdown.clone();
+            let mut paused = self.paused.clone();
+            // Dropping the fetch on shutdown or pause is safe: nothing of it was applied.
             let fetched = tokio::select! {
-                _ = shutdown.cancelled() => None,
-                events = self.fetch_events(offset) => Some(events),
+                _ = shutdown.cancelled() => Err(Stop::Shutdown),
+                _ = paused.wait_for(|&p| p) => Err(Stop::Paused),
+                events = self.fetch_events(offset) => Ok(events),
             };
             if let Some(batch) = pending.take() {
                 if let Err(stop) = self.settle(batch).await {
                     return stop;
                 }
             }
-            let Some(events) = fetched else {
-                return Stop::Shutdown;
+            let events = match fetched {
+                Ok(events) => events,
+                Err(stop) => return stop,
             };
             if self.members.is_empty() {
                 return Stop::Halt("every projection on this feed has halted".into());
@@ -150,6 +201,8 @@ impl Pipeline {
                         ahead.next_offset - 1
                     ));
                 }
+                self.monitor.saw_feed_up_to(offset);
+                self.monitor.set_phase(self.reader, ReaderPhase::Live);
                 if !reported_head {
                     reported_head = true;
                     tracing::info!(
@@ -160,12 +213,19 @@ impl Pipeline {
                         "at the head of the feed"
                     );
                 }
+                let mut paused = self.paused.clone();
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return Stop::Shutdown,
+                    _ = paused.wait_for(|&p| p) => return Stop::Paused,
                     _ = tokio::time::sleep(self.policy.poll_interval) => continue,
                 }
             };
             offset = last.offset + 1;
+            self.monitor.saw_feed_up_to(offset);
+            if reported_head {
+                // New events after the head: reading them counts as catching up.
+                self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
+            }
             let batch = Batch {
                 feed: self.feed.clone(),
                 projections: self.members.iter().map(|m| m.projection.clone()).collect(),
@@ -183,6 +243,8 @@ impl Pipeline {
             Err(err) => return Err(Stop::Resync(err.to_string())),
         };
         self.applied += outcome.applied as u64;
+        self.monitor
+            .committed(outcome.events, &outcome.checkpoints, &outcome.halted);
         if outcome.dead_lettered > 0 {
             tracing::warn!(
                 feed = %self.feed,
@@ -217,7 +279,7 @@ impl Pipeline {
     /// The events from `offset` on, one page of them, with the bodies some member still needs.
     /// Retries every failure until it succeeds; cancelled by dropping.
     async fn fetch_events(&mut self, offset: u64) -> Vec<Event> {
-        let failures_before = self.health.failures();
+        let failures_before = self.monitor.streak_failures();
         let entries = self.retry(|| self.client.fetch_page(offset)).await;
         let members = &self.members;
         let needs_body = |event_offset: u64, event_type: &str| {
@@ -248,8 +310,8 @@ impl Pipeline {
             .buffered(self.policy.body_concurrency)
             .collect::<Vec<_>>()
             .await;
-        if self.health.failures() == failures_before {
-            self.health.recovered();
+        if self.monitor.streak_failures() == failures_before {
+            self.monitor.recovered();
         }
         events
     }
@@ -265,7 +327,7 @@ impl Pipeline {
             match fetch().await {
                 Ok(value) => return value,
                 Err(err) => {
-                    self.health.failed(&err);
+                    self.monitor.failed(&err);
                     let delay = self.policy.backoff.delay(attempt, err.retry_after);
                     attempt = attempt.saturating_add(1);
                     tokio::time::sleep(delay).await;
@@ -284,65 +346,5 @@ fn into_event(offset: u64, entry: PageEntry, payload: Option<serde_json::Value>)
         aggregate_version: entry.aggregate_version,
         created: entry.created,
         payload,
-    }
-}
-
-/// Whether the feed is failing, so that a failure streak is logged when it starts and when it
-/// ends, not once per retry. A streak ends with the first batch fetched without any failure.
-struct Health {
-    feed: String,
-    streak: Mutex<Option<Streak>>,
-}
-
-struct Streak {
-    since: Instant,
-    failures: u64,
-}
-
-impl Health {
-    fn new(feed: String) -> Health {
-        Health {
-            feed,
-            streak: Mutex::new(None),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Streak>> {
-        // The state is a counter; a panic elsewhere cannot leave it inconsistent.
-        self.streak
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn failures(&self) -> u64 {
-        self.lock().as_ref().map_or(0, |streak| streak.failures)
-    }
-
-    fn failed(&self, err: &FetchError) {
-        let mut streak = self.lock();
-        match streak.as_mut() {
-            Some(streak) => {
-                streak.failures += 1;
-                tracing::debug!(feed = %self.feed, failures = streak.failures, "retrying: {err}");
-            }
-            None => {
-                tracing::warn!(feed = %self.feed, "feed request failed, retrying with backoff until it works: {err}");
-                *streak = Some(Streak {
-                    since: Instant::now(),
-                    failures: 1,
-                });
-            }
-        }
-    }
-
-    fn recovered(&self) {
-        if let Some(streak) = self.lock().take() {
-            tracing::info!(
-                feed = %self.feed,
-                failures = streak.failures,
-                after = ?streak.since.elapsed(),
-                "feed recovered"
-            );
-        }
     }
 }

@@ -35,6 +35,11 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX projector_dead_letters_by_projection
         ON projector_dead_letters (projection, event_offset);",
+    // 2: paused feeds, so that a pause survives a restart until it is resumed.
+    "CREATE TABLE projector_paused_feeds (
+        feed      TEXT PRIMARY KEY,
+        paused_at TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// How long a writer waits for a lock held by someone else (an operator's shell, a backup).
@@ -208,6 +213,29 @@ pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Re
     Ok(())
 }
 
+/// Records `feed` as paused or resumed. Pausing a paused feed keeps its first `paused_at`.
+pub fn set_paused(tx: &Transaction, feed: &str, paused: bool) -> rusqlite::Result<()> {
+    if paused {
+        tx.prepare_cached(
+            "INSERT INTO projector_paused_feeds (feed, paused_at)
+             VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+             ON CONFLICT (feed) DO NOTHING",
+        )?
+        .execute([feed])?;
+    } else {
+        tx.prepare_cached("DELETE FROM projector_paused_feeds WHERE feed = ?1")?
+            .execute([feed])?;
+    }
+    Ok(())
+}
+
+/// The feeds paused and not resumed since, by name.
+pub fn paused_feeds(conn: &Connection) -> rusqlite::Result<std::collections::BTreeSet<String>> {
+    let mut statement = conn.prepare_cached("SELECT feed FROM projector_paused_feeds")?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    rows.collect()
+}
+
 /// SQLite integers are signed; a feed offset never gets near 2^63.
 pub fn offset_to_sql(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
@@ -257,6 +285,33 @@ mod tests {
         save_checkpoint(&tx, "p", "bank", &checkpoint)?;
         assert_eq!(load_checkpoint(&tx, "p")?, Some(checkpoint));
         Ok(tx.commit()?)
+    }
+
+    #[test]
+    fn pausing_is_idempotent_and_resuming_forgets() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut conn = open_writer(&dir.path().join("db.sqlite"))?;
+        let tx = conn.transaction()?;
+        set_paused(&tx, "bank", true)?;
+        set_paused(&tx, "bank", true)?;
+        set_paused(&tx, "other", true)?;
+        set_paused(&tx, "other", false)?;
+        set_paused(&tx, "never-paused", false)?;
+        tx.commit()?;
+        assert_eq!(paused_feeds(&conn)?, ["bank".to_string()].into());
+        Ok(())
+    }
+
+    #[test]
+    fn a_second_instance_lock_is_refused_until_the_first_is_dropped() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let first = lock_instance(&path)?;
+        let message = lock_instance(&path).err().map(|e| format!("{e:#}"));
+        assert!(message.is_some_and(|m| m.contains("already running")));
+        drop(first);
+        assert!(lock_instance(&path).is_ok());
+        Ok(())
     }
 
     #[test]

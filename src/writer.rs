@@ -7,7 +7,7 @@
 //! that its id is the one the checkpoint recorded: if not, the feed was rewritten, and nothing of
 //! the batch is applied.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -35,6 +35,8 @@ pub struct BatchOutcome {
     pub checkpoints: Vec<(String, Checkpoint)>,
     /// Projections halted by a poison event (`on_error = "stop"`).
     pub halted: Vec<Halt>,
+    /// The events in the batch.
+    pub events: usize,
     /// Event applications (an event applied to two projections counts twice).
     pub applied: usize,
     pub dead_lettered: usize,
@@ -85,24 +87,25 @@ pub struct StartingPoint {
 
 pub struct Writer {
     conn: Connection,
-    /// Held while the writer lives: one daemon per database. The OS drops it with the process.
-    _instance_lock: std::fs::File,
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
     /// The checkpoints read at open. After that the database is the only record of them.
     starting_points: Vec<StartingPoint>,
+    /// The feeds paused when the writer opened.
+    paused_feeds: BTreeSet<String>,
 }
 
 impl Writer {
-    /// Opens the database, sets up every projection's tables and reads their checkpoints, all in
-    /// one transaction.
+    /// Opens the database, sets up every projection's tables and reads their checkpoints and the
+    /// paused feeds, all in one transaction. The caller holds the instance lock
+    /// ([`store::lock_instance`]).
     pub fn open(path: &Path, projections: Vec<ConfiguredProjection>) -> anyhow::Result<Writer> {
         use anyhow::Context;
-        let instance_lock = store::lock_instance(path)?;
         let mut conn = store::open_writer(path)
             .with_context(|| format!("opening database {}", path.display()))?;
         let mut slots = Vec::with_capacity(projections.len());
         let mut starting_points = Vec::with_capacity(projections.len());
+        let paused_feeds;
         {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for projection in projections {
@@ -129,6 +132,7 @@ impl Writer {
                     halted: false,
                 });
             }
+            paused_feeds = store::paused_feeds(&tx)?;
             tx.commit()?;
         }
         let by_name = slots
@@ -138,15 +142,19 @@ impl Writer {
             .collect();
         Ok(Writer {
             conn,
-            _instance_lock: instance_lock,
             slots,
             by_name,
             starting_points,
+            paused_feeds,
         })
     }
 
     pub fn starting_points(&self) -> Vec<StartingPoint> {
         self.starting_points.clone()
+    }
+
+    pub fn paused_feeds(&self) -> BTreeSet<String> {
+        self.paused_feeds.clone()
     }
 
     /// Moves the writer to its own thread. It runs until every handle is dropped, finishing the
@@ -161,22 +169,46 @@ impl Writer {
 
     fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         while let Some(job) = jobs.blocking_recv() {
-            // A panicking projection is a bug, but it must not take the other feeds down: its
-            // transaction rolls back as it unwinds, and the batch is reported as failed.
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&job.batch)))
-                .unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Err(ApplyError::Internal(format!(
-                        "a projection panicked: {message}"
-                    )))
-                });
-            // The pipeline may have gone (shutdown); the batch is committed or not either way.
-            let _ = job.reply.send(result);
+            // The sender may have gone (shutdown); the job is committed or not either way.
+            match job {
+                Job::Apply { batch, reply } => {
+                    // A panicking projection is a bug, but it must not take the other feeds
+                    // down: its transaction rolls back as it unwinds, and the batch fails.
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&batch)))
+                        .unwrap_or_else(|panic| {
+                            let message = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Err(ApplyError::Internal(format!(
+                                "a projection panicked: {message}"
+                            )))
+                        });
+                    let _ = reply.send(result);
+                }
+                Job::SetPaused {
+                    feeds,
+                    paused,
+                    reply,
+                } => {
+                    let _ = reply.send(self.set_paused(&feeds, paused));
+                }
+            }
         }
+    }
+
+    /// Records feeds as paused or resumed, in one transaction.
+    fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError> {
+        let storage = |err: rusqlite::Error| ApplyError::Storage(err.to_string());
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(storage)?;
+        for feed in feeds {
+            store::set_paused(&tx, feed, paused).map_err(storage)?;
+        }
+        tx.commit().map_err(storage)
     }
 
     /// Applies a batch in one transaction. On error nothing is committed and no in-memory
@@ -189,7 +221,10 @@ impl Writer {
             .filter(|&index| !self.slots[index].halted)
             .collect();
         let mut halts: Vec<Option<Halt>> = vec![None; members.len()];
-        let mut outcome = BatchOutcome::default();
+        let mut outcome = BatchOutcome {
+            events: batch.events.len(),
+            ..BatchOutcome::default()
+        };
 
         let storage = |err: rusqlite::Error| ApplyError::Storage(err.to_string());
         let tx = self
@@ -314,9 +349,16 @@ fn apply_one(
     Ok(result)
 }
 
-struct Job {
-    batch: Batch,
-    reply: oneshot::Sender<Result<BatchOutcome, ApplyError>>,
+enum Job {
+    Apply {
+        batch: Batch,
+        reply: oneshot::Sender<Result<BatchOutcome, ApplyError>>,
+    },
+    SetPaused {
+        feeds: Vec<String>,
+        paused: bool,
+        reply: oneshot::Sender<Result<(), ApplyError>>,
+    },
 }
 
 /// Sends batches to the writer thread; cheap to clone.
@@ -335,8 +377,22 @@ impl WriterHandle {
     pub async fn submit(&self, batch: Batch) -> PendingBatch {
         let (reply, receiver) = oneshot::channel();
         // If the writer is gone, the reply sender is dropped with the job and `outcome` says so.
-        let _ = self.jobs.send(Job { batch, reply }).await;
+        let _ = self.jobs.send(Job::Apply { batch, reply }).await;
         PendingBatch { reply: receiver }
+    }
+
+    /// Records `feeds` as paused (or resumed) once the batches sent before have committed.
+    pub async fn set_paused(&self, feeds: Vec<String>, paused: bool) -> Result<(), ApplyError> {
+        let (reply, receiver) = oneshot::channel();
+        let job = Job::SetPaused {
+            feeds,
+            paused,
+            reply,
+        };
+        let _ = self.jobs.send(job).await;
+        receiver
+            .await
+            .unwrap_or_else(|_| Err(ApplyError::Internal("the database writer stopped".into())))
     }
 }
 
@@ -530,19 +586,6 @@ mod tests {
         let outcome = writer.apply(&batch(vec![event(0, "add", 1), event(1, "add", 2)]))?;
         assert_eq!(outcome.applied, 2, "only offset 1, for a and b");
         assert_eq!(total(&path, "a"), (2, 1));
-        Ok(())
-    }
-
-    #[test]
-    fn a_second_writer_on_the_same_database_is_refused() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("db");
-        let first = open(&path, OnError::Stop);
-        let second = Writer::open(&path, vec![configured("a", OnError::Stop)]);
-        let message = second.err().map(|e| format!("{e:#}")).unwrap_or_default();
-        assert!(message.contains("already running"), "{message}");
-        drop(first);
-        assert!(Writer::open(&path, vec![configured("a", OnError::Stop)]).is_ok());
         Ok(())
     }
 

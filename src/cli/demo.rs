@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio_util::sync::CancellationToken;
 
 use crate::bank_feed;
 use crate::config::Config;
@@ -40,7 +39,7 @@ pub fn demo(events: usize, fault_rate: f64, dir: Option<PathBuf>) -> anyhow::Res
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("projector-demo"));
     prepare_dir(&dir)?;
     // The progress line is the demo's output; warnings and errors still show.
-    super::init_logging("warn");
+    super::init_logging("warn", crate::config::LogFormat::Text);
     super::runtime()?.block_on(run_demo(events, fault_rate, &dir))
 }
 
@@ -90,12 +89,9 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
     println!("Config: {}", config_path.display());
     println!("Running the daemon with projections account_balances (declarative SQL) and account_ledger (Rust)...");
 
-    let shutdown = CancellationToken::new();
+    let (control, inbox) = crate::daemon::channel();
     let started = Instant::now();
-    let mut daemon = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { crate::daemon::run(&config, projections, shutdown).await }
-    });
+    let mut daemon = tokio::spawn(crate::daemon::run(config, projections, inbox));
     let target = events as u64;
     let mut last_progress = (0, Instant::now());
     let terminal = std::io::stdout().is_terminal();
@@ -127,7 +123,10 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
         }
     }
     let elapsed = started.elapsed();
-    shutdown.cancel();
+    let stopping = control.request(crate::control::Request::Stop).await;
+    if let Some(error) = stopping.error {
+        bail!("stopping the daemon: {error}");
+    }
     daemon.await.context("the daemon task failed")??;
     if terminal {
         println!();

@@ -2,6 +2,7 @@
 //! subcommand.
 
 mod check;
+mod ctl;
 mod demo;
 mod query;
 mod run;
@@ -10,6 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::LogFormat;
 
 /// Projector: folds event feeds into SQLite read models, exactly once.
 #[derive(Debug, Parser)]
@@ -31,6 +34,25 @@ pub enum Command {
     Check {
         #[arg(long, short, default_value = "consumer.toml")]
         config: PathBuf,
+    },
+    /// Steer a running daemon through its control socket.
+    Ctl {
+        /// The configuration whose control socket to use.
+        #[arg(
+            long,
+            short,
+            default_value = "consumer.toml",
+            conflicts_with = "socket"
+        )]
+        config: PathBuf,
+        /// Use this control socket instead of the configured one.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's JSON reply instead of a readable answer.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: ctl::Action,
     },
     /// Query the read-model database (read-only) and print the rows.
     Query {
@@ -70,6 +92,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => run::run(&config),
         Command::Check { config } => check::check(&config),
+        Command::Ctl {
+            config,
+            socket,
+            json,
+            action,
+        } => ctl::ctl(&config, socket, json, action),
         Command::Query {
             sql,
             config,
@@ -84,17 +112,41 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` picks the level (`default_level` without it), colours only on a
-/// terminal.
-fn init_logging(default_level: &str) {
+/// Logs to stderr; `RUST_LOG` picks the level (`default_level` without it). Text logs have
+/// colours on a terminal, and neither colours nor timestamps when stderr goes to the journal
+/// (journald stamps each line itself); JSON logs are one object per line, for log shippers.
+fn init_logging(default_level: &str, format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    // Only the first call in a process installs a subscriber; later ones change nothing.
+    let _ = match format {
+        LogFormat::Json => logs.json().with_current_span(false).try_init(),
+        LogFormat::Text if stderr_is_journal() => logs.with_ansi(false).without_time().try_init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+}
+
+/// Whether stderr is the journal stream systemd connected: it names the stream's device and
+/// inode in `JOURNAL_STREAM` ("dev:inode"), and a redirected stderr no longer matches it.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var("JOURNAL_STREAM").ok() else {
+        return false;
+    };
+    let Some(stderr) = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| std::fs::File::from(fd).metadata().ok())
+    else {
+        return false;
+    };
+    stream == format!("{}:{}", stderr.dev(), stderr.ino())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

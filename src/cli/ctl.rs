@@ -1,0 +1,185 @@
+//! `projector ctl`: steer a running daemon through its control socket (status, pause, resume,
+//! reload, stop). Exit status: 0 done, 1 the daemon refused or failed, 2 a usage or config
+//! error, 3 the daemon is not running.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::control::{ClientError, ControlClient, Reply, Request};
+use crate::status::{DaemonStatus, FeedStatus};
+
+/// How long a reply may take: a pause waits for the batch in flight, a reload restarts the
+/// readers.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `stop` waits for the daemon to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// `ctl`'s exit status when no daemon is running.
+const NOT_RUNNING: u8 = 3;
+
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Each feed's state, checkpoints, head, lag, rate, retries and last error.
+    Status,
+    /// Pause one feed, or every feed: no more requests, no more writes. Kept across restarts.
+    Pause {
+        /// The feed to pause (all feeds if omitted).
+        feed: Option<String>,
+    },
+    /// Resume one feed, or every feed, at its exact next offset.
+    Resume {
+        /// The feed to resume (all feeds if omitted).
+        feed: Option<String>,
+    },
+    /// Reload the configuration file (as SIGHUP does) and say whether it was taken.
+    Reload,
+    /// Stop the daemon gracefully and wait until it has exited.
+    Stop,
+}
+
+pub fn ctl(
+    config: &Path,
+    socket: Option<PathBuf>,
+    json: bool,
+    action: Action,
+) -> anyhow::Result<ExitCode> {
+    let socket = match socket {
+        Some(socket) => socket,
+        None => Config::daemon_section(config)?.control_socket,
+    };
+    let request = match action {
+        Action::Status => Request::Status,
+        Action::Pause { feed } => Request::Pause { feed },
+        Action::Resume { feed } => Request::Resume { feed },
+        Action::Reload => Request::Reload,
+        Action::Stop => Request::Stop,
+    };
+    let exchange = ControlClient::connect(&socket, REPLY_TIMEOUT)
+        .and_then(|mut client| client.send(&request).map(|reply| (client, reply)));
+    let (mut client, reply) = match exchange {
+        Ok(exchanged) => exchanged,
+        Err(err) => {
+            eprintln!("projector: {err}");
+            return Ok(exit_for(&err));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    if !reply.ok {
+        let error = reply
+            .error
+            .as_deref()
+            .unwrap_or("the daemon refused without a reason");
+        eprintln!("projector: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if !json {
+        match &reply.status {
+            Some(status) => print!("{}", render_status(status)),
+            None => println!("{}", describe(&reply)),
+        }
+    }
+    if request == Request::Stop {
+        if !client.wait_until_closed(STOP_TIMEOUT) {
+            eprintln!(
+                "projector: asked to stop, but it is still stopping after {}s",
+                STOP_TIMEOUT.as_secs()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        if !json {
+            println!("stopped");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exit_for(err: &ClientError) -> ExitCode {
+    if err.is_not_running() {
+        ExitCode::from(NOT_RUNNING)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn describe(reply: &Reply) -> String {
+    reply.message.clone().unwrap_or_else(|| "done".into())
+}
+
+/// The status for people: a header, then a block per feed with a line per projection.
+pub fn render_status(status: &DaemonStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "projector {} (pid {}), up {}, config {}",
+        status.version,
+        status.pid,
+        humantime::format_duration(Duration::from_secs(status.uptime_seconds)),
+        status.config
+    );
+    let _ = writeln!(out, "database {}", status.database);
+    if let Some(at) = &status.reloaded_at {
+        let _ = writeln!(out, "reloaded at {at}");
+    }
+    for feed in &status.feeds {
+        out.push('\n');
+        render_feed(&mut out, feed);
+    }
+    out
+}
+
+fn render_feed(out: &mut String, feed: &FeedStatus) {
+    let _ = writeln!(
+        out,
+        "feed {}: {}  ({})",
+        feed.name,
+        feed.state.as_str(),
+        feed.url
+    );
+    if let Some(reason) = &feed.halted_reason {
+        let _ = writeln!(out, "  halted: {reason}");
+    }
+    let known = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
+    let _ = writeln!(
+        out,
+        "  head {}  lag {}  rate {:.0} events/s  read {}  retries {}",
+        known(feed.head),
+        known(feed.lag),
+        feed.events_per_second,
+        feed.events_read,
+        feed.retries
+    );
+    if let Some(error) = &feed.last_error {
+        let _ = writeln!(out, "  last error at {}: {}", error.at, error.message);
+    }
+    let width = feed
+        .projections
+        .iter()
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("projection".len());
+    let _ = writeln!(
+        out,
+        "  {:width$}  {:>10}  {:>8}  state",
+        "projection", "checkpoint", "lag"
+    );
+    for projection in &feed.projections {
+        let state = match &projection.halted {
+            Some(reason) => format!("halted at {reason}"),
+            None => "ok".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:width$}  {:>10}  {:>8}  {state}",
+            projection.name,
+            projection.checkpoint,
+            known(projection.lag)
+        );
+    }
+}
