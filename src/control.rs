@@ -319,8 +319,8 @@ async fn serve_client(stream: UnixStream, daemon: DaemonHandle, timeout: Duratio
         let complete = line.ends_with(b"\n");
         let request = match read {
             Err(_) => Err(format!(
-                "no complete request within {}s; closing",
-                timeout.as_secs()
+                "no complete request within {}; closing",
+                humantime::format_duration(timeout)
             )),
             Ok(Err(_)) | Ok(Ok(0)) => return,
             Ok(Ok(_)) if !complete && line.len() >= MAX_REQUEST_BYTES => Err(format!(
@@ -544,6 +544,26 @@ mod tests {
         let err = ControlSocket::bind(&regular, SocketMode(0o600)).err();
         assert!(err.is_some_and(|e| e.to_string().contains("not a socket")));
         assert_eq!(std::fs::read_to_string(&regular)?, "keep me");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_client_that_says_nothing_is_told_so_and_dropped() -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir()?;
+        let mut socket = ControlSocket::bind(&dir.path().join("ctl.sock"), SocketMode(0o600))?;
+        socket.request_timeout = Duration::from_millis(100);
+        let path = socket.path().to_path_buf();
+        let (daemon, _inbox) = crate::daemon::channel();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(socket.serve(daemon, stop.clone()));
+        let mut silent = tokio::net::UnixStream::connect(&path).await?;
+        let mut reply = String::new();
+        // EOF after the error reply: the daemon hung up.
+        silent.read_to_string(&mut reply).await?;
+        assert!(reply.contains("no complete request within"), "{reply}");
+        stop.cancel();
+        server.await?;
         Ok(())
     }
 

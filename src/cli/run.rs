@@ -8,7 +8,9 @@ use anyhow::Context;
 use crate::config::Config;
 
 pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
+    // Absolute, so that status and reload name the same file whatever the working folder.
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let config = Config::load(&path)?;
     let projections = crate::projection::build_all(&config)?;
     super::init_logging("info", config.daemon.log_format);
     super::runtime()?.block_on(async {

@@ -47,10 +47,22 @@ impl Harness {
     /// Writes the config: one feed `bank` at `url` (extra feed keys in `feed_extra`) and the
     /// given `[[projection]]` tables.
     pub fn write_config(&self, url: &str, projections: &str, feed_extra: &str) {
+        self.write_config_with_daemon(url, projections, feed_extra, "");
+    }
+
+    /// As `write_config`, with extra `[daemon]` keys.
+    pub fn write_config_with_daemon(
+        &self,
+        url: &str,
+        projections: &str,
+        feed_extra: &str,
+        daemon_extra: &str,
+    ) {
         let text = format!(
             r#"[daemon]
 database = "projector.db"
 control_socket = "projector.sock"
+{daemon_extra}
 
 [[feed]]
 name = "bank"
@@ -66,7 +78,42 @@ retry_max = "200ms"
     }
 
     pub fn spawn(&self) -> Daemon {
-        Daemon::spawn(&self.config_path(), self.dir.path())
+        Daemon::spawn(&self.config_path(), self.dir.path(), &[])
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("projector.sock")
+    }
+
+    /// Runs `projector ctl --config <this config> <args>` to completion.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config_path();
+        let mut all = vec!["ctl", "--config", config.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        projector(&all)
+    }
+
+    /// `ctl status --json`, parsed: the daemon's status object.
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.ctl(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "ctl status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let reply: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}"));
+        reply["status"].clone()
+    }
+
+    /// The status of feed `name`.
+    pub fn feed_status(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        let feeds = status["feeds"].as_array().cloned().unwrap_or_default();
+        feeds
+            .into_iter()
+            .find(|feed| feed["name"] == name)
+            .unwrap_or_else(|| panic!("no feed {name} in {status}"))
     }
 
     pub fn checkpoints(&self) -> HashMap<String, u64> {
@@ -150,7 +197,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn spawn(config: &Path, dir: &Path) -> Daemon {
+    pub fn spawn(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
         static RUNS: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!(
             "daemon-{}.log",
@@ -162,12 +209,17 @@ impl Daemon {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "projector=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning projector: {e}"));
         Daemon { child, log }
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn log(&self) -> String {
