@@ -362,14 +362,57 @@ async fn the_socket_is_owner_only_unless_a_mode_is_configured() {
             .unwrap_or_else(|e| panic!("{e}"))
     };
     assert_eq!(mode(&harness), 0o600);
+    let other_user = ctl_as_nobody(&harness);
+    if let Some(output) = &other_user {
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(output).contains("permission denied"),
+            "{}",
+            stderr(output)
+        );
+    }
     assert!(daemon.terminate().await.0.success());
 
     let url = harness.server.url();
-    harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "control_socket_mode = \"0660\"");
+    harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "control_socket_mode = \"0666\"");
     let mut daemon = harness.spawn();
     wait_for_log(&mut daemon, "projector is running").await;
-    assert_eq!(mode(&harness), 0o660);
+    assert_eq!(mode(&harness), 0o666);
+    if let Some(output) = ctl_as_nobody(&harness) {
+        // The same user is let in once the mode allows it: the mode is what kept it out.
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
     assert!(daemon.terminate().await.0.success());
+}
+
+/// `ctl status` run as the user nobody, when the tests run as root (root itself ignores file
+/// modes, so only another user can show what the mode does); None otherwise.
+fn ctl_as_nobody(harness: &Harness) -> Option<std::process::Output> {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root || which("runuser").is_err() {
+        eprintln!(
+            "not root or no runuser: the socket's mode is checked, not tried by another user"
+        );
+        return None;
+    }
+    // The temporary folder is owner-only; open it so that only the socket's mode decides.
+    std::fs::set_permissions(harness.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            env!("CARGO_BIN_EXE_projector"),
+            "ctl",
+            "--socket",
+        ])
+        .arg(harness.socket())
+        .arg("status")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    Some(output)
 }
 
 /// Sends raw bytes, returns the reply line (empty if the daemon hung up without one).

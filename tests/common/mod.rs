@@ -58,12 +58,16 @@ impl Harness {
         feed_extra: &str,
         daemon_extra: &str,
     ) {
+        // Without extra keys the file is line for line what the location tests expect.
+        let daemon_extra = match daemon_extra {
+            "" => String::new(),
+            keys => format!("{keys}\n"),
+        };
         let text = format!(
             r#"[daemon]
 database = "projector.db"
 control_socket = "projector.sock"
 {daemon_extra}
-
 [[feed]]
 name = "bank"
 url = "{url}"
