@@ -94,7 +94,8 @@ pub fn channel() -> (DaemonHandle, Inbox) {
 pub async fn run(
     config: Config,
     projections: Vec<ConfiguredProjection>,
-    inbox: Inbox,
+    // A parameter, so that it is dropped after every local, the instance lock included.
+    mut inbox: Inbox,
 ) -> anyhow::Result<()> {
     // Held until the process exits: one daemon per database. The kernel drops it even on kill -9.
     let _instance_lock = store::lock_instance(&config.daemon.database)?;
@@ -120,7 +121,7 @@ pub async fn run(
     );
     crate::notify::ready(&supervisor.status().summary());
 
-    let result = supervisor.serve(inbox.commands).await;
+    let result = supervisor.serve(&mut inbox.commands).await;
 
     crate::notify::stopping();
     tracing::info!("stopping: letting the batches in flight finish");
@@ -133,6 +134,7 @@ pub async fn run(
     };
     result.and(stopped)?;
     tracing::info!("stopped");
+    // Dropping the inbox, last, tells a waiting `ctl stop` that the daemon has finished.
     Ok(())
 }
 
@@ -148,7 +150,7 @@ struct Supervisor {
 impl Supervisor {
     /// Answers requests until `stop`. An error means the daemon cannot go on (a reload that
     /// could start neither the new configuration nor the old one).
-    async fn serve(&mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+    async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let watchdog = crate::notify::watchdog_interval();
         let mut refresh = tokio::time::interval(match watchdog {
             // systemd recommends pinging at half the watchdog interval.
@@ -169,8 +171,10 @@ impl Supervisor {
                     }
                 }
                 _ = refresh.tick() => {
-                    if watchdog.is_some() && self.engine.as_ref().is_some_and(Engine::writer_alive) {
-                        crate::notify::watchdog();
+                    if let Some(interval) = watchdog {
+                        if self.engine.as_ref().is_some_and(|e| e.is_healthy(interval)) {
+                            crate::notify::watchdog();
+                        }
                     }
                     crate::notify::status(&self.status().summary());
                 }
@@ -479,8 +483,10 @@ impl Engine {
         })
     }
 
-    fn writer_alive(&self) -> bool {
-        !self.writer_thread.is_finished()
+    /// The writer thread runs and is not stuck on one job for `limit` or longer (the runtime
+    /// is evidently alive, since this is asked from it).
+    fn is_healthy(&self, limit: Duration) -> bool {
+        !self.writer_thread.is_finished() && self.writer.busy_for() < limit
     }
 
     /// Stops the readers, lets the writer finish what it was sent, and waits for both.

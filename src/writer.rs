@@ -10,7 +10,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -161,39 +163,52 @@ impl Writer {
     /// batches already sent.
     pub fn spawn(self) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
         let (jobs, receiver) = mpsc::channel(16);
+        let busy_since = Arc::new(Mutex::new(None));
+        let busy = busy_since.clone();
         let thread = std::thread::Builder::new()
             .name("projector-writer".into())
-            .spawn(move || self.run(receiver))?;
-        Ok((WriterHandle { jobs }, thread))
+            .spawn(move || self.run(receiver, &busy))?;
+        Ok((WriterHandle { jobs, busy_since }, thread))
     }
 
-    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>, busy_since: &Mutex<Option<Instant>>) {
+        let set_busy = |since: Option<Instant>| {
+            *busy_since
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = since;
+        };
         while let Some(job) = jobs.blocking_recv() {
-            // The sender may have gone (shutdown); the job is committed or not either way.
-            match job {
-                Job::Apply { batch, reply } => {
-                    // A panicking projection is a bug, but it must not take the other feeds
-                    // down: its transaction rolls back as it unwinds, and the batch fails.
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&batch)))
-                        .unwrap_or_else(|panic| {
-                            let message = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            Err(ApplyError::Internal(format!(
-                                "a projection panicked: {message}"
-                            )))
-                        });
-                    let _ = reply.send(result);
-                }
-                Job::SetPaused {
-                    feeds,
-                    paused,
-                    reply,
-                } => {
-                    let _ = reply.send(self.set_paused(&feeds, paused));
-                }
+            set_busy(Some(Instant::now()));
+            self.run_job(job);
+            set_busy(None);
+        }
+    }
+
+    /// Runs one job. The sender may have gone (shutdown); the job is committed or not either way.
+    fn run_job(&mut self, job: Job) {
+        match job {
+            Job::Apply { batch, reply } => {
+                // A panicking projection is a bug, but it must not take the other feeds down:
+                // its transaction rolls back as it unwinds, and the batch fails.
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&batch)))
+                    .unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(ApplyError::Internal(format!(
+                            "a projection panicked: {message}"
+                        )))
+                    });
+                let _ = reply.send(result);
+            }
+            Job::SetPaused {
+                feeds,
+                paused,
+                reply,
+            } => {
+                let _ = reply.send(self.set_paused(&feeds, paused));
             }
         }
     }
@@ -365,6 +380,8 @@ enum Job {
 #[derive(Clone)]
 pub struct WriterHandle {
     jobs: mpsc::Sender<Job>,
+    /// When the job in progress started; None while the writer waits for work.
+    busy_since: Arc<Mutex<Option<Instant>>>,
 }
 
 /// A batch handed to the writer, whose outcome is awaited later (so the next page can be
@@ -374,6 +391,15 @@ pub struct PendingBatch {
 }
 
 impl WriterHandle {
+    /// How long the writer has been on its current job (zero when idle): a writer stuck for
+    /// longer than the systemd watchdog interval is reported by no longer pinging it.
+    pub fn busy_for(&self) -> Duration {
+        self.busy_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
     pub async fn submit(&self, batch: Batch) -> PendingBatch {
         let (reply, receiver) = oneshot::channel();
         // If the writer is gone, the reply sender is dropped with the job and `outcome` says so.
