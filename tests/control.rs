@@ -282,6 +282,48 @@ file = "account_balances.toml"
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_cannot_start_brings_the_previous_configuration_back() {
+    let events = bank_feed::generate(41, 800);
+    let harness = Harness::new(events[..300].to_vec()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+
+    // Valid on its own, but its schema collides with a table the database already has: only
+    // starting it finds that out.
+    std::fs::write(
+        harness.dir.path().join("clash.toml"),
+        "schema = \"CREATE TABLE account_balances (other TEXT);\"\n\
+         [on.\"account.AccountCreated\"]\nsql = \"INSERT INTO account_balances VALUES (:account_id)\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let clash = format!(
+        "{BOTH_PROJECTIONS}\n[[projection]]\nname = \"clash\"\nfeed = \"bank\"\nfile = \"clash.toml\"\n"
+    );
+    harness.write_config(&harness.server.url(), &clash, "");
+    assert!(common::projector(&[
+        "check",
+        "--config",
+        harness.config_path().to_str().unwrap_or_default()
+    ])
+    .status
+    .success());
+    let reload = harness.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1));
+    assert!(
+        stderr(&reload).contains("the previous one runs again")
+            && stderr(&reload).contains("already exists"),
+        "{}",
+        stderr(&reload)
+    );
+
+    harness.server.append(events[300..].to_vec());
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 800).await;
+    harness.assert_exact(&events);
+    assert!(!harness.checkpoints().contains_key("clash"));
+    assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_on_the_same_socket_is_refused_and_a_stale_socket_is_cleaned_up() {
     let events = bank_feed::generate(36, 300);
     let harness = Harness::new(events.clone()).await;
