@@ -63,7 +63,7 @@ enum Stop {
     Shutdown,
     /// The feed was paused; the batch in flight has been settled.
     Paused,
-    /// Start again from the committed checkpoints after a pause (the database failed).
+    /// Start again from the committed checkpoints after a delay (the database failed).
     Resync(String),
     /// The feed cannot be read correctly any more; an operator must look.
     Halt(String),
@@ -117,6 +117,8 @@ impl Pipeline {
                     let delay = self.policy.backoff.delay(resyncs, None);
                     resyncs = resyncs.saturating_add(1);
                     tracing::warn!(feed = %self.feed, ?delay, "batch not committed, starting again from the checkpoints: {reason}");
+                    self.monitor
+                        .record_error(format!("batch not committed: {reason}"));
                     let mut paused = self.paused.clone();
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break ReaderPhase::Stopped,
@@ -149,7 +151,6 @@ impl Pipeline {
             resumed = self.paused.wait_for(|&p| !p) => {
                 if resumed.is_ok() {
                     tracing::info!(feed = %self.feed, "resumed");
-                    self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
                 }
                 resumed.is_ok()
             }

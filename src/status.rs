@@ -129,7 +129,7 @@ pub struct FeedStatus {
     pub events_per_second: f64,
     /// Events read since the daemon (or its last reload) started.
     pub events_read: u64,
-    /// Failed requests retried since start.
+    /// Failed requests (and batches the database refused) retried since start.
     pub retries: u64,
     pub last_error: Option<LastError>,
     pub projections: Vec<ProjectionStatus>,
@@ -299,6 +299,15 @@ impl FeedMonitor {
         });
     }
 
+    /// A failure that is not a request's (the database refused a batch): counted and shown as
+    /// the last error; the reader logs it and retries.
+    pub fn record_error(&self, message: String) {
+        self.progress.send_modify(|p| {
+            p.retries += 1;
+            p.last_error = Some((message, SystemTime::now()));
+        });
+    }
+
     /// Failures so far in the current streak (0 when the feed is healthy).
     pub fn streak_failures(&self) -> u64 {
         self.progress
@@ -439,6 +448,12 @@ mod tests {
             .is_some_and(|e| e.message.contains("HTTP 500")));
         monitor.recovered();
         assert_eq!(monitor.snapshot("u", false).state, FeedState::Live);
+        monitor.record_error("batch not committed: disk full".into());
+        let status = monitor.snapshot("u", false);
+        assert_eq!(status.retries, 2);
+        assert!(status
+            .last_error
+            .is_some_and(|e| e.message.contains("disk full")));
 
         monitor.set_phase(first, ReaderPhase::Paused);
         assert_eq!(monitor.snapshot("u", true).state, FeedState::Pausing);
