@@ -157,15 +157,9 @@ async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error() 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_names_a_halted_projection_and_its_poison_event() {
     let mut events = bank_feed::generate(33, 200);
-    // A credit whose amount is not a number cannot be applied.
-    let poison = events
-        .iter()
-        .position(|e| e.event_type == bank_feed::CREDITED)
-        .unwrap_or_else(|| panic!("no credit"));
-    events[poison].body = r#"{"account_id":"x","transaction_id":"y","amount":"lots"}"#.into();
+    let poison = common::poison_first_credit(&mut events);
     let harness = Harness::new(events).await;
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let mut daemon = harness.spawn_running().await;
     wait_for(&mut daemon, "the ledger to halt", || {
         let feed = harness.feed_status("bank");
         feed["projections"][1]["halted"].is_string()
@@ -190,8 +184,7 @@ async fn a_pause_survives_a_restart_until_resumed() {
 
     harness.server.append(events[400..].to_vec());
     let pages = harness.server.page_requests();
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let mut daemon = harness.spawn_running().await;
     let feed = harness.feed_status("bank");
     assert_eq!(feed["state"], "paused", "{feed}");
     tokio::time::sleep(QUIET_PERIOD).await;
@@ -208,8 +201,7 @@ async fn a_pause_survives_a_restart_until_resumed() {
     assert!(daemon.terminate().await.0.success());
 
     // Resumed is remembered too.
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let mut daemon = harness.spawn_running().await;
     wait_for(&mut daemon, "the feed to be live", || {
         harness.feed_status("bank")["state"] == "live"
     })
@@ -370,8 +362,7 @@ async fn a_second_daemon_on_the_same_socket_is_refused_and_a_stale_socket_is_cle
     let stale = harness.ctl(&["status"]);
     assert_eq!(stale.status.code(), Some(3));
     assert!(stderr(&stale).contains("not running"), "{}", stderr(&stale));
-    let mut restarted = harness.spawn();
-    wait_for_log(&mut restarted, "projector is running").await;
+    let restarted = harness.spawn_running().await;
     assert!(restarted.log().contains("removing a stale control socket"));
     assert!(harness.ctl(&["status"]).status.success());
     assert!(restarted.terminate().await.0.success());
@@ -396,8 +387,7 @@ async fn ctl_says_clearly_when_no_daemon_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_socket_is_owner_only_unless_a_mode_is_configured() {
     let harness = Harness::new(bank_feed::generate(37, 40)).await;
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let daemon = harness.spawn_running().await;
     let mode = |harness: &Harness| {
         std::fs::metadata(harness.socket())
             .map(|m| m.permissions().mode() & 0o777)
@@ -417,8 +407,7 @@ async fn the_socket_is_owner_only_unless_a_mode_is_configured() {
 
     let url = harness.server.url();
     harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "control_socket_mode = \"0666\"");
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let daemon = harness.spawn_running().await;
     assert_eq!(mode(&harness), 0o666);
     if let Some(output) = ctl_as_nobody(&harness) {
         // The same user is let in once the mode allows it: the mode is what kept it out.
@@ -474,8 +463,7 @@ fn raw_exchange(socket: &std::path::Path, request: &[u8]) -> String {
 async fn bad_control_input_gets_an_error_reply_and_consumption_goes_on() {
     let events = bank_feed::generate(38, 4000);
     let harness = Harness::new(events[..2000].to_vec()).await;
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let mut daemon = harness.spawn_running().await;
     let socket = harness.socket();
 
     // A client that connects and says nothing holds nobody up.
@@ -639,8 +627,7 @@ async fn logs_suit_journald_and_json_shippers() {
     // log_format = "json": one object per line.
     let url = harness.server.url();
     harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "log_format = \"json\"");
-    let mut daemon = harness.spawn();
-    wait_for_log(&mut daemon, "projector is running").await;
+    let daemon = harness.spawn_running().await;
     let (status, text) = daemon.terminate().await;
     assert!(status.success());
     for line in text.lines() {

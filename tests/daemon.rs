@@ -136,11 +136,7 @@ async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_event_halts_a_stop_projection_and_is_dead_lettered_by_a_skip_one() {
     let mut events = bank_feed::generate(6, 300);
-    let poison = events
-        .iter()
-        .position(|e| e.event_type == bank_feed::CREDITED)
-        .unwrap_or_else(|| panic!("no credit in the feed"));
-    events[poison].body = r#"{"account_id":"x","transaction_id":"y","amount":"lots"}"#.into();
+    let poison = common::poison_first_credit(&mut events);
     let harness = Harness::new(events.clone()).await;
     let projections = BOTH_PROJECTIONS.replace(
         "module = \"account_ledger\"",

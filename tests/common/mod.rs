@@ -85,6 +85,13 @@ retry_max = "200ms"
         Daemon::spawn(&self.config_path(), self.dir.path(), &[])
     }
 
+    /// Spawns the daemon and waits until its control socket answers.
+    pub async fn spawn_running(&self) -> Daemon {
+        let mut daemon = self.spawn();
+        wait_for_log(&mut daemon, "projector is running").await;
+        daemon
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("projector.sock")
     }
@@ -315,6 +322,17 @@ pub fn projector(args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running projector: {e}"))
+}
+
+/// Makes the first credit of `events` a poison event (its amount is not a number) and returns
+/// its offset.
+pub fn poison_first_credit(events: &mut [StoredEvent]) -> usize {
+    let poison = events
+        .iter()
+        .position(|e| e.event_type == projector::bank_feed::CREDITED)
+        .unwrap_or_else(|| panic!("no credit in the feed"));
+    events[poison].body = r#"{"account_id":"x","transaction_id":"y","amount":"lots"}"#.into();
+    poison
 }
 
 pub fn credits_and_debits(events: &[StoredEvent]) -> i64 {
