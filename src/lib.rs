@@ -21,6 +21,8 @@ pub mod event;
 pub mod feed;
 /// An in-process Flux-compatible feed server with fault injection (demo, tests, benchmarks).
 pub mod feed_server;
+/// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
+pub mod logging;
 /// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 pub mod notify;
 /// One feed's read loop: page, bodies, batch, commit.

@@ -620,8 +620,18 @@ async fn logs_suit_journald_and_json_shippers() {
         .arg(child.id().to_string())
         .status();
     assert!(child.wait().is_ok_and(|s| s.success()));
-    let first = text.lines().next().unwrap_or_default();
-    assert!(first.trim_start().starts_with("INFO"), "{first}");
+    // Each line starts with its syslog priority, which journald takes as the entry's priority.
+    for line in text.lines() {
+        let (priority, rest) = line.split_once('>').unwrap_or_default();
+        let level = rest.split_whitespace().next().unwrap_or_default();
+        let expected = match level {
+            "ERROR" => "<3",
+            "WARN" => "<4",
+            "INFO" => "<6",
+            _ => "<7",
+        };
+        assert_eq!(priority, expected, "{line}");
+    }
     assert!(!text.contains('\u{1b}'), "no ANSI escapes: {text}");
 
     // log_format = "json": one object per line.

@@ -39,7 +39,7 @@ pub fn demo(events: usize, fault_rate: f64, dir: Option<PathBuf>) -> anyhow::Res
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("projector-demo"));
     prepare_dir(&dir)?;
     // The progress line is the demo's output; warnings and errors still show.
-    super::init_logging("warn", crate::config::LogFormat::Text);
+    crate::logging::init("warn", crate::config::LogFormat::Text);
     super::runtime()?.block_on(run_demo(events, fault_rate, &dir))
 }
 

@@ -12,8 +12,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::LogFormat;
-
 /// Projector: folds event feeds into SQLite read models, exactly once.
 #[derive(Debug, Parser)]
 #[command(name = "projector", version, about)]
@@ -110,43 +108,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
         } => demo::demo(events, fault_rate, dir),
     }
-}
-
-/// Logs to stderr; `RUST_LOG` picks the level (`default_level` without it). Text logs have
-/// colours on a terminal, and neither colours nor timestamps when stderr goes to the journal
-/// (journald stamps each line itself); JSON logs are one object per line, for log shippers.
-fn init_logging(default_level: &str, format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Only the first call in a process installs a subscriber; later ones change nothing.
-    let _ = match format {
-        LogFormat::Json => logs.json().with_current_span(false).try_init(),
-        LogFormat::Text if stderr_is_journal() => logs.with_ansi(false).without_time().try_init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).try_init(),
-    };
-}
-
-/// Whether stderr is the journal stream systemd connected: it names the stream's device and
-/// inode in `JOURNAL_STREAM` ("dev:inode"), and a redirected stderr no longer matches it.
-fn stderr_is_journal() -> bool {
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::MetadataExt;
-    let Some(stream) = std::env::var("JOURNAL_STREAM").ok() else {
-        return false;
-    };
-    let Some(stderr) = std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .and_then(|fd| std::fs::File::from(fd).metadata().ok())
-    else {
-        return false;
-    };
-    stream == format!("{}:{}", stderr.dev(), stderr.ino())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

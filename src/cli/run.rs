@@ -12,7 +12,7 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let config = Config::load(&path)?;
     let projections = crate::projection::build_all(&config)?;
-    super::init_logging("info", config.daemon.log_format);
+    crate::logging::init("info", config.daemon.log_format);
     super::runtime()?.block_on(async {
         let (control, inbox) = crate::daemon::channel();
         crate::signals::forward(control).context("installing signal handlers")?;
