@@ -245,6 +245,17 @@ impl FeedServer {
             .extend(std::iter::repeat_n((target, fault), times));
     }
 
+    /// Drops every scripted fault not yet served and stops random ones: the feed is healthy.
+    pub fn clear_faults(&self) {
+        let mut faults = self
+            .shared
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        faults.scripted.clear();
+        faults.random = None;
+    }
+
     /// From now on, each request fails with a random transient fault with probability `rate`.
     pub fn random_faults(&self, seed: u64, rate: f64) {
         self.shared

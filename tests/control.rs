@@ -83,6 +83,36 @@ async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_f
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_feed_backing_off_after_errors_stops_retrying_when_paused() {
+    let events = bank_feed::generate(42, 300);
+    let harness = Harness::new(events.clone()).await;
+    // Failing until the test clears it, however long the test takes to look.
+    harness
+        .server
+        .inject(Target::Pages, Fault::Status(503), 1_000_000);
+    let mut daemon = harness.spawn_running().await;
+    wait_for(&mut daemon, "the feed to back off", || {
+        harness.feed_status("bank")["state"] == "backing_off"
+    })
+    .await;
+    assert!(harness.ctl(&["pause"]).status.success());
+    let pages = harness.server.page_requests();
+    tokio::time::sleep(QUIET_PERIOD).await;
+    assert_eq!(
+        harness.server.page_requests(),
+        pages,
+        "retries while paused"
+    );
+    assert_eq!(harness.feed_status("bank")["state"], "paused");
+
+    harness.server.clear_faults();
+    assert!(harness.ctl(&["resume"]).status.success());
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    harness.assert_exact(&events);
+    assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket() {
     let events = bank_feed::generate(31, 400);
     let harness = Harness::new(events.clone()).await;
