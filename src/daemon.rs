@@ -104,7 +104,7 @@ pub async fn run(
         config.daemon.control_socket_mode,
     )?;
     let socket_path = socket.path().to_path_buf();
-    let engine = Engine::start(&config, projections).await?;
+    let engine = Engine::start(&config, projections, &History::new()).await?;
     let mut supervisor = Supervisor {
         config,
         engine: Some(engine),
@@ -316,10 +316,12 @@ impl Supervisor {
             Err(err) => return refuse(format!("{err:#}")),
         };
         crate::notify::reloading();
+        let mut history = History::new();
         if let Some(engine) = self.engine.take() {
+            history = engine.history();
             engine.stop().await?;
         }
-        let reply = match Engine::start(&config, projections).await {
+        let reply = match Engine::start(&config, projections, &history).await {
             Ok(engine) => {
                 self.engine = Some(engine);
                 self.config = config;
@@ -337,7 +339,7 @@ impl Supervisor {
                 let projections = crate::projection::build_all(&self.config)
                     .context("rebuilding the previous configuration's projections")?;
                 self.engine = Some(
-                    Engine::start(&self.config, projections)
+                    Engine::start(&self.config, projections, &history)
                         .await
                         .context("restarting the previous configuration")?,
                 );
@@ -365,6 +367,10 @@ struct Engine {
     feeds: BTreeMap<String, FeedRuntime>,
 }
 
+/// The monitors of a stopped engine, by feed name with its URL, so that a reload keeps each
+/// feed's counters.
+type History = BTreeMap<String, (String, Arc<FeedMonitor>)>;
+
 /// What the supervisor holds of a running feed.
 struct FeedRuntime {
     url: String,
@@ -380,6 +386,7 @@ impl Engine {
     async fn start(
         config: &Config,
         projections: Vec<ConfiguredProjection>,
+        history: &History,
     ) -> anyhow::Result<Engine> {
         let database = config.daemon.database.clone();
         let writer = tokio::task::spawn_blocking(move || Writer::open(&database, projections))
@@ -403,6 +410,9 @@ impl Engine {
                     .iter()
                     .map(|p| (p.projection.clone(), p.checkpoint.next_offset)),
             ));
+            if let Some((url, previous)) = history.get(feed.name()) {
+                monitor.carry_over(previous, *url == feed.url.0.to_string());
+            }
             let is_paused = paused_feeds.contains(feed.name());
             let (paused, _) = watch::channel(is_paused);
             if is_paused {
@@ -481,6 +491,13 @@ impl Engine {
             stop_readers,
             feeds,
         })
+    }
+
+    fn history(&self) -> History {
+        self.feeds
+            .iter()
+            .map(|(name, feed)| (name.clone(), (feed.url.clone(), feed.monitor.clone())))
+            .collect()
     }
 
     /// The writer thread runs and is not stuck on one job for `limit` or longer (the runtime

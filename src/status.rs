@@ -127,7 +127,7 @@ pub struct FeedStatus {
     pub lag: Option<u64>,
     /// Events read per second over the last ten seconds.
     pub events_per_second: f64,
-    /// Events read since the daemon (or its last reload) started.
+    /// Events read since the daemon started.
     pub events_read: u64,
     /// Failed requests (and batches the database refused) retried since start.
     pub retries: u64,
@@ -204,6 +204,21 @@ impl FeedMonitor {
             feed: feed.to_string(),
             progress: watch::Sender::new(progress),
         }
+    }
+
+    /// Takes over the counters of the monitor this one replaces (on reload): events read, the
+    /// rate's samples, retries and the last error, and the head if the feed is the same one.
+    pub fn carry_over(&self, previous: &FeedMonitor, same_feed: bool) {
+        let old = previous.progress.borrow();
+        self.progress.send_modify(|p| {
+            p.events_read = old.events_read;
+            p.samples = old.samples.clone();
+            p.retries = old.retries;
+            p.last_error = old.last_error.clone();
+            if same_feed {
+                p.head = old.head;
+            }
+        });
     }
 
     /// Registers a reader and returns its id.

@@ -263,6 +263,10 @@ file = "account_balances.toml"
     harness.server.append(events[600..].to_vec());
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;
     harness.assert_exact(&events);
+    // The feed's counters carry over the reload.
+    let feed = harness.feed_status("bank");
+    assert!(feed["events_read"].as_u64() >= Some(1000), "{feed}");
+    assert!(harness.status()["reloaded_at"].is_string());
 
     // A config that does not validate: refused, logged, and the running one goes on.
     std::fs::write(
