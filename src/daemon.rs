@@ -389,9 +389,11 @@ impl Engine {
         history: &History,
     ) -> anyhow::Result<Engine> {
         let database = config.daemon.database.clone();
-        let writer = tokio::task::spawn_blocking(move || Writer::open(&database, projections))
-            .await
-            .context("the database opener panicked")??;
+        let max_bytes = config.daemon.max_database_bytes.map(|limit| limit.0 as u64);
+        let writer =
+            tokio::task::spawn_blocking(move || Writer::open(&database, max_bytes, projections))
+                .await
+                .context("the database opener panicked")??;
         let starting_points = writer.starting_points();
         let paused_feeds = writer.paused_feeds();
         let (writer, writer_thread) = writer.spawn().context("starting the writer thread")?;

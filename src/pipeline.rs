@@ -116,9 +116,9 @@ impl Pipeline {
                 Stop::Resync(reason) => {
                     let delay = self.policy.backoff.delay(resyncs, None);
                     resyncs = resyncs.saturating_add(1);
-                    tracing::warn!(feed = %self.feed, ?delay, "batch not committed, starting again from the checkpoints: {reason}");
+                    tracing::error!(feed = %self.feed, ?delay, "batch not committed, nothing of it applied; retrying from the checkpoints: {reason}");
                     self.monitor
-                        .record_error(format!("batch not committed: {reason}"));
+                        .commit_failed(format!("batch not committed: {reason}"));
                     let mut paused = self.paused.clone();
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break ReaderPhase::Stopped,

@@ -53,6 +53,9 @@ pub enum FeedState {
     Paused,
     /// Requests are failing and being retried with backoff.
     BackingOff,
+    /// Batches are not committing (the database is full, read-only or failing): retried
+    /// with backoff.
+    CommitFailing,
     /// Every reader stopped: a poison event under `on_error = "stop"`, or a rewritten feed.
     Halted,
 }
@@ -67,6 +70,7 @@ impl FeedState {
             FeedState::Pausing => "pausing",
             FeedState::Paused => "paused",
             FeedState::BackingOff => "backing off",
+            FeedState::CommitFailing => "commit failing",
             FeedState::Halted => "halted",
         }
     }
@@ -168,6 +172,8 @@ struct Progress {
     samples: VecDeque<(Instant, u64)>,
     retries: u64,
     streak: Option<Streak>,
+    /// The last batch was refused by the database; the next commit clears it.
+    commit_failing: bool,
     last_error: Option<(String, SystemTime)>,
 }
 
@@ -267,6 +273,7 @@ impl FeedMonitor {
     pub fn committed(&self, events: usize, checkpoints: &[(String, Checkpoint)], halts: &[Halt]) {
         let now = Instant::now();
         self.progress.send_modify(|p| {
+            p.commit_failing = false;
             p.events_read += events as u64;
             p.samples.push_back((now, p.events_read));
             while p
@@ -314,10 +321,11 @@ impl FeedMonitor {
         });
     }
 
-    /// A failure that is not a request's (the database refused a batch): counted and shown as
-    /// the last error; the reader logs it and retries.
-    pub fn record_error(&self, message: String) {
+    /// A batch did not commit (the database refused it): counted, shown as the last error and
+    /// as the feed's state until a batch commits; the reader logs it and retries.
+    pub fn commit_failed(&self, message: String) {
         self.progress.send_modify(|p| {
+            p.commit_failing = true;
             p.retries += 1;
             p.last_error = Some((message, SystemTime::now()));
         });
@@ -369,6 +377,8 @@ impl FeedMonitor {
             }
         } else if all_halted {
             FeedState::Halted
+        } else if p.commit_failing {
+            FeedState::CommitFailing
         } else if p.streak.is_some() {
             FeedState::BackingOff
         } else if p.readers.contains(&ReaderPhase::CatchingUp) {
@@ -463,8 +473,9 @@ mod tests {
             .is_some_and(|e| e.message.contains("HTTP 500")));
         monitor.recovered();
         assert_eq!(monitor.snapshot("u", false).state, FeedState::Live);
-        monitor.record_error("batch not committed: disk full".into());
+        monitor.commit_failed("batch not committed: disk full".into());
         let status = monitor.snapshot("u", false);
+        assert_eq!(status.state, FeedState::CommitFailing);
         assert_eq!(status.retries, 2);
         assert!(status
             .last_error

@@ -43,7 +43,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// How long a writer waits for a lock held by someone else (an operator's shell, a backup).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a projection stands: the offset of the next event it expects, and the id of the event
 /// just before it (to prove, on restart, that the feed still has that event there).
@@ -86,6 +86,14 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Caps the database file at about `max_bytes` (SQLite's `max_page_count`): past it, writes fail
+/// as on a full disk. A database already larger keeps its size and cannot grow.
+pub fn limit_size(conn: &Connection, max_bytes: u64) -> rusqlite::Result<()> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let pages = (max_bytes / u64::try_from(page_size).unwrap_or(4096).max(512)).max(1);
+    conn.pragma_update(None, "max_page_count", offset_to_sql(pages))
 }
 
 /// Takes the database's instance lock (`<database>.lock`), so that a second daemon on the same

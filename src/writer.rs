@@ -59,6 +59,8 @@ pub struct Halt {
 pub enum ApplyError {
     #[error("the database failed: {0}")]
     Storage(String),
+    #[error("the database failed: {0}: the database's disk is full, or it reached [daemon] max_database_bytes; writes resume once there is room")]
+    Full(String),
     #[error(
         "the feed was rewritten: projection {projection:?} applied event {expected} at offset {offset}, but the feed now has {found} there"
     )]
@@ -70,6 +72,17 @@ pub enum ApplyError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ApplyError {
+    /// The database failed; a full one says where the space went.
+    fn storage(err: rusqlite::Error) -> ApplyError {
+        if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            ApplyError::Full(err.to_string())
+        } else {
+            ApplyError::Storage(err.to_string())
+        }
+    }
 }
 
 /// A projection as the writer holds it.
@@ -87,8 +100,17 @@ pub struct StartingPoint {
     pub checkpoint: Checkpoint,
 }
 
+/// The write-ahead log's size past which the writer truncates it (4 times SQLite's automatic
+/// checkpoint size).
+const WAL_TRUNCATE_BYTES: u64 = 16 << 20;
+/// How long the truncation waits for the readers of the moment.
+const WAL_TRUNCATE_WAIT: Duration = Duration::from_millis(500);
+
 pub struct Writer {
     conn: Connection,
+    wal_path: std::path::PathBuf,
+    /// When a blocked truncation was last logged (once a minute at most).
+    wal_warned_at: Option<Instant>,
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
     /// The checkpoints read at open. After that the database is the only record of them.
@@ -101,10 +123,18 @@ impl Writer {
     /// Opens the database, sets up every projection's tables and reads their checkpoints and the
     /// paused feeds, all in one transaction. The caller holds the instance lock
     /// ([`store::lock_instance`]).
-    pub fn open(path: &Path, projections: Vec<ConfiguredProjection>) -> anyhow::Result<Writer> {
+    pub fn open(
+        path: &Path,
+        max_bytes: Option<u64>,
+        projections: Vec<ConfiguredProjection>,
+    ) -> anyhow::Result<Writer> {
         use anyhow::Context;
         let mut conn = store::open_writer(path)
             .with_context(|| format!("opening database {}", path.display()))?;
+        if let Some(max_bytes) = max_bytes {
+            store::limit_size(&conn, max_bytes)
+                .with_context(|| format!("limiting the size of {}", path.display()))?;
+        }
         let mut slots = Vec::with_capacity(projections.len());
         let mut starting_points = Vec::with_capacity(projections.len());
         let paused_feeds;
@@ -142,8 +172,12 @@ impl Writer {
             .enumerate()
             .map(|(index, slot)| (slot.projection.name.clone(), index))
             .collect();
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
         Ok(Writer {
             conn,
+            wal_path: wal_path.into(),
+            wal_warned_at: None,
             slots,
             by_name,
             starting_points,
@@ -201,6 +235,10 @@ impl Writer {
                             "a projection panicked: {message}"
                         )))
                     });
+                if matches!(result, Err(ApplyError::Full(_))) {
+                    // The write-ahead log may hold the space the next batch needs.
+                    self.truncate_wal();
+                }
                 let _ = reply.send(result);
             }
             Job::SetPaused {
@@ -213,9 +251,48 @@ impl Writer {
         }
     }
 
+    /// SQLite's automatic checkpoints cannot restart the write-ahead log while readers keep
+    /// using it, so with long readers coming and going it would grow for ever. Past a size, the
+    /// log is checkpointed and truncated, waiting briefly for the readers of the moment to end;
+    /// if they do not, the next batch tries again.
+    fn keep_wal_bounded(&mut self) {
+        if self.wal_size() >= WAL_TRUNCATE_BYTES {
+            self.truncate_wal();
+        }
+    }
+
+    fn wal_size(&self) -> u64 {
+        std::fs::metadata(&self.wal_path).map_or(0, |m| m.len())
+    }
+
+    fn truncate_wal(&mut self) {
+        let wal_size = self.wal_size();
+        let outcome = self.conn.busy_timeout(WAL_TRUNCATE_WAIT).and_then(|()| {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+        });
+        let _ = self.conn.busy_timeout(store::BUSY_TIMEOUT);
+        match outcome {
+            Ok(0) => tracing::debug!(wal_size, "write-ahead log checkpointed and truncated"),
+            Ok(_) => {
+                let now = Instant::now();
+                let due = self
+                    .wal_warned_at
+                    .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60));
+                if due {
+                    self.wal_warned_at = Some(now);
+                    tracing::warn!(wal_size, "a reader has held a read transaction for a long time: the write-ahead log cannot be truncated and grows until it ends");
+                }
+            }
+            Err(err) => tracing::warn!(wal_size, "checkpointing the write-ahead log failed: {err}"),
+        }
+    }
+
     /// Records feeds as paused or resumed, in one transaction.
     fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError> {
-        let storage = |err: rusqlite::Error| ApplyError::Storage(err.to_string());
+        let storage = ApplyError::storage;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -241,7 +318,7 @@ impl Writer {
             ..BatchOutcome::default()
         };
 
-        let storage = |err: rusqlite::Error| ApplyError::Storage(err.to_string());
+        let storage = ApplyError::storage;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -286,8 +363,8 @@ impl Writer {
                 if slot.projection.handles(&event.event_type) {
                     match apply_one(&tx, &slot.projection, event).map_err(storage)? {
                         Ok(()) => outcome.applied += 1,
-                        Err(err) if err.is_storage_failure() => {
-                            return Err(ApplyError::Storage(err.to_string()))
+                        Err(ProjectionError::Sql(err)) if store::is_storage_failure(&err) => {
+                            return Err(ApplyError::storage(err))
                         }
                         Err(err) => match slot.projection.on_error {
                             OnError::Stop => {
@@ -331,6 +408,7 @@ impl Writer {
             }
         }
         tx.commit().map_err(storage)?;
+        self.keep_wal_bounded();
 
         for ((index, checkpoint), halt) in members.into_iter().zip(checkpoints).zip(halts) {
             let slot = &mut self.slots[index];
@@ -356,6 +434,13 @@ fn apply_one(
     tx.prepare_cached("SAVEPOINT projector_event")?
         .execute([])?;
     let result = projection.projection.apply(tx, event);
+    if let Err(ProjectionError::Sql(err)) = &result {
+        if store::is_storage_failure(err) {
+            // SQLite may already have rolled the whole transaction back (a full disk, an I/O
+            // error), taking the savepoint with it: the batch fails as a whole, with this error.
+            return Ok(result);
+        }
+    }
     if result.is_err() {
         tx.prepare_cached("ROLLBACK TO projector_event")?
             .execute([])?;
@@ -520,6 +605,7 @@ mod tests {
     fn open(path: &Path, b_on_error: OnError) -> Writer {
         Writer::open(
             path,
+            None,
             vec![configured("a", OnError::Stop), configured("b", b_on_error)],
         )
         .unwrap_or_else(|e| panic!("{e:#}"))

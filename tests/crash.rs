@@ -10,9 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{credits_and_debits, Harness, BOTH_PROJECTIONS};
+use common::{assert_consistent, Harness, BOTH_PROJECTIONS};
 use projector::bank_feed;
-use projector::feed_server::StoredEvent;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -21,46 +20,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
-}
-
-/// Each projection's read model is the fold of the feed up to its checkpoint, and the
-/// checkpoint's event id is the feed's at that offset.
-fn assert_consistent(harness: &Harness, events: &[StoredEvent], context: &str) {
-    let conn = projector::store::open_reader(&harness.database())
-        .unwrap_or_else(|e| panic!("{context}: {e}"));
-    let checkpoints =
-        projector::store::read_checkpoints(&conn).unwrap_or_else(|e| panic!("{context}: {e}"));
-    for (projection, checkpoint) in &checkpoints {
-        let applied = usize::try_from(checkpoint.next_offset).unwrap_or(usize::MAX);
-        assert!(
-            applied <= events.len(),
-            "{context}: {projection} is at {applied}, past the feed's {} events",
-            events.len()
-        );
-        let expected_id = applied.checked_sub(1).map(|i| events[i].id.clone());
-        assert_eq!(
-            checkpoint.last_event_id, expected_id,
-            "{context}: {projection}'s checkpoint names the wrong event"
-        );
-        let prefix = &events[..applied];
-        match projection.as_str() {
-            "account_balances" => assert_eq!(
-                harness.balances(),
-                bank_feed::expected_balances(prefix),
-                "{context}: balances at offset {applied}"
-            ),
-            "account_ledger" => assert_eq!(
-                harness.count("SELECT count(*) FROM account_ledger_entries"),
-                credits_and_debits(prefix),
-                "{context}: ledger entries at offset {applied}"
-            ),
-            other => panic!("unexpected projection {other}"),
-        }
-    }
-    let integrity: String = conn
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .unwrap_or_else(|e| panic!("{context}: {e}"));
-    assert_eq!(integrity, "ok", "{context}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,16 +36,6 @@ pub enum ProjectionError {
     Rejected(String),
 }
 
-impl ProjectionError {
-    /// A failure of the database rather than of the event: retry the batch, do not blame the event.
-    pub fn is_storage_failure(&self) -> bool {
-        match self {
-            ProjectionError::Sql(err) => crate::store::is_storage_failure(err),
-            _ => false,
-        }
-    }
-}
-
 /// A projection built from its `[[projection]]` table, ready to run.
 pub struct ConfiguredProjection {
     pub name: String,

@@ -134,14 +134,7 @@ retry_max = "200ms"
     pub fn balances(&self) -> BTreeMap<String, i64> {
         let conn =
             projector::store::open_reader(&self.database()).unwrap_or_else(|e| panic!("{e}"));
-        let mut statement = conn
-            .prepare("SELECT account_id, balance FROM account_balances")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let rows = statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .unwrap_or_else(|e| panic!("{e}"));
-        rows.collect::<Result<_, _>>()
-            .unwrap_or_else(|e| panic!("{e}"))
+        balances_in(&conn)
     }
 
     pub fn count(&self, sql: &str) -> i64 {
@@ -188,6 +181,17 @@ name = "account_ledger"
 feed = "bank"
 module = "account_ledger"
 "#;
+
+fn balances_in(conn: &rusqlite::Connection) -> BTreeMap<String, i64> {
+    let mut statement = conn
+        .prepare("SELECT account_id, balance FROM account_balances")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rows = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    rows.collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
 
 pub fn checkpoints(database: &Path) -> HashMap<String, u64> {
     // Before the daemon has created the database there are no checkpoints yet.
@@ -322,6 +326,57 @@ pub fn projector(args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running projector: {e}"))
+}
+
+/// Each projection's read model is the fold of the feed up to its checkpoint, and the
+/// checkpoint's event id is the feed's at that offset.
+pub fn assert_consistent(harness: &Harness, events: &[StoredEvent], context: &str) {
+    // One read transaction: a snapshot, even while the daemon commits.
+    let mut conn = projector::store::open_reader(&harness.database())
+        .unwrap_or_else(|e| panic!("{context}: {e}"));
+    let snapshot = conn
+        .transaction()
+        .unwrap_or_else(|e| panic!("{context}: {e}"));
+    let checkpoints =
+        projector::store::read_checkpoints(&snapshot).unwrap_or_else(|e| panic!("{context}: {e}"));
+    for (projection, checkpoint) in &checkpoints {
+        let applied = usize::try_from(checkpoint.next_offset).unwrap_or(usize::MAX);
+        assert!(
+            applied <= events.len(),
+            "{context}: {projection} is at {applied}, past the feed's {} events",
+            events.len()
+        );
+        let expected_id = applied.checked_sub(1).map(|i| events[i].id.clone());
+        assert_eq!(
+            checkpoint.last_event_id, expected_id,
+            "{context}: {projection}'s checkpoint names the wrong event"
+        );
+        let prefix = &events[..applied];
+        match projection.as_str() {
+            "account_balances" => assert_eq!(
+                balances_in(&snapshot),
+                projector::bank_feed::expected_balances(prefix),
+                "{context}: balances at offset {applied}"
+            ),
+            "account_ledger" => {
+                let entries: i64 = snapshot
+                    .query_row("SELECT count(*) FROM account_ledger_entries", [], |row| {
+                        row.get(0)
+                    })
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+                assert_eq!(
+                    entries,
+                    credits_and_debits(prefix),
+                    "{context}: ledger entries at offset {applied}"
+                );
+            }
+            other => panic!("unexpected projection {other}"),
+        }
+    }
+    let integrity: String = snapshot
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap_or_else(|e| panic!("{context}: {e}"));
+    assert_eq!(integrity, "ok", "{context}");
 }
 
 /// Makes the first credit of `events` a poison event (its amount is not a number) and returns

@@ -1,0 +1,178 @@
+//! The database under stress, against the real binary: full (by `max_database_bytes`, and on a
+//! real small file system when the tests run as root), and read by long-running readers while
+//! the daemon writes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_consistent, wait_for, wait_for_log, Harness, BOTH_PROJECTIONS};
+use projector::bank_feed;
+
+const BOTH: &[&str] = &["account_balances", "account_ledger"];
+
+/// The database refuses batches: the daemon says so in the log and in `status`, applies nothing
+/// partial, keeps the file intact, and carries on once there is room (here: a reload raising
+/// the cap).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_database_stops_writes_intact_and_they_resume_once_there_is_room() {
+    let events = bank_feed::generate(50, 3000);
+    let harness = Harness::new(events.clone()).await;
+    let url = harness.server.url();
+    harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "max_database_bytes = 196608");
+    let mut daemon = harness.spawn_running().await;
+    wait_for(&mut daemon, "the database to fill up", || {
+        harness.feed_status("bank")["state"] == "commit_failing"
+    })
+    .await;
+    wait_for_log(&mut daemon, "database or disk is full").await;
+    let feed = harness.feed_status("bank");
+    let last_error = feed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(last_error.contains("max_database_bytes"), "{feed}");
+    let reached = harness.checkpoints()["account_ledger"];
+    assert!(reached < 3000, "the cap was never reached");
+    assert_consistent(&harness, &events, "while full");
+
+    harness.write_config(&url, BOTH_PROJECTIONS, "");
+    daemon.signal("HUP");
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 3000).await;
+    harness.assert_exact(&events);
+    assert_consistent(&harness, &events, "after room was made");
+    assert_eq!(harness.feed_status("bank")["state"], "live");
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success() && !log.contains("panicked"), "{log}");
+}
+
+/// A tmpfs mounted over a folder, unmounted when dropped.
+struct SmallFileSystem<'a>(&'a Path);
+
+impl Drop for SmallFileSystem<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+fn mount_small_file_system(dir: &Path, bytes: u64) -> Option<SmallFileSystem<'_>> {
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .is_ok_and(|output| output.status.success());
+    mounted.then_some(SmallFileSystem(dir))
+}
+
+/// The same with a real file system that fills up (root only: it mounts an 8 MiB tmpfs; the
+/// space comes back when a filler file is deleted).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_full_file_system_stops_writes_intact_and_they_resume_when_space_is_freed() {
+    let events = bank_feed::generate(51, 6000);
+    let harness = Harness::new(events.clone()).await;
+    let dir = harness.dir.path();
+    let Some(_mounted) = mount_small_file_system(dir, 8 << 20) else {
+        eprintln!(
+            "cannot mount a tmpfs (not root?): the full disk is covered by max_database_bytes only"
+        );
+        return;
+    };
+    // The mount hid the harness's files: write them again, then fill most of the space.
+    let projection =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
+    std::fs::copy(projection, dir.join("account_balances.toml")).unwrap_or_else(|e| panic!("{e}"));
+    harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
+    let filler = dir.join("filler");
+    std::fs::write(&filler, vec![0u8; 7 << 20]).unwrap_or_else(|e| panic!("{e}"));
+
+    let mut daemon = harness.spawn_running().await;
+    wait_for(&mut daemon, "the file system to fill up", || {
+        harness.feed_status("bank")["state"] == "commit_failing"
+    })
+    .await;
+    wait_for_log(&mut daemon, "database or disk is full").await;
+    assert!(harness.checkpoints()["account_ledger"] < 6000);
+    assert_consistent(&harness, &events, "while the disk is full");
+
+    std::fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 6000).await;
+    harness.assert_exact(&events);
+    assert_consistent(&harness, &events, "after space was freed");
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success() && !log.contains("panicked"), "{log}");
+}
+
+/// Readers that hold read transactions for a long time, and come and go, while the daemon
+/// writes: neither side sees SQLITE_BUSY, and the write-ahead log stays bounded because
+/// checkpoints complete between readers.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
+    let events = bank_feed::generate(52, 12_000);
+    let harness = Harness::new(events[..2000].to_vec()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 2000).await;
+    harness.server.append(events[2000..].to_vec());
+
+    let database = harness.database();
+    let readers = tokio::task::spawn_blocking(move || {
+        let mut largest_wal = 0;
+        let mut reads = 0;
+        let wal = wal_path(&database);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while checkpoint_of(&database) < 12_000 {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon stalled under readers"
+            );
+            let mut conn =
+                projector::store::open_reader(&database).unwrap_or_else(|e| panic!("{e}"));
+            let tx = conn.transaction().unwrap_or_else(|e| panic!("{e}"));
+            // A slow query: a scan joined with itself, held open with the transaction.
+            let _: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM account_ledger_entries a, account_balances b",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap_or_else(|e| panic!("the reader failed: {e}"));
+            std::thread::sleep(Duration::from_millis(150));
+            drop(tx);
+            reads += 1;
+            largest_wal = largest_wal.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            // Readers come and go: a gap lets a checkpoint finish.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (reads, largest_wal)
+    });
+    let (reads, largest_wal) = readers.await.unwrap_or_else(|e| panic!("{e}"));
+    harness
+        .wait_for_checkpoints(&mut daemon, BOTH, 12_000)
+        .await;
+    harness.assert_exact(&events);
+    eprintln!("{reads} long reads; the WAL peaked at {largest_wal} bytes");
+    assert!(reads >= 3, "the readers did not overlap the writes");
+    // SQLite checkpoints every 1000 pages (4 MiB); a WAL that could not be reset would grow
+    // with every batch instead.
+    assert!(
+        largest_wal < 24 << 20,
+        "the WAL grew to {largest_wal} bytes"
+    );
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+    for busy in ["database is locked", "SQLITE_BUSY", "batch not committed"] {
+        assert!(!log.contains(busy), "{busy}: {log}");
+    }
+}
+
+fn wal_path(database: &Path) -> std::path::PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
+}
+
+fn checkpoint_of(database: &Path) -> u64 {
+    common::checkpoints(database)
+        .values()
+        .min()
+        .copied()
+        .unwrap_or(0)
+}
