@@ -50,6 +50,18 @@ pub enum Fault {
     InvalidJson,
     /// Status 200 and JSON that is not a page (`events` is not an array).
     WrongShape,
+    /// Status 200 and a page whose entries lack `event_id` and `url` (pages only).
+    MissingFields,
+    /// Status 200 and a page whose `aggregate_version` is a string (pages only).
+    WrongTypes,
+    /// Status 200 and the real page with its first entry repeated (pages only).
+    RepeatedId,
+    /// Status 200 and a body streamed without a Content-Length, 64 MiB of it.
+    Oversized,
+    /// Status 200, `Content-Encoding: gzip`, a small body that inflates to 64 MiB.
+    GzipBomb,
+    /// A redirect to the URL itself, for ever.
+    RedirectLoop,
     /// Status 200 and a proxy's HTML error page.
     HtmlPage,
     /// Status 200 and `null`: Flux's answer for an event id it does not know.
@@ -303,6 +315,7 @@ struct EntryJson<'a> {
 
 async fn page(
     State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
@@ -347,12 +360,16 @@ async fn page(
         serde_json::to_string(&page).unwrap_or_default()
     };
     match shared.take_fault(Target::Pages) {
-        Some(fault) => faulty(fault, json).await,
+        Some(fault) => faulty(fault, json, &uri).await,
         None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
     }
 }
 
-async fn body(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+async fn body(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+) -> Response {
     let (event_type, text) = {
         let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
         match store
@@ -371,13 +388,13 @@ async fn body(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Resp
         .entry(event_type)
         .or_default() += 1;
     match shared.take_fault(Target::Bodies) {
-        Some(fault) => faulty(fault, text).await,
+        Some(fault) => faulty(fault, text, &uri).await,
         None => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
     }
 }
 
 /// The response `fault` makes of the real response text `real`.
-async fn faulty(fault: Fault, real: String) -> Response {
+async fn faulty(fault: Fault, real: String, uri: &axum::http::Uri) -> Response {
     let half = real.as_bytes()[..real.len() / 2].to_vec();
     match fault {
         Fault::Status(code) => (
@@ -427,5 +444,63 @@ async fn faulty(fault: Fault, real: String) -> Response {
         )
             .into_response(),
         Fault::NullBody => "null\n".into_response(),
+        Fault::MissingFields => (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"events": [{"event_type": "account.AccountCreated"}]}"#,
+        )
+            .into_response(),
+        Fault::WrongTypes => (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"events": [{"event_id": "e", "url": "http://x/e", "event_type": "t", "aggregate_version": "seven"}]}"#,
+        )
+            .into_response(),
+        Fault::RepeatedId => {
+            let mut page: serde_json::Value = serde_json::from_str(&real).unwrap_or_default();
+            if let Some(events) = page["events"].as_array_mut() {
+                if let Some(first) = events.first().cloned() {
+                    events.push(first);
+                }
+            }
+            ([(header::CONTENT_TYPE, "application/json")], page.to_string()).into_response()
+        }
+        Fault::Oversized => {
+            // JSON whitespace: a client that buffered it all and parsed afterwards would accept
+            // the page at the end; only a limit enforced while streaming refuses it.
+            let chunk = Bytes::from(vec![b' '; 1 << 20]);
+            let chunks = (0..64)
+                .map(move |_| Ok::<_, std::io::Error>(chunk.clone()))
+                .chain(std::iter::once(Ok(Bytes::from(real))));
+            Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
+        }
+        Fault::GzipBomb => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CONTENT_ENCODING, "gzip"),
+            ],
+            gzip_bomb(),
+        )
+            .into_response(),
+        Fault::RedirectLoop => (
+            StatusCode::FOUND,
+            [(header::LOCATION, uri.to_string())],
+            "",
+        )
+            .into_response(),
     }
+}
+
+/// 64 MiB of JSON whitespace, gzipped to about 64 KiB; made once.
+fn gzip_bomb() -> Bytes {
+    static BOMB: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BOMB.get_or_init(|| {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let block = vec![b' '; 1 << 20];
+        for _ in 0..64 {
+            // Writing to a Vec cannot fail.
+            let _ = encoder.write_all(&block);
+        }
+        Bytes::from(encoder.finish().unwrap_or_default())
+    })
+    .clone()
 }

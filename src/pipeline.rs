@@ -2,8 +2,9 @@
 //! writer, and fetch the next page while the writer commits.
 //!
 //! The pipeline never decides what is applied: it starts from the committed checkpoints, and after
-//! any failure it starts again from them. Fetch failures are retried forever with backoff; only a
-//! feed that contradicts a checkpoint (rewritten, or shrunk below it) halts the pipeline.
+//! any failure it starts again from them. Fetch failures, and a feed that shrank below a
+//! checkpoint, are retried forever with backoff; only a feed that contradicts a checkpoint (the
+//! event there has another id: rewritten) halts the pipeline.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -172,38 +173,82 @@ impl Pipeline {
         let mut offset = self.start_offset();
         let mut pending: Option<PendingBatch> = None;
         let mut reported_head = false;
+        let mut shrunk_polls = 0;
+        // The last event read, and whether the last poll found nothing new. Idle at the head,
+        // each poll reads that event again, so that a feed which shrank or was rewritten under
+        // a running daemon is noticed at once, not at the next restart.
+        let mut last_read: Option<(u64, String)> = None;
+        let mut idle = false;
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
         loop {
+            let verify = match &last_read {
+                Some((last_offset, id)) if idle => Some((*last_offset, id.clone())),
+                _ => None,
+            };
+            let fetch_at = verify.as_ref().map_or(offset, |(at, _)| *at);
             let shutdown = self.shutdown.clone();
             let mut paused = self.paused.clone();
             // Dropping the fetch on shutdown or pause is safe: nothing of it was applied.
             let fetched = tokio::select! {
                 _ = shutdown.cancelled() => Err(Stop::Shutdown),
                 _ = paused.wait_for(|&p| p) => Err(Stop::Paused),
-                events = self.fetch_events(offset) => Ok(events),
+                events = self.fetch_events(fetch_at) => Ok(events),
             };
             if let Some(batch) = pending.take() {
                 if let Err(stop) = self.settle(batch).await {
                     return stop;
                 }
             }
-            let events = match fetched {
+            let mut events = match fetched {
                 Ok(events) => events,
                 Err(stop) => return stop,
             };
             if self.members.is_empty() {
                 return Stop::Halt("every projection on this feed has halted".into());
             }
-            let Some(last) = events.last() else {
-                if let Some(ahead) = self.members.iter().find(|m| m.next_offset > offset) {
-                    return Stop::Halt(format!(
-                        "the feed shrank: its head is at offset {offset}, but projection {:?} has applied events up to offset {}",
-                        ahead.projection,
-                        ahead.next_offset - 1
-                    ));
+            if events.is_empty() {
+                if let Some(ahead) = self.members.iter().find(|m| m.next_offset > fetch_at) {
+                    // Perhaps a feed server restarted and not yet reloaded: wait for the events
+                    // to come back. If others come back instead, the rewrite check halts.
+                    let shrank = FetchError {
+                        what: format!("page at offset {fetch_at}"),
+                        reason: format!(
+                            "the feed shrank: its head is at offset {fetch_at}, but projection {:?} has applied events up to offset {}; nothing is applied until they are back",
+                            ahead.projection,
+                            ahead.next_offset - 1
+                        ),
+                        retry_after: None,
+                    };
+                    self.monitor.failed(&shrank);
+                    let delay = self.policy.backoff.delay(shrunk_polls, None);
+                    shrunk_polls = shrunk_polls.saturating_add(1);
+                    let mut paused = self.paused.clone();
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Stop::Shutdown,
+                        _ = paused.wait_for(|&p| p) => return Stop::Paused,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
                 }
+            }
+            if let Some((verified_offset, verified_id)) = &verify {
+                match events.first() {
+                    Some(first) if first.event_id != *verified_id => {
+                        return Stop::Halt(format!(
+                            "the feed was rewritten: it had event {verified_id} at offset {verified_offset}, and now has {} there",
+                            first.event_id
+                        ));
+                    }
+                    Some(_) => {
+                        events.remove(0);
+                    }
+                    // Handled above: an empty page below a checkpoint is a shrink.
+                    None => {}
+                }
+            }
+            let Some(last) = events.last() else {
                 self.monitor.saw_feed_up_to(offset);
                 self.monitor.set_phase(self.reader, ReaderPhase::Live);
+                idle = true;
                 if !reported_head {
                     reported_head = true;
                     tracing::info!(
@@ -221,7 +266,9 @@ impl Pipeline {
                     _ = tokio::time::sleep(self.policy.poll_interval) => continue,
                 }
             };
+            idle = false;
             offset = last.offset + 1;
+            last_read = Some((last.offset, last.event_id.clone()));
             self.monitor.saw_feed_up_to(offset);
             if reported_head {
                 // New events after the head: reading them counts as catching up.
