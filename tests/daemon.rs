@@ -227,6 +227,29 @@ async fn config_errors_name_file_line_and_column_and_exit_2() {
             ":9:17:",
         ),
         (
+            text.replace("poll_interval = \"50ms\"", "poll_interval = \"-5s\""),
+            ":9:17:",
+        ),
+        (text.replace("[[feed]]", "[[feed]"), ":5:"),
+        (
+            text.replace("retry_max = \"200ms\"", "retry_max = 200"),
+            ":11:13:",
+        ),
+        (text.replace("name = \"bank\"", "name = \"\""), ":6:8:"),
+        (
+            text.replace("name = \"account_ledger\"", "name = \"account_balances\""),
+            ":20:8:",
+        ),
+        (
+            text.replace(&harness.server.url(), "http://:80/events"),
+            ":7:7:",
+        ),
+        (
+            // A folder where the projection file should be: unreadable.
+            text.replace("file = \"account_balances.toml\"", "file = \".\""),
+            ":17:8:",
+        ),
+        (
             text.replace("format = \"flux\"", "format = \"atom\""),
             ":8:10:",
         ),
