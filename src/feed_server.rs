@@ -62,6 +62,8 @@ pub enum Fault {
     GzipBomb,
     /// A redirect to the URL itself, for ever.
     RedirectLoop,
+    /// Status 200 and the real response with a byte that is not UTF-8 in its first string.
+    NotUtf8,
     /// Status 200 and a proxy's HTML error page.
     HtmlPage,
     /// Status 200 and `null`: Flux's answer for an event id it does not know.
@@ -480,6 +482,17 @@ async fn faulty(fault: Fault, real: String, uri: &axum::http::Uri) -> Response {
             gzip_bomb(),
         )
             .into_response(),
+        Fault::NotUtf8 => {
+            let mut bytes = real.into_bytes();
+            if let Some(quote) = bytes.iter().position(|&b| b == b'"') {
+                bytes.insert(quote + 1, 0xFF);
+            }
+            (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                Bytes::from(bytes),
+            )
+                .into_response()
+        }
         Fault::RedirectLoop => (
             StatusCode::FOUND,
             [(header::LOCATION, uri.to_string())],

@@ -1,0 +1,130 @@
+//! Hostile event content, against the real binary: SQL in ids and payloads, huge strings and
+//! deep nesting are stored as data, never executed; a payload the daemon cannot read (nested
+//! past the JSON parser's limit, not UTF-8) is refused: the feed waits at that event, says why
+//! in `status`, applies nothing past it, and goes on once the feed serves it readably.
+
+mod common;
+
+use common::{assert_consistent, wait_for, Harness};
+use projector::bank_feed;
+use projector::feed_server::{Fault, StoredEvent, Target};
+use serde_json::Value;
+
+const BOTH: &[&str] = &["account_balances", "account_ledger"];
+
+/// The account id of the first event (an AccountCreated).
+fn first_account(events: &[StoredEvent]) -> String {
+    let body: Value = serde_json::from_str(&events[0].body).unwrap_or_default();
+    body["account_id"].as_str().unwrap_or_default().to_string()
+}
+
+/// Replaces an account id everywhere in the bodies (ids are JSON strings there).
+fn rename_account(events: &mut [StoredEvent], from: &str, to: &str) {
+    let escaped = serde_json::to_string(to).unwrap_or_default();
+    let bare = &escaped[1..escaped.len() - 1];
+    for event in events {
+        event.body = event.body.replace(from, bare);
+    }
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Adds `"meta": <value>` to the body of event `index`.
+fn with_meta(event: &mut StoredEvent, meta: &str) {
+    let body = event.body.trim_end().trim_end_matches('}').to_string();
+    event.body = format!("{body},\"meta\":{meta}}}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_huge_strings_and_deep_nesting_are_stored_as_data_never_executed() {
+    let mut events = bank_feed::generate(70, 400);
+    let sql = "x'); DROP TABLE account_balances; DELETE FROM projector_checkpoints; --";
+    let first = first_account(&events);
+    rename_account(&mut events, &first, sql);
+    let second = events
+        .iter()
+        .skip(1)
+        .find(|e| e.event_type == bank_feed::CREATED)
+        .map(|e| {
+            let body: Value = serde_json::from_str(&e.body).unwrap_or_default();
+            body["account_id"].as_str().unwrap_or_default().to_string()
+        })
+        .unwrap_or_default();
+    let huge = "\u{e9}".repeat(100_000);
+    rename_account(&mut events, &second, &huge);
+    events[3].id = "e'); DROP TABLE account_ledger_entries; --".into();
+    with_meta(&mut events[5], &nested(100));
+    with_meta(
+        &mut events[6],
+        &format!("\"{}\"", "\\u0000\\\"';--".repeat(1000)),
+    );
+
+    let harness = Harness::new(events.clone()).await;
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
+    harness.assert_exact(&events);
+    assert_consistent(&harness, &events, "hostile content");
+    let balances = harness.balances();
+    assert!(balances.contains_key(sql) && balances.contains_key(&huge));
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success() && !log.contains("panicked"), "{log}");
+}
+
+/// Waits until the feed is held at a payload it cannot read, with `says` in the error.
+async fn held_at_an_unreadable_payload(harness: &Harness, daemon: &mut common::Daemon, says: &str) {
+    wait_for(
+        daemon,
+        &format!("the feed to refuse a payload ({says})"),
+        || {
+            let feed = harness.feed_status("bank");
+            feed["state"] == "backing_off"
+                && feed["last_error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("body of") && m.contains(says))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payload_nested_past_the_parser_limit_is_refused_and_the_feed_waits_at_it() {
+    let events = bank_feed::generate(71, 300);
+    let mut hostile = events.clone();
+    // A credit, whose body a projection needs (a passed-over type's body is never fetched).
+    let at = (40..)
+        .find(|&i| events[i].event_type == bank_feed::CREDITED)
+        .unwrap_or(40);
+    with_meta(&mut hostile[at], &nested(100_000));
+    let harness = Harness::new(hostile).await;
+    let mut daemon = harness.spawn_running().await;
+    held_at_an_unreadable_payload(&harness, &mut daemon, "recursion limit").await;
+    assert!(harness
+        .checkpoints()
+        .values()
+        .all(|&offset| offset <= at as u64));
+    assert_consistent(&harness, &events, "held at the deep payload");
+
+    harness.server.replace(events.clone());
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    harness.assert_exact(&events);
+    assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payload_that_is_not_utf8_is_refused_and_the_feed_waits_at_it() {
+    let events = bank_feed::generate(72, 300);
+    let harness = Harness::new(events.clone()).await;
+    harness
+        .server
+        .inject(Target::Bodies, Fault::NotUtf8, 1_000_000);
+    let mut daemon = harness.spawn_running().await;
+    held_at_an_unreadable_payload(&harness, &mut daemon, "not valid JSON").await;
+    assert_eq!(harness.checkpoints().values().max().copied(), Some(0));
+
+    harness.server.clear_faults();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    harness.assert_exact(&events);
+    assert!(daemon.terminate().await.0.success());
+}
