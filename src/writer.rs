@@ -103,14 +103,26 @@ pub struct StartingPoint {
 /// The write-ahead log's size past which the writer truncates it (4 times SQLite's automatic
 /// checkpoint size).
 const WAL_TRUNCATE_BYTES: u64 = 16 << 20;
-/// How long the truncation waits for the readers of the moment.
-const WAL_TRUNCATE_WAIT: Duration = Duration::from_millis(500);
+/// How long the truncation waits for the readers of the moment, at first and at most: readers
+/// that start while it copies the log hold it up too, so after a failure it waits longer.
+const WAL_TRUNCATE_WAIT: Duration = Duration::from_millis(200);
+const WAL_TRUNCATE_MAX_WAIT: Duration = Duration::from_secs(2);
+/// How long after a truncation a reader prevented the writer tries again, at first and at
+/// most: a reader that holds on for ever must not stall the writes.
+const WAL_TRUNCATE_RETRY: Duration = Duration::from_millis(250);
+const WAL_TRUNCATE_MAX_RETRY: Duration = Duration::from_secs(30);
 
 pub struct Writer {
     conn: Connection,
     wal_path: std::path::PathBuf,
     /// When a blocked truncation was last logged (once a minute at most).
     wal_warned_at: Option<Instant>,
+    /// No truncation before this, after one a reader prevented.
+    wal_truncate_after: Option<Instant>,
+    /// How long the next truncation waits for readers.
+    wal_truncate_wait: Duration,
+    /// How long after a failed truncation the next one comes.
+    wal_truncate_retry: Duration,
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
     /// The checkpoints read at open. After that the database is the only record of them.
@@ -178,6 +190,9 @@ impl Writer {
             conn,
             wal_path: wal_path.into(),
             wal_warned_at: None,
+            wal_truncate_after: None,
+            wal_truncate_wait: WAL_TRUNCATE_WAIT,
+            wal_truncate_retry: WAL_TRUNCATE_RETRY,
             slots,
             by_name,
             starting_points,
@@ -237,7 +252,7 @@ impl Writer {
                     });
                 if matches!(result, Err(ApplyError::Full(_))) {
                     // The write-ahead log may hold the space the next batch needs.
-                    self.truncate_wal();
+                    let _ = self.truncate_wal();
                 }
                 let _ = reply.send(result);
             }
@@ -253,11 +268,25 @@ impl Writer {
 
     /// SQLite's automatic checkpoints cannot restart the write-ahead log while readers keep
     /// using it, so with long readers coming and going it would grow for ever. Past a size, the
-    /// log is checkpointed and truncated, waiting briefly for the readers of the moment to end;
-    /// if they do not, the next batch tries again.
+    /// log is checkpointed and truncated, waiting briefly for the readers of the moment to end.
+    /// If one holds on, the writer goes on without, and tries again a little later with a longer
+    /// wait; the retries space out while it fails, since each wait holds up the batches.
     fn keep_wal_bounded(&mut self) {
-        if self.wal_size() >= WAL_TRUNCATE_BYTES {
-            self.truncate_wal();
+        let now = Instant::now();
+        if self.wal_size() < WAL_TRUNCATE_BYTES
+            || self.wal_truncate_after.is_some_and(|at| now < at)
+        {
+            return;
+        }
+        let waited = self.wal_truncate_wait;
+        if self.truncate_wal() {
+            self.wal_truncate_retry = WAL_TRUNCATE_RETRY;
+        } else {
+            self.wal_truncate_after = Some(now + self.wal_truncate_retry);
+            // Longer waits first; only once they are at their longest do the retries space out.
+            if waited >= WAL_TRUNCATE_MAX_WAIT {
+                self.wal_truncate_retry = (self.wal_truncate_retry * 2).min(WAL_TRUNCATE_MAX_RETRY);
+            }
         }
     }
 
@@ -265,18 +294,27 @@ impl Writer {
         std::fs::metadata(&self.wal_path).map_or(0, |m| m.len())
     }
 
-    fn truncate_wal(&mut self) {
+    /// Checkpoints and truncates the write-ahead log; false if a reader kept it from doing so.
+    fn truncate_wal(&mut self) -> bool {
         let wal_size = self.wal_size();
-        let outcome = self.conn.busy_timeout(WAL_TRUNCATE_WAIT).and_then(|()| {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
-                    row.get::<_, i64>(0)
-                })
-        });
+        let outcome = self
+            .conn
+            .busy_timeout(self.wal_truncate_wait)
+            .and_then(|()| {
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                        row.get::<_, i64>(0)
+                    })
+            });
         let _ = self.conn.busy_timeout(store::BUSY_TIMEOUT);
         match outcome {
-            Ok(0) => tracing::debug!(wal_size, "write-ahead log checkpointed and truncated"),
+            Ok(0) => {
+                // The wait that worked is kept: the readers are likely to stay alike.
+                tracing::debug!(wal_size, "write-ahead log checkpointed and truncated");
+                true
+            }
             Ok(_) => {
+                self.wal_truncate_wait = (self.wal_truncate_wait * 2).min(WAL_TRUNCATE_MAX_WAIT);
                 let now = Instant::now();
                 let due = self
                     .wal_warned_at
@@ -285,8 +323,12 @@ impl Writer {
                     self.wal_warned_at = Some(now);
                     tracing::warn!(wal_size, "a reader has held a read transaction for a long time: the write-ahead log cannot be truncated and grows until it ends");
                 }
+                false
             }
-            Err(err) => tracing::warn!(wal_size, "checkpointing the write-ahead log failed: {err}"),
+            Err(err) => {
+                tracing::warn!(wal_size, "checkpointing the write-ahead log failed: {err}");
+                false
+            }
         }
     }
 
