@@ -337,9 +337,14 @@ impl Pipeline {
         };
         let handled_anywhere =
             |event_type: &str| members.iter().any(|m| m.event_types.contains(event_type));
+        // Entries read again (to check the event before a checkpoint) were counted already.
+        let first_new = members.iter().map(|m| m.next_offset).min().unwrap_or(0);
         self.passed_over += entries
             .iter()
-            .filter(|entry| !handled_anywhere(&entry.event_type))
+            .enumerate()
+            .filter(|(index, entry)| {
+                offset + *index as u64 >= first_new && !handled_anywhere(&entry.event_type)
+            })
             .count() as u64;
         let this = &*self;
         let events = stream::iter(entries.into_iter().enumerate())
