@@ -146,14 +146,9 @@ async fn a_body_that_404s_for_ever_holds_the_feed_at_that_event_until_it_is_serv
         .server
         .inject(Target::Bodies, Fault::Status(404), 1_000_000);
     let mut daemon = harness.spawn_running().await;
-    wait_for(&mut daemon, "the feed to back off on the body", || {
-        let feed = harness.feed_status("bank");
-        feed["state"] == "backing_off"
-            && feed["last_error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("body of") && m.contains("404"))
-    })
-    .await;
+    harness
+        .wait_for_backoff(&mut daemon, &["body of", "404"])
+        .await;
     // Nothing past the missing body is applied: the first event needs a body, so nothing is.
     assert_eq!(harness.checkpoints().values().max().copied(), Some(0));
     assert_consistent(&harness, &events, "while the body is missing");
@@ -176,14 +171,9 @@ async fn a_feed_that_shrinks_below_a_checkpoint_waits_until_its_events_are_back(
     harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
 
     harness.server.replace(events[..120].to_vec());
-    wait_for(&mut daemon, "the shrink to be reported", || {
-        let feed = harness.feed_status("bank");
-        feed["state"] == "backing_off"
-            && feed["last_error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("the feed shrank"))
-    })
-    .await;
+    harness
+        .wait_for_backoff(&mut daemon, &["the feed shrank"])
+        .await;
     assert_consistent(&harness, &events, "while the feed is short");
     assert_eq!(harness.checkpoints()["account_balances"], 200);
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_consistent, wait_for, Harness};
+use common::{assert_consistent, Harness};
 use projector::bank_feed;
 use projector::feed_server::{Fault, StoredEvent, Target};
 use serde_json::Value;
@@ -72,22 +72,6 @@ async fn sql_huge_strings_and_deep_nesting_are_stored_as_data_never_executed() {
     assert!(status.success() && !log.contains("panicked"), "{log}");
 }
 
-/// Waits until the feed is held at a payload it cannot read, with `says` in the error.
-async fn held_at_an_unreadable_payload(harness: &Harness, daemon: &mut common::Daemon, says: &str) {
-    wait_for(
-        daemon,
-        &format!("the feed to refuse a payload ({says})"),
-        || {
-            let feed = harness.feed_status("bank");
-            feed["state"] == "backing_off"
-                && feed["last_error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("body of") && m.contains(says))
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_payload_nested_past_the_parser_limit_is_refused_and_the_feed_waits_at_it() {
     let events = bank_feed::generate(71, 300);
@@ -99,7 +83,9 @@ async fn a_payload_nested_past_the_parser_limit_is_refused_and_the_feed_waits_at
     with_meta(&mut hostile[at], &nested(100_000));
     let harness = Harness::new(hostile).await;
     let mut daemon = harness.spawn_running().await;
-    held_at_an_unreadable_payload(&harness, &mut daemon, "recursion limit").await;
+    harness
+        .wait_for_backoff(&mut daemon, &["body of", "recursion limit"])
+        .await;
     assert!(harness
         .checkpoints()
         .values()
@@ -120,7 +106,9 @@ async fn a_payload_that_is_not_utf8_is_refused_and_the_feed_waits_at_it() {
         .server
         .inject(Target::Bodies, Fault::NotUtf8, 1_000_000);
     let mut daemon = harness.spawn_running().await;
-    held_at_an_unreadable_payload(&harness, &mut daemon, "not valid JSON").await;
+    harness
+        .wait_for_backoff(&mut daemon, &["body of", "not valid JSON"])
+        .await;
     assert_eq!(harness.checkpoints().values().max().copied(), Some(0));
 
     harness.server.clear_faults();

@@ -85,6 +85,16 @@ retry_max = "200ms"
         Daemon::spawn(&self.config_path(), self.dir.path(), &[])
     }
 
+    /// Waits until feed `bank` is backing off with an error that contains every one of `says`.
+    pub async fn wait_for_backoff(&self, daemon: &mut Daemon, says: &[&str]) {
+        wait_for(daemon, &format!("the feed to back off on {says:?}"), || {
+            let feed = self.feed_status("bank");
+            let message = feed["last_error"]["message"].as_str().unwrap_or_default();
+            feed["state"] == "backing_off" && says.iter().all(|part| message.contains(part))
+        })
+        .await;
+    }
+
     /// Spawns the daemon and waits until its control socket answers.
     pub async fn spawn_running(&self) -> Daemon {
         let mut daemon = self.spawn();
