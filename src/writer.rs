@@ -321,7 +321,7 @@ impl Writer {
                     .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60));
                 if due {
                     self.wal_warned_at = Some(now);
-                    tracing::warn!(wal_size, "a reader has held a read transaction for a long time: the write-ahead log cannot be truncated and grows until it ends");
+                    tracing::warn!(wal_size, "readers keep the write-ahead log in use, so it cannot be truncated yet and grows until a moment without them (a read transaction held open for long does this)");
                 }
                 false
             }
