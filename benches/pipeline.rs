@@ -1,0 +1,368 @@
+//! The end-to-end benchmark: `cargo bench` (options after `--`, e.g. `cargo bench -- --events
+//! 1000000 --runs 5`).
+//!
+//! It generates a deterministic bank feed, serves it in Flux format (20 entries a page, a body
+//! request per event) from an in-process loopback server, and measures, each as the median of
+//! several runs:
+//! - the real `projector` binary (release build) catching up into a fresh database with the
+//!   shipped projections: events per second, peak RSS, CPU seconds, requests made;
+//! - the wire limit: the same server's rate for body URLs at 16 connections;
+//! - the storage limit: the daemon's writer applying the same events in batches of 20, one
+//!   transaction each, with no HTTP;
+//! - start-up to the first request, on a warm database.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use projector::bank_feed;
+use projector::config::Config;
+use projector::event::Event;
+use projector::feed_server::{FeedServer, StoredEvent};
+use projector::writer::{Batch, Writer};
+
+const CONNECTIONS: usize = 16;
+const PAGE: usize = 20;
+
+struct Options {
+    events: usize,
+    runs: usize,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        events: 100_000,
+        runs: 3,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{arg} needs a number"))
+        };
+        match arg.as_str() {
+            "--events" => options.events = value(),
+            "--runs" => options.runs = value(),
+            // cargo bench passes --bench; other harness flags mean nothing here.
+            _ => {}
+        }
+    }
+    options
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let events = bank_feed::generate(2026, options.events);
+    let server = runtime
+        .block_on(FeedServer::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            events.clone(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let binary = release_binary();
+    println!(
+        "projector benchmark: {} bank events, Flux format ({PAGE} a page, a body request per event), {} runs, {} cores",
+        options.events,
+        options.runs,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let mut wire = Vec::new();
+    let mut storage = Vec::new();
+    let mut daemon = Vec::new();
+    for run in 1..=options.runs {
+        wire.push(runtime.block_on(wire_limit(&server, &events)));
+        storage.push(storage_limit(&events));
+        daemon.push(runtime.block_on(catch_up(&binary, &server, options.events)));
+        let last = daemon.last().map_or(0.0, |d| d.events_per_second);
+        println!(
+            "  run {run}: wire {:.0} bodies/s, storage {:.0} events/s, daemon {last:.0} events/s",
+            wire[run - 1],
+            storage[run - 1]
+        );
+    }
+    let startup = runtime.block_on(start_up(&binary, &server, options.events));
+
+    let rate = median(daemon.iter().map(|d| d.events_per_second).collect());
+    let wire_rate = median(wire);
+    let storage_rate = median(storage);
+    // A body request per event (the bank feed's types are all registered but one) and a page
+    // request per 20: the wire limit in events per second.
+    let bodies_per_event = daemon
+        .first()
+        .map_or(1.0, |d| d.body_requests as f64 / options.events as f64);
+    let wire_events = wire_rate / bodies_per_event.max(1e-9);
+    println!();
+    println!("| measure (median of {}) | value |", options.runs);
+    println!("| --- | --- |");
+    println!("| daemon, first request to last commit | {rate:.0} events/s |");
+    println!(
+        "| wire limit: the server's body requests at {CONNECTIONS} connections | {wire_rate:.0} requests/s ({wire_events:.0} events/s at {bodies_per_event:.2} bodies an event) |"
+    );
+    println!(
+        "| daemon / wire limit | {:.0}% |",
+        100.0 * rate / wire_events.max(1e-9)
+    );
+    println!(
+        "| storage limit: the writer alone, 20 events a transaction | {storage_rate:.0} events/s |"
+    );
+    println!(
+        "| peak RSS of the daemon | {:.1} MB |",
+        median(
+            daemon
+                .iter()
+                .map(|d| d.peak_rss_kib as f64 / 1024.0)
+                .collect()
+        )
+    );
+    println!(
+        "| CPU of the daemon (user + system) | {:.2} s ({:.1} µs an event) |",
+        median(daemon.iter().map(|d| d.cpu_seconds).collect()),
+        1e6 * median(daemon.iter().map(|d| d.cpu_seconds).collect()) / options.events as f64
+    );
+    if let Some(d) = daemon.first() {
+        println!(
+            "| requests made | {} pages, {} bodies |",
+            d.page_requests, d.body_requests
+        );
+    }
+    println!(
+        "| start-up to first request, warm database | {:.1} ms |",
+        startup.as_secs_f64() * 1e3
+    );
+}
+
+/// The release build of the daemon, built if needed (`cargo bench` builds the library and this
+/// bench in release, and the binary under the bench profile too).
+fn release_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_projector"))
+}
+
+/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds.
+async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONNECTIONS)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = server.url();
+    let urls: Arc<Vec<String>> =
+        Arc::new(events.iter().map(|e| format!("{base}/{}", e.id)).collect());
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|worker| {
+            let (client, urls, done) = (client.clone(), urls.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut index = worker;
+                while Instant::now() < deadline {
+                    let url = &urls[index % urls.len()];
+                    if let Ok(response) = client.get(url).send().await {
+                        let _ = response.bytes().await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    index += CONNECTIONS;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The writer alone: the same events, with payloads, in batches of PAGE, one transaction each.
+fn storage_limit(stored: &[StoredEvent]) -> f64 {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config(dir.path(), "http://127.0.0.1:1/events");
+    let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+    let projections = projector::projection::build_all(&config).unwrap_or_else(|e| panic!("{e}"));
+    let events: Vec<Event> = stored
+        .iter()
+        .enumerate()
+        .map(|(offset, e)| Event {
+            offset: offset as u64,
+            event_id: e.id.clone(),
+            event_type: e.event_type.clone(),
+            aggregate_name: e.aggregate_name.clone(),
+            aggregate_version: e.aggregate_version,
+            created: e.created.clone(),
+            payload: serde_json::from_str(&e.body).ok(),
+        })
+        .collect();
+    let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();
+    let mut writer = Writer::open(&config.daemon.database, None, projections)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let started = Instant::now();
+    for chunk in events.chunks(PAGE) {
+        let batch = Batch {
+            feed: "bank".into(),
+            projections: names.clone(),
+            events: chunk.to_vec(),
+        };
+        writer.apply(&batch).unwrap_or_else(|e| panic!("{e}"));
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+struct CatchUp {
+    events_per_second: f64,
+    peak_rss_kib: u64,
+    cpu_seconds: f64,
+    page_requests: u64,
+    body_requests: u64,
+}
+
+fn write_config(dir: &Path, url: &str) -> PathBuf {
+    let projection =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
+    let text = format!(
+        r#"[daemon]
+database = "projector.db"
+control_socket = "projector.sock"
+
+[[feed]]
+name = "bank"
+url = "{url}"
+format = "flux"
+poll_interval = "50ms"
+
+[[projection]]
+name = "account_balances"
+feed = "bank"
+file = {projection:?}
+
+[[projection]]
+name = "account_ledger"
+feed = "bank"
+module = "account_ledger"
+"#
+    );
+    let path = dir.join("consumer.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn spawn(binary: &Path, config: &Path) -> Child {
+    Command::new(binary)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn slowest_checkpoint(database: &Path) -> u64 {
+    projector::store::open_reader(database)
+        .and_then(|conn| projector::store::read_checkpoints(&conn))
+        .map(|all| all.iter().map(|(_, c)| c.next_offset).min().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// (peak RSS KiB, CPU seconds) of a running process, from /proc.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    (peak, ticks / 100.0)
+}
+
+async fn catch_up(binary: &Path, server: &FeedServer, total: usize) -> CatchUp {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config(dir.path(), &server.url());
+    let database = dir.path().join("projector.db");
+    let pages_before = server.page_requests();
+    let bodies_before = body_requests(server);
+    let mut child = spawn(binary, &config);
+    // From the first request the daemon makes.
+    while server.page_requests() == pages_before {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let started = Instant::now();
+    while slowest_checkpoint(&database) < total as u64 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let (peak_rss_kib, cpu_seconds) = usage(child.id());
+    stop(child);
+    CatchUp {
+        events_per_second: total as f64 / elapsed.as_secs_f64(),
+        peak_rss_kib,
+        cpu_seconds,
+        page_requests: server.page_requests() - pages_before,
+        body_requests: body_requests(server) - bodies_before,
+    }
+}
+
+fn body_requests(server: &FeedServer) -> u64 {
+    [
+        bank_feed::CREATED,
+        bank_feed::CREDITED,
+        bank_feed::DEBITED,
+        bank_feed::STATEMENT_REQUESTED,
+    ]
+    .iter()
+    .map(|t| server.body_requests(t))
+    .sum()
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// Start-up to the first request on a warm database: the database exists and is caught up.
+async fn start_up(binary: &Path, server: &FeedServer, total: usize) -> Duration {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config(dir.path(), &server.url());
+    let database = dir.path().join("projector.db");
+    let child = spawn(binary, &config);
+    while slowest_checkpoint(&database) < total as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(child);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let before = server.page_requests();
+        let started = Instant::now();
+        let child = spawn(binary, &config);
+        while server.page_requests() == before {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        times.push(started.elapsed().as_secs_f64());
+        stop(child);
+    }
+    Duration::from_secs_f64(median(times))
+}
