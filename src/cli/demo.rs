@@ -17,6 +17,23 @@ use crate::bank_feed;
 use crate::config::Config;
 use crate::feed_server::FeedServer;
 
+/// println!, except that a reader gone away (`projector demo | head`) is not a panic: the demo
+/// finishes its work without printing.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// print!, likewise.
+macro_rules! say_partly {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The files the demo writes; only these are removed when it starts again.
 const DEMO_FILES: &[&str] = &[
     "consumer.toml",
@@ -76,18 +93,18 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
     let projections = crate::projection::build_all(&config)?;
     let database = config.daemon.database.clone();
 
-    println!(
+    say!(
         "Embedded Flux bank feed: {events} events at {}",
         server.url()
     );
     if fault_rate > 0.0 {
-        println!(
+        say!(
             "  failing {:.0}% of its requests on purpose",
             fault_rate * 100.0
         );
     }
-    println!("Config: {}", config_path.display());
-    println!("Running the daemon with projections account_balances (declarative SQL) and account_ledger (Rust)...");
+    say!("Config: {}", config_path.display());
+    say!("Running the daemon with projections account_balances (declarative SQL) and account_ledger (Rust)...");
 
     let (control, inbox) = crate::daemon::channel();
     let started = Instant::now();
@@ -112,10 +129,10 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
         }
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
         if terminal {
-            print!("\r  {done}/{target} events applied ({rate:.0} events/s)   ");
+            say_partly!("\r  {done}/{target} events applied ({rate:.0} events/s)   ");
             std::io::stdout().flush().ok();
         } else if last_line.elapsed() >= Duration::from_secs(1) || done == target {
-            println!("  {done}/{target} events applied ({rate:.0} events/s)");
+            say!("  {done}/{target} events applied ({rate:.0} events/s)");
             last_line = Instant::now();
         }
         if done >= target {
@@ -129,9 +146,9 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
     }
     daemon.await.context("the daemon task failed")??;
     if terminal {
-        println!();
+        say!("");
     }
-    println!(
+    say!(
         "Caught up in {:.2}s: {:.0} events/s, {} page requests, {} injected faults retried.",
         elapsed.as_secs_f64(),
         events as f64 / elapsed.as_secs_f64(),
@@ -156,21 +173,21 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
             ])
         })?
         .collect::<Result<_, _>>()?;
-    println!("\nThe five largest balances:\n");
-    print!("{}", super::query::format_table(&columns, &rows));
+    say!("\nThe five largest balances:\n");
+    say_partly!("{}", super::query::format_table(&columns, &rows));
 
     let exact = actual == expected;
-    println!(
+    say!(
         "\naccount_balances {} the fold of the feed ({} accounts).",
         if exact { "matches" } else { "DOES NOT match" },
         expected.len()
     );
-    println!("\nQuery the read models yourself:");
-    println!(
+    say!("\nQuery the read models yourself:");
+    say!(
         "  projector query --config {} \"SELECT * FROM account_activity ORDER BY last_offset DESC LIMIT 5\"",
         config_path.display()
     );
-    println!(
+    say!(
         "  sqlite3 {} \"SELECT count(*), sum(balance) FROM account_balances\"",
         database.display()
     );
