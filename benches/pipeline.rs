@@ -9,7 +9,9 @@
 //! - the wire limit: the same server's rate for body URLs at 16 connections;
 //! - the storage limit: the daemon's writer applying the same events in batches of 20, one
 //!   transaction each, with no HTTP;
-//! - start-up to the first request, on a warm database.
+//! - start-up to the first request, on a warm database;
+//! - live latency: with `poll_interval = "100ms"`, from an event appearing on the feed to its
+//!   checkpoint being visible to a reader, p50 and p99 over 1,000 events.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -95,6 +97,7 @@ fn main() {
         );
     }
     let startup = runtime.block_on(start_up(&binary, &server, options.events));
+    let live = runtime.block_on(live_latency(&binary, &events[..1000.min(events.len())]));
 
     let rate = median(daemon.iter().map(|d| d.events_per_second).collect());
     let wire_rate = median(wire);
@@ -142,6 +145,11 @@ fn main() {
     println!(
         "| start-up to first request, warm database | {:.1} ms |",
         startup.as_secs_f64() * 1e3
+    );
+    println!(
+        "| live latency, poll_interval 100 ms: feed to reader | p50 {:.1} ms, p99 {:.1} ms |",
+        live.0.as_secs_f64() * 1e3,
+        live.1.as_secs_f64() * 1e3
     );
 }
 
@@ -229,6 +237,10 @@ struct CatchUp {
 }
 
 fn write_config(dir: &Path, url: &str) -> PathBuf {
+    write_config_polling(dir, url, "50ms")
+}
+
+fn write_config_polling(dir: &Path, url: &str, poll_interval: &str) -> PathBuf {
     let projection =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
     let text = format!(
@@ -240,7 +252,7 @@ control_socket = "projector.sock"
 name = "bank"
 url = "{url}"
 format = "flux"
-poll_interval = "50ms"
+poll_interval = "{poll_interval}"
 
 [[projection]]
 name = "account_balances"
@@ -365,4 +377,74 @@ async fn start_up(binary: &Path, server: &FeedServer, total: usize) -> Duration 
         stop(child);
     }
     Duration::from_secs_f64(median(times))
+}
+
+/// Events appended one by one at random moments to a feed the daemon follows with a 100 ms poll
+/// interval; for each, the time until a reader sees its checkpoint. Returns (p50, p99).
+async fn live_latency(binary: &Path, events: &[StoredEvent]) -> (Duration, Duration) {
+    let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config_polling(dir.path(), &server.url(), "100ms");
+    let database = dir.path().join("projector.db");
+    let child = spawn(binary, &config);
+    // Wait until the daemon polls the (empty) feed.
+    while server.page_requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let total = events.len();
+    let appended: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total]));
+    // The reader: one connection, a query a millisecond.
+    let watcher = {
+        let (appended, database) = (appended.clone(), database.clone());
+        std::thread::spawn(move || {
+            let mut latencies = Vec::with_capacity(total);
+            let mut seen = 0usize;
+            let mut conn = None;
+            while seen < total {
+                if conn.is_none() {
+                    conn = projector::store::open_reader(&database).ok();
+                }
+                let reached = conn
+                    .as_ref()
+                    .and_then(|c| {
+                        c.query_row(
+                            "SELECT min(next_offset) FROM projector_checkpoints",
+                            [],
+                            |row| row.get::<_, Option<i64>>(0),
+                        )
+                        .ok()
+                        .flatten()
+                    })
+                    .unwrap_or(0) as usize;
+                let now = Instant::now();
+                let appended = appended.lock().unwrap_or_else(|p| p.into_inner());
+                while seen < reached.min(total) {
+                    if let Some(at) = appended[seen] {
+                        latencies.push(now.duration_since(at));
+                    }
+                    seen += 1;
+                }
+                drop(appended);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            latencies
+        })
+    };
+    let mut moments = fastrand::Rng::with_seed(7);
+    for (offset, event) in events.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(moments.u64(0..40))).await;
+        appended.lock().unwrap_or_else(|p| p.into_inner())[offset] = Some(Instant::now());
+        server.append(vec![event.clone()]);
+    }
+    let mut latencies = tokio::task::spawn_blocking(move || watcher.join())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|_| panic!("the watcher panicked"));
+    stop(child);
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    (at(0.50), at(0.99))
 }
