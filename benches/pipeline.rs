@@ -153,8 +153,7 @@ fn main() {
     );
 }
 
-/// The release build of the daemon, built if needed (`cargo bench` builds the library and this
-/// bench in release, and the binary under the bench profile too).
+/// The daemon binary as `cargo bench` built it: with the bench profile, which is the release one.
 fn release_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_projector"))
 }
