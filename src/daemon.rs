@@ -31,8 +31,6 @@ use crate::writer::{Writer, WriterHandle};
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the systemd STATUS line is refreshed.
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
-/// The reply to `stop`; the control socket keeps the client's connection open until exit.
-pub const STOPPING: &str = "stopping";
 
 /// A request and where its reply goes.
 struct Command {
@@ -194,16 +192,10 @@ impl Supervisor {
             Request::Reload => self.reload().await?,
             Request::Stop => {
                 tracing::info!("stop requested");
-                Reply::done(STOPPING)
+                Reply::done("stopping")
             }
         };
         Ok(reply)
-    }
-
-    fn engine(&self) -> anyhow::Result<&Engine> {
-        self.engine
-            .as_ref()
-            .context("internal error: no engine is running")
     }
 
     fn status(&self) -> DaemonStatus {
@@ -237,7 +229,7 @@ impl Supervisor {
     /// have parked.
     async fn set_paused(&self, feed: Option<&str>, paused: bool) -> Reply {
         let verb = if paused { "paused" } else { "resumed" };
-        let Ok(engine) = self.engine() else {
+        let Some(engine) = self.engine.as_ref() else {
             return Reply::error("internal error: no engine is running");
         };
         let names: Vec<String> = match feed {

@@ -120,11 +120,9 @@ impl Pipeline {
                     tracing::error!(feed = %self.feed, ?delay, "batch not committed, nothing of it applied; retrying from the checkpoints: {reason}");
                     self.monitor
                         .commit_failed(format!("batch not committed: {reason}"));
-                    let mut paused = self.paused.clone();
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => break ReaderPhase::Stopped,
-                        _ = paused.wait_for(|&p| p) => {}
-                        _ = tokio::time::sleep(delay) => {}
+                    // A pause ends the wait early; the top of the loop parks.
+                    if let Some(Stop::Shutdown) = self.sleep(delay).await {
+                        break ReaderPhase::Stopped;
                     }
                 }
             }
@@ -136,6 +134,16 @@ impl Pipeline {
             passed_over = self.passed_over,
             "feed reader stopped"
         );
+    }
+
+    /// Waits `delay`, unless the daemon shuts down or the feed is paused first.
+    async fn sleep(&self, delay: Duration) -> Option<Stop> {
+        let mut paused = self.paused.clone();
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Some(Stop::Shutdown),
+            _ = paused.wait_for(|&p| p) => Some(Stop::Paused),
+            _ = tokio::time::sleep(delay) => None,
+        }
     }
 
     /// Parks while the feed is paused. False if the daemon is shutting down.
@@ -222,11 +230,9 @@ impl Pipeline {
                     self.monitor.failed(&shrank);
                     let delay = self.policy.backoff.delay(shrunk_polls, None);
                     shrunk_polls = shrunk_polls.saturating_add(1);
-                    let mut paused = self.paused.clone();
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Stop::Shutdown,
-                        _ = paused.wait_for(|&p| p) => return Stop::Paused,
-                        _ = tokio::time::sleep(delay) => continue,
+                    match self.sleep(delay).await {
+                        Some(stop) => return stop,
+                        None => continue,
                     }
                 }
             }
@@ -259,11 +265,9 @@ impl Pipeline {
                         "at the head of the feed"
                     );
                 }
-                let mut paused = self.paused.clone();
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return Stop::Shutdown,
-                    _ = paused.wait_for(|&p| p) => return Stop::Paused,
-                    _ = tokio::time::sleep(self.policy.poll_interval) => continue,
+                match self.sleep(self.policy.poll_interval).await {
+                    Some(stop) => return stop,
+                    None => continue,
                 }
             };
             idle = false;
