@@ -124,13 +124,8 @@ async fn refusing_huge_responses_keeps_memory_small() {
     harness
         .wait_for_checkpoints(&mut daemon, BOTH, EVENTS as u64)
         .await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+    let peak_kib = common::memory_kib(daemon.child.id(), "VmHWM")
+        .unwrap_or_else(|| panic!("no peak memory for the daemon"));
     assert!(peak_kib < 48 * 1024, "peak RSS {peak_kib} KiB");
     harness.assert_exact(&events);
     assert!(daemon.terminate().await.0.success());

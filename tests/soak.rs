@@ -17,16 +17,7 @@ const BOTH: &[&str] = &["account_balances", "account_ledger"];
 /// (open file descriptors, resident KiB) of a process.
 fn sample(pid: u32) -> Option<(usize, u64)> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((fds, rss))
+    Some((fds, common::memory_kib(pid, "VmRSS")?))
 }
 
 #[tokio::test(flavor = "multi_thread")]

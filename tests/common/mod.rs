@@ -389,6 +389,20 @@ pub fn assert_consistent(harness: &Harness, events: &[StoredEvent], context: &st
     assert_eq!(integrity, "ok", "{context}");
 }
 
+/// A memory figure of a running process from /proc/<pid>/status, in KiB: `field` is "VmRSS"
+/// (resident now) or "VmHWM" (the peak); None once the process is gone.
+pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Makes the first credit of `events` a poison event (its amount is not a number) and returns
 /// its offset.
 pub fn poison_first_credit(events: &mut [StoredEvent]) -> usize {
