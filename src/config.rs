@@ -139,6 +139,13 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
 }
 
+impl DaemonConfig {
+    fn resolve_paths(&mut self, dir: &Path) {
+        self.database = dir.join(&self.database);
+        self.control_socket = dir.join(&self.control_socket);
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -478,8 +485,7 @@ impl Config {
 
     fn resolve_paths(&mut self) {
         let dir = self.source.dir();
-        self.daemon.database = dir.join(&self.daemon.database);
-        self.daemon.control_socket = dir.join(&self.daemon.control_socket);
+        self.daemon.resolve_paths(&dir);
         for projection in &mut self.projections {
             if let Some(file) = &mut projection.file {
                 let resolved = dir.join(file.get_ref());
@@ -505,8 +511,7 @@ impl Config {
             text: String::new(),
         };
         let mut daemon = only.daemon;
-        daemon.database = source.dir().join(&daemon.database);
-        daemon.control_socket = source.dir().join(&daemon.control_socket);
+        daemon.resolve_paths(&source.dir());
         Ok(daemon)
     }
 
