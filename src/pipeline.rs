@@ -1,5 +1,7 @@
-//! One feed's loop: fetch a page, fetch the bodies its projections need, hand the batch to the
-//! writer, and fetch the next page while the writer commits.
+//! One feed's reader: a stream of the feed's events (pages read in order, the bodies its
+//! projections need fetched `body_concurrency` at a time across page boundaries), gathered into
+//! batches that the writer commits while the next batch is read. A batch grows while the writer
+//! is busy, so catching up commits large transactions and following the head commits at once.
 //!
 //! The pipeline never decides what is applied: it starts from the committed checkpoints, and after
 //! any failure it starts again from them. Fetch failures, and a feed that shrank below a
@@ -10,15 +12,26 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{stream, StreamExt};
+use futures_util::{stream, FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
 use crate::feed::flux::{FluxClient, PageEntry};
 use crate::feed::{Backoff, FetchError};
 use crate::status::{FeedMonitor, ReaderPhase};
-use crate::writer::{ApplyError, Batch, PendingBatch, WriterHandle};
+use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
+
+/// The most events committed in one transaction. Larger transactions write each page of the
+/// read models once for more events; this bounds the memory of a batch and the time a pause
+/// or a stop waits for the batch in flight.
+const MAX_BATCH_EVENTS: usize = 1000;
+/// The most bytes of bodies in one batch, for feeds with large events.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How long the first event of a batch waits for more while the feed is read (at the head of
+/// the feed a batch goes at once): a slow or failing feed still commits what it has read.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 
 /// A projection read by this pipeline, as far as the pipeline needs to know it.
 #[derive(Debug, Clone)]
@@ -49,6 +62,10 @@ pub struct Pipeline {
     reader: usize,
     shutdown: CancellationToken,
     passed_over: u64,
+    /// Batches committed.
+    batches: u64,
+    /// The feed's failures counted when the reader last took stock (see `note_recovery`).
+    failures_seen: u64,
     applied: u64,
 }
 
@@ -68,6 +85,8 @@ enum Stop {
     Resync(String),
     /// The feed cannot be read correctly any more; an operator must look.
     Halt(String),
+    /// A projection halted: start again at once for the others.
+    Restart,
 }
 
 impl Pipeline {
@@ -91,6 +110,8 @@ impl Pipeline {
             reader,
             shutdown: steering.shutdown,
             passed_over: 0,
+            batches: 0,
+            failures_seen: 0,
             applied: 0,
         }
     }
@@ -109,7 +130,7 @@ impl Pipeline {
             }
             match stop {
                 Stop::Shutdown => break ReaderPhase::Stopped,
-                Stop::Paused => continue,
+                Stop::Paused | Stop::Restart => continue,
                 Stop::Halt(reason) => {
                     tracing::error!(feed = %self.feed, "feed halted: {reason}");
                     break ReaderPhase::Halted(reason);
@@ -132,6 +153,7 @@ impl Pipeline {
             feed = %self.feed,
             applied = self.applied,
             passed_over = self.passed_over,
+            batches = self.batches,
             "feed reader stopped"
         );
     }
@@ -178,123 +200,199 @@ impl Pipeline {
     }
 
     async fn follow(&mut self) -> Stop {
-        let mut offset = self.start_offset();
-        let mut pending: Option<PendingBatch> = None;
-        let mut reported_head = false;
-        let mut shrunk_polls = 0;
-        // The last event read, and whether the last poll found nothing new. Idle at the head,
-        // each poll reads that event again, so that a feed which shrank or was rewritten under
-        // a running daemon is noticed at once, not at the next restart.
-        let mut last_read: Option<(u64, String)> = None;
-        let mut idle = false;
+        if self.members.is_empty() {
+            return Stop::Halt("every projection on this feed has halted".into());
+        }
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
+        let mut reads = Box::pin(self.reads());
+        let mut gathering = Gathering::default();
+        let mut pending: Option<PendingBatch> = None;
+        self.failures_seen = self.monitor.streak_failures();
+        let shutdown = self.shutdown.clone();
+        let mut paused = self.paused.clone();
         loop {
-            let verify = match &last_read {
-                Some((last_offset, id)) if idle => Some((*last_offset, id.clone())),
-                _ => None,
-            };
-            let fetch_at = verify.as_ref().map_or(offset, |(at, _)| *at);
-            let shutdown = self.shutdown.clone();
-            let mut paused = self.paused.clone();
-            // Dropping the fetch on shutdown or pause is safe: nothing of it was applied.
-            let fetched = tokio::select! {
-                _ = shutdown.cancelled() => Err(Stop::Shutdown),
-                _ = paused.wait_for(|&p| p) => Err(Stop::Paused),
-                events = self.fetch_events(fetch_at) => Ok(events),
-            };
-            if let Some(batch) = pending.take() {
-                if let Err(stop) = self.settle(batch).await {
-                    return stop;
+            // Take what has been read already, then hand the batch to the writer if it is due
+            // and the writer has committed the previous one.
+            while gathering.has_room() {
+                match reads.next().now_or_never() {
+                    Some(next) => {
+                        if let Err(stop) = self.take(next, &mut gathering) {
+                            drop(reads);
+                            return self.finish(pending, stop).await;
+                        }
+                    }
+                    None => break,
                 }
             }
-            let mut events = match fetched {
-                Ok(events) => events,
-                Err(stop) => return stop,
-            };
-            if self.members.is_empty() {
-                return Stop::Halt("every projection on this feed has halted".into());
+            if pending.is_none() && gathering.is_due(Instant::now()) {
+                self.note_recovery();
+                pending = Some(self.submit(gathering.take()).await);
             }
-            if events.is_empty() {
-                if let Some(ahead) = self.members.iter().find(|m| m.next_offset > fetch_at) {
-                    // Perhaps a feed server restarted and not yet reloaded: wait for the events
-                    // to come back. If others come back instead, the rewrite check halts.
-                    let shrank = FetchError {
-                        what: format!("page at offset {fetch_at}"),
-                        reason: format!(
-                            "the feed shrank: its head is at offset {fetch_at}, but projection {:?} has applied events up to offset {}; nothing is applied until they are back",
-                            ahead.projection,
-                            ahead.next_offset - 1
-                        ),
-                        retry_after: None,
-                    };
-                    self.monitor.failed(&shrank);
-                    let delay = self.policy.backoff.delay(shrunk_polls, None);
-                    shrunk_polls = shrunk_polls.saturating_add(1);
-                    match self.sleep(delay).await {
-                        Some(stop) => return stop,
-                        None => continue,
+            let waiting_for_more = pending.is_none() && !gathering.is_empty();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    // Dropping the fetches is safe: nothing of them was applied.
+                    drop(reads);
+                    return self.finish(pending, Stop::Shutdown).await;
+                }
+                // Mapped: the guard it returns must not be held across the await below.
+                _ = paused.wait_for(|&p| p).map(|_| ()) => {
+                    drop(reads);
+                    return self.finish(pending, Stop::Paused).await;
+                }
+                outcome = committed(&mut pending), if pending.is_some() => {
+                    pending = None;
+                    let members = self.members.len();
+                    if let Err(stop) = self.settle(outcome) {
+                        return stop;
+                    }
+                    if self.members.len() != members {
+                        // A projection halted: read on for the others alone.
+                        return Stop::Restart;
                     }
                 }
-            }
-            if let Some((verified_offset, verified_id)) = &verify {
-                match events.first() {
-                    Some(first) if first.event_id != *verified_id => {
-                        return Stop::Halt(format!(
-                            "the feed was rewritten: it had event {verified_id} at offset {verified_offset}, and now has {} there",
-                            first.event_id
-                        ));
+                next = reads.next(), if gathering.has_room() => {
+                    if let Err(stop) = self.take(next, &mut gathering) {
+                        drop(reads);
+                        return self.finish(pending, stop).await;
                     }
-                    Some(_) => {
-                        events.remove(0);
-                    }
-                    // Handled above: an empty page below a checkpoint is a shrink.
-                    None => {}
                 }
+                _ = tokio::time::sleep_until(gathering.deadline()), if waiting_for_more => {}
             }
-            let Some(last) = events.last() else {
-                self.monitor.saw_feed_up_to(offset);
-                self.monitor.set_phase(self.reader, ReaderPhase::Live);
-                idle = true;
-                if !reported_head {
-                    reported_head = true;
-                    tracing::info!(
-                        feed = %self.feed,
-                        offset,
-                        applied = self.applied,
-                        passed_over = self.passed_over,
-                        "at the head of the feed"
-                    );
-                }
-                match self.sleep(self.policy.poll_interval).await {
-                    Some(stop) => return stop,
-                    None => continue,
-                }
-            };
-            idle = false;
-            offset = last.offset + 1;
-            last_read = Some((last.offset, last.event_id.clone()));
-            self.monitor.saw_feed_up_to(offset);
-            if reported_head {
-                // New events after the head: reading them counts as catching up.
-                self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
-            }
-            let batch = Batch {
-                feed: self.feed.clone(),
-                projections: self.members.iter().map(|m| m.projection.clone()).collect(),
-                events,
-            };
-            pending = Some(self.writer.submit(batch).await);
         }
     }
 
-    /// Waits for a batch's commit and takes its outcome into account.
-    async fn settle(&mut self, pending: PendingBatch) -> Result<(), Stop> {
-        let outcome = match pending.outcome().await {
+    /// The feed's events from the start offset on, in order, with the bodies some member still
+    /// needs, and a mark each time a poll finds nothing new. Body requests run
+    /// `body_concurrency` at a time across page boundaries, and the next page is requested while
+    /// the bodies of the current one are still coming in. The stream waits at the head of the
+    /// feed and retries failures; it ends only with a stop.
+    fn reads(&self) -> impl Stream<Item = Result<Read, Stop>> + Send + 'static {
+        let start = self.start_offset();
+        let pages = PageReader {
+            feed: self.feed.clone(),
+            client: self.client.clone(),
+            monitor: self.monitor.clone(),
+            reader: self.reader,
+            policy: self.policy.clone(),
+            offset: start,
+            known_end: self
+                .members
+                .iter()
+                .map(|m| m.next_offset)
+                .max()
+                .unwrap_or(0),
+            last_read: None,
+            idle: false,
+            reported_head: false,
+            shrunk_polls: 0,
+        };
+        let bodies = Arc::new(BodyReader {
+            client: self.client.clone(),
+            monitor: self.monitor.clone(),
+            backoff: self.policy.backoff,
+            members: self.members.clone(),
+        });
+        stream::unfold(Some(pages), |pages| async move {
+            let mut pages = pages?;
+            let page = pages.next_page().await;
+            let more = page.is_ok().then_some(pages);
+            Some((page, more))
+        })
+        .flat_map(move |page| {
+            // None stands for the head of the feed.
+            let entries: Vec<Result<Option<(u64, PageEntry)>, Stop>> = match page {
+                Ok(entries) if entries.is_empty() => vec![Ok(None)],
+                Ok(entries) => entries.into_iter().map(|entry| Ok(Some(entry))).collect(),
+                Err(stop) => vec![Err(stop)],
+            };
+            let bodies = bodies.clone();
+            stream::iter(entries).map(move |entry| {
+                let bodies = bodies.clone();
+                async move {
+                    match entry? {
+                        Some((offset, entry)) => Ok(Read::Event(bodies.read(offset, entry).await)),
+                        None => Ok(Read::Head),
+                    }
+                }
+            })
+        })
+        .buffered(self.policy.body_concurrency)
+    }
+
+    /// Takes what the feed stream yielded into account.
+    fn take(
+        &mut self,
+        next: Option<Result<Read, Stop>>,
+        gathering: &mut Gathering,
+    ) -> Result<(), Stop> {
+        let fetched = match next {
+            Some(Ok(Read::Event(fetched))) => fetched,
+            Some(Ok(Read::Head)) => {
+                gathering.at_head = true;
+                self.note_recovery();
+                return Ok(());
+            }
+            Some(Err(stop)) => return Err(stop),
+            None => {
+                return Err(Stop::Halt(
+                    "the feed reader ended unexpectedly (a bug)".into(),
+                ))
+            }
+        };
+        let event = &fetched.event;
+        // The event read again before the lowest checkpoint was counted already.
+        let first_new = self.members.iter().map(|m| m.next_offset).min();
+        let handled = self
+            .members
+            .iter()
+            .any(|m| m.event_types.contains(&event.event_type));
+        if !handled && first_new.is_some_and(|first| event.offset >= first) {
+            self.passed_over += 1;
+        }
+        gathering.push(fetched);
+        Ok(())
+    }
+
+    /// A batch's worth of reading, or a poll, without a new failure: the feed works again.
+    fn note_recovery(&mut self) {
+        let failures = self.monitor.streak_failures();
+        if failures == self.failures_seen {
+            self.monitor.recovered();
+        }
+        self.failures_seen = failures;
+    }
+
+    async fn submit(&self, events: Vec<Event>) -> PendingBatch {
+        let batch = Batch {
+            feed: self.feed.clone(),
+            projections: self.members.iter().map(|m| m.projection.clone()).collect(),
+            events,
+        };
+        self.writer.submit(batch).await
+    }
+
+    /// Ends `follow` with `stop`, once the batch in flight has committed (or failed, which
+    /// then says how to go on).
+    async fn finish(&mut self, pending: Option<PendingBatch>, stop: Stop) -> Stop {
+        if let Some(mut pending) = pending {
+            if let Err(failed) = self.settle(pending.outcome().await) {
+                return failed;
+            }
+        }
+        stop
+    }
+
+    /// Takes a batch's outcome into account.
+    fn settle(&mut self, outcome: Result<BatchOutcome, ApplyError>) -> Result<(), Stop> {
+        let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(err @ ApplyError::FeedRewritten { .. }) => return Err(Stop::Halt(err.to_string())),
             Err(err) => return Err(Stop::Resync(err.to_string())),
         };
         self.applied += outcome.applied as u64;
+        self.batches += 1;
         self.monitor
             .committed(outcome.events, &outcome.checkpoints, &outcome.halted);
         if outcome.dead_lettered > 0 {
@@ -327,71 +425,220 @@ impl Pipeline {
         }
         Ok(())
     }
+}
 
-    /// The events from `offset` on, one page of them, with the bodies some member still needs.
-    /// Retries every failure until it succeeds; cancelled by dropping.
-    async fn fetch_events(&mut self, offset: u64) -> Vec<Event> {
-        let failures_before = self.monitor.streak_failures();
-        let entries = self.retry(|| self.client.fetch_page(offset)).await;
-        let members = &self.members;
-        let needs_body = |event_offset: u64, event_type: &str| {
-            members
-                .iter()
-                .any(|m| event_offset >= m.next_offset && m.event_types.contains(event_type))
-        };
-        let handled_anywhere =
-            |event_type: &str| members.iter().any(|m| m.event_types.contains(event_type));
-        // Entries read again (to check the event before a checkpoint) were counted already.
-        let first_new = members.iter().map(|m| m.next_offset).min().unwrap_or(0);
-        self.passed_over += entries
-            .iter()
-            .enumerate()
-            .filter(|(index, entry)| {
-                offset + *index as u64 >= first_new && !handled_anywhere(&entry.event_type)
-            })
-            .count() as u64;
-        let this = &*self;
-        let events = stream::iter(entries.into_iter().enumerate())
-            .map(|(index, entry)| {
-                let event_offset = offset + index as u64;
-                let wanted = needs_body(event_offset, &entry.event_type);
-                async move {
-                    let payload = if wanted {
-                        Some(this.retry(|| this.client.fetch_body(&entry)).await)
-                    } else {
-                        None
-                    };
-                    into_event(event_offset, entry, payload)
-                }
-            })
-            .buffered(self.policy.body_concurrency)
-            .collect::<Vec<_>>()
-            .await;
-        if self.monitor.streak_failures() == failures_before {
-            self.monitor.recovered();
-        }
-        events
+/// The outcome of the batch in flight; never ready when there is none.
+async fn committed(pending: &mut Option<PendingBatch>) -> Result<BatchOutcome, ApplyError> {
+    match pending {
+        Some(batch) => batch.outcome().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the feed stream yields.
+enum Read {
+    Event(Fetched),
+    /// A poll found nothing new: every event before this mark has been yielded.
+    Head,
+}
+
+/// The events gathered for the next batch.
+///
+/// A batch is handed to the writer once it is due: full, or the reader has reached the head of
+/// the feed, or its first event has waited MAX_BATCH_WAIT. So a reader that is behind commits
+/// in large transactions (each page of the read models written once for many events), and one
+/// at the head commits each new event at once.
+#[derive(Default)]
+struct Gathering {
+    events: Vec<Event>,
+    body_bytes: usize,
+    /// When the first event was gathered.
+    since: Option<Instant>,
+    /// The reader reached the head of the feed since the last batch.
+    at_head: bool,
+}
+
+impl Gathering {
+    fn push(&mut self, fetched: Fetched) {
+        self.since.get_or_insert_with(Instant::now);
+        self.body_bytes += fetched.body_bytes;
+        self.events.push(fetched.event);
     }
 
-    /// Runs `fetch` until it succeeds, waiting with backoff between attempts.
-    async fn retry<T, F, Fut>(&self, fetch: F) -> T
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, FetchError>>,
-    {
-        let mut attempt = 0;
-        loop {
-            match fetch().await {
-                Ok(value) => return value,
-                Err(err) => {
-                    self.monitor.failed(&err);
-                    let delay = self.policy.backoff.delay(attempt, err.retry_after);
-                    attempt = attempt.saturating_add(1);
-                    tokio::time::sleep(delay).await;
-                }
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn has_room(&self) -> bool {
+        self.events.len() < MAX_BATCH_EVENTS && self.body_bytes < MAX_BATCH_BYTES
+    }
+
+    fn deadline(&self) -> Instant {
+        self.since.unwrap_or_else(Instant::now) + MAX_BATCH_WAIT
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        !self.is_empty() && (!self.has_room() || self.at_head || now >= self.deadline())
+    }
+
+    fn take(&mut self) -> Vec<Event> {
+        let events = std::mem::take(&mut self.events);
+        *self = Gathering::default();
+        events
+    }
+}
+
+/// Runs `fetch` until it succeeds, waiting with backoff between attempts and reporting each
+/// failure.
+async fn retry<T, F, Fut>(monitor: &FeedMonitor, backoff: &Backoff, fetch: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match fetch().await {
+            Ok(value) => return value,
+            Err(err) => {
+                monitor.failed(&err);
+                let delay = backoff.delay(attempt, err.retry_after);
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(delay).await;
             }
         }
     }
+}
+
+/// Reads a feed's pages in order, from a start offset on, and follows the feed at its head.
+struct PageReader {
+    feed: String,
+    client: FluxClient,
+    monitor: Arc<FeedMonitor>,
+    reader: usize,
+    policy: ReadPolicy,
+    /// The offset of the next page.
+    offset: u64,
+    /// The feed is known to have events below this offset (a checkpoint or a page said so); an
+    /// empty page below it means the feed shrank.
+    known_end: u64,
+    /// The last event read. Idle at the head, each poll reads it again, so that a feed which
+    /// shrank or was rewritten under a running daemon is noticed at once, not at the next
+    /// restart.
+    last_read: Option<(u64, String)>,
+    /// Whether the last poll found nothing new.
+    idle: bool,
+    reported_head: bool,
+    shrunk_polls: u32,
+}
+
+impl PageReader {
+    /// The next page's events, each with its offset; none when the feed has nothing new (the
+    /// next call then waits a poll interval). Retries failures until it has an answer. An
+    /// error is the end: the feed was rewritten.
+    async fn next_page(&mut self) -> Result<Vec<(u64, PageEntry)>, Stop> {
+        if self.idle {
+            tokio::time::sleep(self.policy.poll_interval).await;
+        }
+        loop {
+            let verify = self.last_read.clone().filter(|_| self.idle);
+            let fetch_at = verify.as_ref().map_or(self.offset, |(at, _)| *at);
+            let client = &self.client;
+            let mut entries = retry(&self.monitor, &self.policy.backoff, || {
+                client.fetch_page(fetch_at)
+            })
+            .await;
+            if entries.is_empty() && fetch_at < self.known_end {
+                // Perhaps a feed server restarted and not yet reloaded: wait for the events to
+                // come back. If others come back instead, the rewrite check halts.
+                let shrank = FetchError {
+                    what: format!("page at offset {fetch_at}"),
+                    reason: format!(
+                        "the feed shrank: its head is at offset {fetch_at}, but it had events up to offset {}; nothing is applied until they are back",
+                        self.known_end - 1
+                    ),
+                    retry_after: None,
+                };
+                self.monitor.failed(&shrank);
+                let delay = self.policy.backoff.delay(self.shrunk_polls, None);
+                self.shrunk_polls = self.shrunk_polls.saturating_add(1);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            self.shrunk_polls = 0;
+            let mut first_offset = fetch_at;
+            if let Some((verified_offset, verified_id)) = &verify {
+                match entries.first() {
+                    Some(first) if first.event_id != *verified_id => {
+                        return Err(Stop::Halt(format!(
+                            "the feed was rewritten: it had event {verified_id} at offset {verified_offset}, and now has {} there",
+                            first.event_id
+                        )));
+                    }
+                    Some(_) => {
+                        entries.remove(0);
+                        first_offset += 1;
+                    }
+                    // Handled above: an empty page below a known event is a shrink.
+                    None => {}
+                }
+            }
+            let Some(last) = entries.last() else {
+                self.monitor.saw_feed_up_to(self.offset);
+                self.monitor.set_phase(self.reader, ReaderPhase::Live);
+                self.idle = true;
+                if !self.reported_head {
+                    self.reported_head = true;
+                    tracing::info!(feed = %self.feed, offset = self.offset, "at the head of the feed");
+                }
+                return Ok(Vec::new());
+            };
+            self.idle = false;
+            self.offset = first_offset + entries.len() as u64;
+            self.known_end = self.known_end.max(self.offset);
+            self.last_read = Some((self.offset - 1, last.event_id.clone()));
+            self.monitor.saw_feed_up_to(self.offset);
+            if self.reported_head {
+                // New events after the head: reading them counts as catching up.
+                self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
+            }
+            return Ok((first_offset..).zip(entries).collect());
+        }
+    }
+}
+
+/// Fetches the bodies the members need; the others are passed over unread.
+struct BodyReader {
+    client: FluxClient,
+    monitor: Arc<FeedMonitor>,
+    backoff: Backoff,
+    members: Vec<Member>,
+}
+
+impl BodyReader {
+    async fn read(&self, offset: u64, entry: PageEntry) -> Fetched {
+        let wanted = self.members.iter().any(|member| {
+            offset >= member.next_offset && member.event_types.contains(&entry.event_type)
+        });
+        let (payload, body_bytes) = if wanted {
+            let (payload, bytes) = retry(&self.monitor, &self.backoff, || {
+                self.client.fetch_body(&entry)
+            })
+            .await;
+            (Some(payload), bytes)
+        } else {
+            (None, 0)
+        };
+        Fetched {
+            event: into_event(offset, entry, payload),
+            body_bytes,
+        }
+    }
+}
+
+/// One event as read from the feed, and the size of its body.
+struct Fetched {
+    event: Event,
+    body_bytes: usize,
 }
 
 fn into_event(offset: u64, entry: PageEntry, payload: Option<serde_json::Value>) -> Event {
@@ -403,5 +650,56 @@ fn into_event(offset: u64, entry: PageEntry, payload: Option<serde_json::Value>)
         aggregate_version: entry.aggregate_version,
         created: entry.created,
         payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(offset: u64, body_bytes: usize) -> Fetched {
+        Fetched {
+            event: Event {
+                offset,
+                event_id: format!("e{offset}"),
+                event_type: "t".into(),
+                aggregate_name: String::new(),
+                aggregate_version: 0,
+                created: String::new(),
+                payload: None,
+            },
+            body_bytes,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_due_when_full_at_the_head_or_after_the_wait() {
+        let mut gathering = Gathering::default();
+        let now = Instant::now();
+        assert!(!gathering.is_due(now + MAX_BATCH_WAIT * 10), "empty");
+        gathering.push(fetched(0, 10));
+        let since = gathering.since.unwrap_or(now);
+        assert!(!gathering.is_due(since), "one event, still reading");
+        assert!(
+            gathering.is_due(since + MAX_BATCH_WAIT),
+            "waited long enough"
+        );
+
+        gathering.at_head = true;
+        assert!(gathering.is_due(since), "nothing more to read");
+        assert_eq!(gathering.take().len(), 1);
+        assert!(!gathering.at_head && gathering.since.is_none());
+
+        for offset in 0..MAX_BATCH_EVENTS as u64 {
+            assert!(gathering.has_room());
+            gathering.push(fetched(offset, 1));
+        }
+        assert!(!gathering.has_room());
+        assert!(gathering.is_due(gathering.since.unwrap_or(now)), "full");
+        gathering.take();
+
+        gathering.push(fetched(0, MAX_BATCH_BYTES));
+        assert!(!gathering.has_room(), "large bodies fill a batch too");
+        assert!(gathering.is_due(gathering.since.unwrap_or(now)));
     }
 }

@@ -204,6 +204,8 @@ impl FeedMonitor {
                     (name, progress)
                 })
                 .collect(),
+            // The baseline of the rate, so that the first batch counts in it.
+            samples: [(Instant::now(), 0)].into(),
             ..Progress::default()
         };
         FeedMonitor {

@@ -550,8 +550,9 @@ impl WriterHandle {
 }
 
 impl PendingBatch {
-    pub async fn outcome(self) -> Result<BatchOutcome, ApplyError> {
-        self.reply
+    /// Waits for the commit. Not to be awaited again once it has returned.
+    pub async fn outcome(&mut self) -> Result<BatchOutcome, ApplyError> {
+        (&mut self.reply)
             .await
             .unwrap_or_else(|_| Err(ApplyError::Internal("the database writer stopped".into())))
     }

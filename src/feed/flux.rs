@@ -83,8 +83,8 @@ impl FluxClient {
         })
     }
 
-    /// The payload of one event.
-    pub async fn fetch_body(&self, entry: &PageEntry) -> Result<Value, FetchError> {
+    /// The payload of one event, and the size of its body in bytes.
+    pub async fn fetch_body(&self, entry: &PageEntry) -> Result<(Value, usize), FetchError> {
         let what = format!(
             "body of {} {} ({})",
             entry.event_type, entry.event_id, entry.url
@@ -99,7 +99,7 @@ impl FluxClient {
             Ok(Value::Null) => Err(fail(
                 "the feed answered null: the body is not available (yet)".into(),
             )),
-            Ok(payload) => Ok(payload),
+            Ok(payload) => Ok((payload, bytes.len())),
             Err(err) => Err(fail(format!("the body is not valid JSON: {err}"))),
         }
     }
