@@ -137,6 +137,9 @@ pub struct DaemonConfig {
     /// "text" (colours on a terminal, plain under systemd) or "json" (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// "normal" or "full": how far each commit is pushed to disk (see [`Synchronous`]).
+    #[serde(default)]
+    pub synchronous: Synchronous,
 }
 
 impl DaemonConfig {
@@ -152,6 +155,18 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// SQLite's `synchronous` in WAL mode. Normal: a commit survives the daemon crashing or being
+/// killed, and the write-ahead log is synced at each checkpoint; a power loss or an OS crash may
+/// drop the last commits, which are then read again from the feed and applied once. Full: each
+/// commit is synced too, so it survives a power loss, at the cost of an fsync per batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
 }
 
 /// Permission bits for the control socket, written as an octal string ("0600"). The owner must
@@ -642,10 +657,11 @@ on_error = "skip"
     }
 
     #[test]
-    fn socket_mode_and_log_format() -> Result<(), ConfigError> {
+    fn socket_mode_log_format_and_synchronous() -> Result<(), ConfigError> {
         let config = parse(VALID)?;
         assert_eq!(config.daemon.control_socket_mode, SocketMode(0o600));
         assert_eq!(config.daemon.log_format, LogFormat::Text);
+        assert_eq!(config.daemon.synchronous, Synchronous::Normal);
         let with = |extra: &str| {
             VALID.replace(
                 "control_socket = \"projector.sock\"",
@@ -663,6 +679,10 @@ on_error = "skip"
         }
         let err = error_of(&with("log_format = \"xml\""));
         assert!(err.contains(":5:14:"), "{err}");
+        let config = parse(&with("synchronous = \"full\""))?;
+        assert_eq!(config.daemon.synchronous, Synchronous::Full);
+        let err = error_of(&with("synchronous = \"off\""));
+        assert!(err.contains(":5:15:") && err.contains("normal"), "{err}");
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
 use crate::status::{DaemonStatus, FeedMonitor};
 use crate::store;
-use crate::writer::{Writer, WriterHandle};
+use crate::writer::{Writer, WriterHandle, WriterSettings};
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -381,9 +381,12 @@ impl Engine {
         history: &History,
     ) -> anyhow::Result<Engine> {
         let database = config.daemon.database.clone();
-        let max_bytes = config.daemon.max_database_bytes.map(|limit| limit.0 as u64);
+        let settings = WriterSettings {
+            max_bytes: config.daemon.max_database_bytes.map(|limit| limit.0 as u64),
+            synchronous: config.daemon.synchronous,
+        };
         let writer =
-            tokio::task::spawn_blocking(move || Writer::open(&database, max_bytes, projections))
+            tokio::task::spawn_blocking(move || Writer::open(&database, settings, projections))
                 .await
                 .context("the database opener panicked")??;
         let starting_points = writer.starting_points();

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::config::Synchronous;
 use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
@@ -74,7 +75,8 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL: readers never block the writer and the writer never blocks readers. NORMAL is durable
-    // across process crashes in WAL mode; only a power loss can drop the last commits.
+    // across process crashes in WAL mode; only a power loss can drop the last commits
+    // ([daemon] synchronous = "full" for that).
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(
@@ -86,6 +88,15 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Sets how far each commit is pushed to disk (see [`Synchronous`]).
+pub fn set_synchronous(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
+    let value = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", value)
 }
 
 /// Caps the database file at about `max_bytes` (SQLite's `max_page_count`): past it, writes fail
