@@ -1,14 +1,16 @@
 //! The end-to-end benchmark: `cargo bench` (options after `--`, e.g. `cargo bench -- --events
-//! 1000000 --runs 5`).
+//! 1000000 --runs 5 --synchronous full`).
 //!
 //! It generates a deterministic bank feed, serves it in Flux format (20 entries a page, a body
 //! request per event) from an in-process loopback server, and measures, each as the median of
 //! several runs:
 //! - the real `projector` binary (release build) catching up into a fresh database with the
 //!   shipped projections: events per second, peak RSS, CPU seconds, requests made;
-//! - the wire limit: the same server's rate for body URLs at 16 connections;
-//! - the storage limit: the daemon's writer applying the same events in batches of 20, one
-//!   transaction each, with no HTTP;
+//! - the wire limit: the same server's rate for body URLs at 16 connections, measured with wrk
+//!   when it is installed (`apt install wrk`), else with an in-process reqwest client, which
+//!   spends more of the two cores itself and so reads lower;
+//! - the storage limit: the daemon's writer applying the same events in batches of the daemon's
+//!   largest batch, one transaction each, with no HTTP;
 //! - start-up to the first request, on a warm database;
 //! - live latency: with `poll_interval = "100ms"`, from an event appearing on the feed to its
 //!   checkpoint being visible to a reader, p50 and p99 over 1,000 events.
@@ -21,10 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use projector::bank_feed;
-use projector::config::Config;
+use projector::config::{Config, Synchronous};
 use projector::event::Event;
 use projector::feed_server::{FeedServer, StoredEvent};
-use projector::writer::{Batch, Writer};
+use projector::pipeline::MAX_BATCH_EVENTS;
+use projector::writer::{Batch, Writer, WriterSettings};
 
 const CONNECTIONS: usize = 16;
 const PAGE: usize = 20;
@@ -32,12 +35,14 @@ const PAGE: usize = 20;
 struct Options {
     events: usize,
     runs: usize,
+    synchronous: Synchronous,
 }
 
 fn options() -> Options {
     let mut options = Options {
         events: 100_000,
         runs: 3,
+        synchronous: Synchronous::Normal,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -49,6 +54,13 @@ fn options() -> Options {
         match arg.as_str() {
             "--events" => options.events = value(),
             "--runs" => options.runs = value(),
+            "--synchronous" => {
+                options.synchronous = match args.next().as_deref() {
+                    Some("normal") => Synchronous::Normal,
+                    Some("full") => Synchronous::Full,
+                    _ => panic!("--synchronous is normal or full"),
+                }
+            }
             // cargo bench passes --bench; other harness flags mean nothing here.
             _ => {}
         }
@@ -75,8 +87,15 @@ fn main() {
         ))
         .unwrap_or_else(|e| panic!("{e}"));
     let binary = release_binary();
+    let sync = options.synchronous;
+    let wrk = Wrk::find(&server, &events);
+    let wire_tool = if wrk.is_some() {
+        "wrk"
+    } else {
+        "an in-process reqwest client (install wrk for the reference figure)"
+    };
     println!(
-        "projector benchmark: {} bank events, Flux format ({PAGE} a page, a body request per event), {} runs, {} cores",
+        "projector benchmark: {} bank events, Flux format ({PAGE} a page, a body request per event), synchronous = {sync:?}, {} runs, {} cores",
         options.events,
         options.runs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -86,9 +105,12 @@ fn main() {
     let mut storage = Vec::new();
     let mut daemon = Vec::new();
     for run in 1..=options.runs {
-        wire.push(runtime.block_on(wire_limit(&server, &events)));
-        storage.push(storage_limit(&events));
-        daemon.push(runtime.block_on(catch_up(&binary, &server, options.events)));
+        wire.push(match &wrk {
+            Some(wrk) => wrk.rate(),
+            None => runtime.block_on(wire_limit(&server, &events)),
+        });
+        storage.push(storage_limit(&events, sync));
+        daemon.push(runtime.block_on(catch_up(&binary, &server, options.events, sync)));
         let last = daemon.last().map_or(0.0, |d| d.events_per_second);
         println!(
             "  run {run}: wire {:.0} bodies/s, storage {:.0} events/s, daemon {last:.0} events/s",
@@ -96,8 +118,12 @@ fn main() {
             storage[run - 1]
         );
     }
-    let startup = runtime.block_on(start_up(&binary, &server, options.events));
-    let live = runtime.block_on(live_latency(&binary, &events[..1000.min(events.len())]));
+    let startup = runtime.block_on(start_up(&binary, &server, options.events, sync));
+    let live = runtime.block_on(live_latency(
+        &binary,
+        &events[..1000.min(events.len())],
+        sync,
+    ));
 
     let rate = median(daemon.iter().map(|d| d.events_per_second).collect());
     let wire_rate = median(wire);
@@ -113,14 +139,14 @@ fn main() {
     println!("| --- | --- |");
     println!("| daemon, first request to last commit | {rate:.0} events/s |");
     println!(
-        "| wire limit: the server's body requests at {CONNECTIONS} connections | {wire_rate:.0} requests/s ({wire_events:.0} events/s at {bodies_per_event:.2} bodies an event) |"
+        "| wire limit: the server's body requests at {CONNECTIONS} connections, by {wire_tool} | {wire_rate:.0} requests/s ({wire_events:.0} events/s at {bodies_per_event:.2} bodies an event) |"
     );
     println!(
         "| daemon / wire limit | {:.0}% |",
         100.0 * rate / wire_events.max(1e-9)
     );
     println!(
-        "| storage limit: the writer alone, 20 events a transaction | {storage_rate:.0} events/s |"
+        "| storage limit: the writer alone, {MAX_BATCH_EVENTS} events a transaction | {storage_rate:.0} events/s |"
     );
     println!(
         "| peak RSS of the daemon | {:.1} MB |",
@@ -158,7 +184,59 @@ fn release_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_projector"))
 }
 
-/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds.
+/// wrk, set up to request the body URLs of every event in turn.
+struct Wrk {
+    /// Holds the request script.
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Wrk {
+    /// None if wrk is not installed.
+    fn find(server: &FeedServer, events: &[StoredEvent]) -> Option<Wrk> {
+        let installed = Command::new("wrk")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !installed {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let paths: Vec<String> = events
+            .iter()
+            .map(|e| format!("\"/events/{}\"", e.id))
+            .collect();
+        let script = format!(
+            "local paths = {{{}}}\nlocal n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(\"GET\", paths[(n % #paths) + 1])\nend\n",
+            paths.join(",")
+        );
+        std::fs::write(dir.path().join("bodies.lua"), script).unwrap_or_else(|e| panic!("{e}"));
+        Some(Wrk {
+            dir,
+            url: server.url(),
+        })
+    }
+
+    /// Requests a second over 3 seconds, at CONNECTIONS connections on 2 threads.
+    fn rate(&self) -> f64 {
+        let output = Command::new("wrk")
+            .args(["-t2", &format!("-c{CONNECTIONS}"), "-d3s", "-s"])
+            .arg(self.dir.path().join("bodies.lua"))
+            .arg(&self.url)
+            .output()
+            .unwrap_or_else(|e| panic!("running wrk: {e}"));
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.lines()
+            .find_map(|line| line.strip_prefix("Requests/sec:"))
+            .and_then(|rate| rate.trim().parse().ok())
+            .unwrap_or_else(|| panic!("wrk printed no rate: {text}"))
+    }
+}
+
+/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds, from a reqwest
+/// client in this process (when wrk is not installed).
 async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONNECTIONS)
@@ -193,10 +271,11 @@ async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The writer alone: the same events, with payloads, in batches of PAGE, one transaction each.
-fn storage_limit(stored: &[StoredEvent]) -> f64 {
+/// The writer alone: the same events, with payloads, in batches as large as the daemon's
+/// largest, one transaction each.
+fn storage_limit(stored: &[StoredEvent], synchronous: Synchronous) -> f64 {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), "http://127.0.0.1:1/events");
+    let config = write_config(dir.path(), "http://127.0.0.1:1/events", synchronous);
     let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
     let projections = projector::projection::build_all(&config).unwrap_or_else(|e| panic!("{e}"));
     let events: Vec<Event> = stored
@@ -213,18 +292,28 @@ fn storage_limit(stored: &[StoredEvent]) -> f64 {
         })
         .collect();
     let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();
-    let mut writer = Writer::open(&config.daemon.database, None, projections)
+    let settings = WriterSettings {
+        max_bytes: None,
+        synchronous,
+    };
+    let mut writer = Writer::open(&config.daemon.database, settings, projections)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let started = Instant::now();
-    for chunk in events.chunks(PAGE) {
-        let batch = Batch {
+    let total = events.len();
+    let mut events = events.into_iter();
+    let batches: Vec<Batch> = std::iter::from_fn(|| {
+        let chunk: Vec<Event> = events.by_ref().take(MAX_BATCH_EVENTS).collect();
+        (!chunk.is_empty()).then(|| Batch {
             feed: "bank".into(),
             projections: names.clone(),
-            events: chunk.to_vec(),
-        };
-        writer.apply(&batch).unwrap_or_else(|e| panic!("{e}"));
+            events: chunk,
+        })
+    })
+    .collect();
+    let started = Instant::now();
+    for batch in &batches {
+        writer.apply(batch).unwrap_or_else(|e| panic!("{e}"));
     }
-    events.len() as f64 / started.elapsed().as_secs_f64()
+    total as f64 / started.elapsed().as_secs_f64()
 }
 
 struct CatchUp {
@@ -235,17 +324,27 @@ struct CatchUp {
     body_requests: u64,
 }
 
-fn write_config(dir: &Path, url: &str) -> PathBuf {
-    write_config_polling(dir, url, "50ms")
+fn write_config(dir: &Path, url: &str, synchronous: Synchronous) -> PathBuf {
+    write_config_polling(dir, url, "50ms", synchronous)
 }
 
-fn write_config_polling(dir: &Path, url: &str, poll_interval: &str) -> PathBuf {
+fn write_config_polling(
+    dir: &Path,
+    url: &str,
+    poll_interval: &str,
+    synchronous: Synchronous,
+) -> PathBuf {
+    let synchronous = match synchronous {
+        Synchronous::Normal => "normal",
+        Synchronous::Full => "full",
+    };
     let projection =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
     let text = format!(
         r#"[daemon]
 database = "projector.db"
 control_socket = "projector.sock"
+synchronous = "{synchronous}"
 
 [[feed]]
 name = "bank"
@@ -307,9 +406,14 @@ fn usage(pid: u32) -> (u64, f64) {
     (peak, ticks / 100.0)
 }
 
-async fn catch_up(binary: &Path, server: &FeedServer, total: usize) -> CatchUp {
+async fn catch_up(
+    binary: &Path,
+    server: &FeedServer,
+    total: usize,
+    synchronous: Synchronous,
+) -> CatchUp {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), &server.url());
+    let config = write_config(dir.path(), &server.url(), synchronous);
     let database = dir.path().join("projector.db");
     let pages_before = server.page_requests();
     let bodies_before = body_requests(server);
@@ -355,9 +459,14 @@ fn stop(mut child: Child) {
 }
 
 /// Start-up to the first request on a warm database: the database exists and is caught up.
-async fn start_up(binary: &Path, server: &FeedServer, total: usize) -> Duration {
+async fn start_up(
+    binary: &Path,
+    server: &FeedServer,
+    total: usize,
+    synchronous: Synchronous,
+) -> Duration {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), &server.url());
+    let config = write_config(dir.path(), &server.url(), synchronous);
     let database = dir.path().join("projector.db");
     let child = spawn(binary, &config);
     while slowest_checkpoint(&database) < total as u64 {
@@ -380,12 +489,16 @@ async fn start_up(binary: &Path, server: &FeedServer, total: usize) -> Duration 
 
 /// Events appended one by one at random moments to a feed the daemon follows with a 100 ms poll
 /// interval; for each, the time until a reader sees its checkpoint. Returns (p50, p99).
-async fn live_latency(binary: &Path, events: &[StoredEvent]) -> (Duration, Duration) {
+async fn live_latency(
+    binary: &Path,
+    events: &[StoredEvent],
+    synchronous: Synchronous,
+) -> (Duration, Duration) {
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config_polling(dir.path(), &server.url(), "100ms");
+    let config = write_config_polling(dir.path(), &server.url(), "100ms", synchronous);
     let database = dir.path().join("projector.db");
     let child = spawn(binary, &config);
     // Wait until the daemon polls the (empty) feed.

@@ -26,7 +26,7 @@ use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle}
 /// The most events committed in one transaction. Larger transactions write each page of the
 /// read models once for more events; this bounds the memory of a batch and the time a pause
 /// or a stop waits for the batch in flight.
-const MAX_BATCH_EVENTS: usize = 1000;
+pub const MAX_BATCH_EVENTS: usize = 1000;
 /// The most bytes of bodies in one batch, for feeds with large events.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How long the first event of a batch waits for more while the feed is read (at the head of
