@@ -210,18 +210,15 @@ impl Pipeline {
         self.failures_seen = self.monitor.streak_failures();
         let shutdown = self.shutdown.clone();
         let mut paused = self.paused.clone();
-        loop {
+        let stop = 'read: loop {
             // Take what has been read already, then hand the batch to the writer if it is due
             // and the writer has committed the previous one.
             while gathering.has_room() {
-                match reads.next().now_or_never() {
-                    Some(next) => {
-                        if let Err(stop) = self.take(next, &mut gathering) {
-                            drop(reads);
-                            return self.finish(pending, stop).await;
-                        }
-                    }
-                    None => break,
+                let Some(next) = reads.next().now_or_never() else {
+                    break;
+                };
+                if let Err(stop) = self.take(next, &mut gathering) {
+                    break 'read stop;
                 }
             }
             if pending.is_none() && gathering.is_due(Instant::now()) {
@@ -231,36 +228,32 @@ impl Pipeline {
             let waiting_for_more = pending.is_none() && !gathering.is_empty();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    // Dropping the fetches is safe: nothing of them was applied.
-                    drop(reads);
-                    return self.finish(pending, Stop::Shutdown).await;
-                }
-                // Mapped: the guard it returns must not be held across the await below.
-                _ = paused.wait_for(|&p| p).map(|_| ()) => {
-                    drop(reads);
-                    return self.finish(pending, Stop::Paused).await;
-                }
+                _ = shutdown.cancelled() => break Stop::Shutdown,
+                // Mapped: the guard it returns must not be held while the loop goes on.
+                _ = paused.wait_for(|&p| p).map(|_| ()) => break Stop::Paused,
                 outcome = committed(&mut pending), if pending.is_some() => {
                     pending = None;
                     let members = self.members.len();
                     if let Err(stop) = self.settle(outcome) {
-                        return stop;
+                        break stop;
                     }
                     if self.members.len() != members {
                         // A projection halted: read on for the others alone.
-                        return Stop::Restart;
+                        break Stop::Restart;
                     }
                 }
                 next = reads.next(), if gathering.has_room() => {
                     if let Err(stop) = self.take(next, &mut gathering) {
-                        drop(reads);
-                        return self.finish(pending, stop).await;
+                        break stop;
                     }
                 }
                 _ = tokio::time::sleep_until(gathering.deadline()), if waiting_for_more => {}
             }
-        }
+        };
+        // Dropping the fetches in flight is safe: nothing of them was applied. No request
+        // starts while the batch in flight settles.
+        drop(reads);
+        self.finish(pending, stop).await
     }
 
     /// The feed's events from the start offset on, in order, with the bodies some member still
