@@ -30,6 +30,8 @@ use projector::pipeline::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
 
 const CONNECTIONS: usize = 16;
+/// The name of the config the bench writes in each run's folder.
+const CONFIG_FILE: &str = "consumer.toml";
 const PAGE: usize = 20;
 
 struct Options {
@@ -104,13 +106,17 @@ fn main() {
     let mut wire = Vec::new();
     let mut storage = Vec::new();
     let mut daemon = Vec::new();
+    // The last catch-up's folder: its database is the warm one start-up is timed on.
+    let mut caught_up = None;
     for run in 1..=options.runs {
         wire.push(match &wrk {
             Some(wrk) => wrk.rate(),
             None => runtime.block_on(wire_limit(&server, &events)),
         });
         storage.push(storage_limit(&events, sync));
-        daemon.push(runtime.block_on(catch_up(&binary, &server, options.events, sync)));
+        let (run_figures, dir) = runtime.block_on(catch_up(&binary, &server, options.events, sync));
+        daemon.push(run_figures);
+        caught_up = Some(dir);
         let last = daemon.last().map_or(0.0, |d| d.events_per_second);
         println!(
             "  run {run}: wire {:.0} bodies/s, storage {:.0} events/s, daemon {last:.0} events/s",
@@ -118,7 +124,8 @@ fn main() {
             storage[run - 1]
         );
     }
-    let startup = runtime.block_on(start_up(&binary, &server, options.events, sync));
+    let warm = caught_up.unwrap_or_else(|| panic!("--runs must be at least 1"));
+    let startup = runtime.block_on(start_up(&binary, &server, warm.path()));
     let live = runtime.block_on(live_latency(
         &binary,
         &events[..1000.min(events.len())],
@@ -363,7 +370,7 @@ feed = "bank"
 module = "account_ledger"
 "#
     );
-    let path = dir.join("consumer.toml");
+    let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
     path
 }
@@ -406,12 +413,14 @@ fn usage(pid: u32) -> (u64, f64) {
     (peak, ticks / 100.0)
 }
 
+/// A catch-up into a fresh database; returns its figures and the folder holding the database
+/// and its config.
 async fn catch_up(
     binary: &Path,
     server: &FeedServer,
     total: usize,
     synchronous: Synchronous,
-) -> CatchUp {
+) -> (CatchUp, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = write_config(dir.path(), &server.url(), synchronous);
     let database = dir.path().join("projector.db");
@@ -432,13 +441,14 @@ async fn catch_up(
     let elapsed = started.elapsed();
     let (peak_rss_kib, cpu_seconds) = usage(child.id());
     stop(child);
-    CatchUp {
+    let figures = CatchUp {
         events_per_second: total as f64 / elapsed.as_secs_f64(),
         peak_rss_kib,
         cpu_seconds,
         page_requests: server.page_requests() - pages_before,
         body_requests: body_requests(server) - bodies_before,
-    }
+    };
+    (figures, dir)
 }
 
 fn body_requests(server: &FeedServer) -> u64 {
@@ -458,21 +468,10 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Start-up to the first request on a warm database: the database exists and is caught up.
-async fn start_up(
-    binary: &Path,
-    server: &FeedServer,
-    total: usize,
-    synchronous: Synchronous,
-) -> Duration {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), &server.url(), synchronous);
-    let database = dir.path().join("projector.db");
-    let child = spawn(binary, &config);
-    while slowest_checkpoint(&database) < total as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    stop(child);
+/// Start-up to the first request on a warm database: `caught_up` holds a config and its
+/// database, caught up with the feed.
+async fn start_up(binary: &Path, server: &FeedServer, caught_up: &Path) -> Duration {
+    let config = caught_up.join(CONFIG_FILE);
     let mut times = Vec::new();
     for _ in 0..5 {
         let before = server.page_requests();
