@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{stream, FutureExt, Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::event::Event;
 use crate::feed::flux::{FluxClient, PageEntry};
@@ -32,6 +33,13 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How long the first event of a batch waits for more while the feed is read (at the head of
 /// the feed a batch goes at once): a slow or failing feed still commits what it has read.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// How many pages the page reader keeps ready beyond the one whose bodies are being fetched.
+const PAGES_AHEAD: usize = 2;
+
+/// A page of the feed, each event with its offset (none at the head), or the stop that ends the
+/// pages.
+type PageRead = Result<Vec<(u64, PageEntry)>, Stop>;
 
 /// A projection read by this pipeline, as far as the pipeline needs to know it.
 #[derive(Debug, Clone)]
@@ -204,7 +212,8 @@ impl Pipeline {
             return Stop::Halt("every projection on this feed has halted".into());
         }
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
-        let mut reads = Box::pin(self.reads());
+        let (pages, mut page_reading) = self.read_pages();
+        let mut reads = Box::pin(self.reads(pages));
         let mut gathering = Gathering::default();
         let mut pending: Option<PendingBatch> = None;
         self.failures_seen = self.monitor.streak_failures();
@@ -251,19 +260,21 @@ impl Pipeline {
             }
         };
         // Dropping the fetches in flight is safe: nothing of them was applied. No request
-        // starts while the batch in flight settles.
+        // starts while the batch in flight settles: the page reader may be in the middle of a
+        // step on another thread, so it is waited for until it has stopped.
         drop(reads);
+        page_reading.abort();
+        let _ = (&mut page_reading).await;
         self.finish(pending, stop).await
     }
 
-    /// The feed's events from the start offset on, in order, with the bodies some member still
-    /// needs, and a mark each time a poll finds nothing new. Body requests run
-    /// `body_concurrency` at a time across page boundaries, and the next page is requested while
-    /// the bodies of the current one are still coming in. The stream waits at the head of the
-    /// feed and retries failures; it ends only with a stop.
-    fn reads(&self) -> impl Stream<Item = Result<Read, Stop>> + Send + 'static {
+    /// Reads the feed's pages from the start offset on, in a task of its own that keeps up to
+    /// PAGES_AHEAD pages ready: so the body requests never drain at a page boundary waiting for
+    /// the next page. The pages end after an error (a stop). The task ends when the receiver
+    /// goes or its handle is dropped.
+    fn read_pages(&self) -> (mpsc::Receiver<PageRead>, AbortOnDropHandle<()>) {
         let start = self.start_offset();
-        let pages = PageReader {
+        let mut pages = PageReader {
             feed: self.feed.clone(),
             client: self.client.clone(),
             monitor: self.monitor.clone(),
@@ -281,17 +292,35 @@ impl Pipeline {
             reported_head: false,
             shrunk_polls: 0,
         };
+        let (sender, receiver) = mpsc::channel(PAGES_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let page = pages.next_page().await;
+                let last = page.is_err();
+                if sender.send(page).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        (receiver, AbortOnDropHandle::new(task))
+    }
+
+    /// The feed's events in order, from the pages read by `read_pages`, with the bodies some
+    /// member still needs, and a mark each time a poll finds nothing new. Body requests run
+    /// `body_concurrency` at a time across page boundaries. The stream waits at the head of the
+    /// feed and retries failures; it ends only with a stop.
+    fn reads(
+        &self,
+        pages: mpsc::Receiver<PageRead>,
+    ) -> impl Stream<Item = Result<Read, Stop>> + Send + 'static {
         let bodies = Arc::new(BodyReader {
             client: self.client.clone(),
             monitor: self.monitor.clone(),
             backoff: self.policy.backoff,
             members: self.members.clone(),
         });
-        stream::unfold(Some(pages), |pages| async move {
-            let mut pages = pages?;
-            let page = pages.next_page().await;
-            let more = page.is_ok().then_some(pages);
-            Some((page, more))
+        stream::unfold(pages, |mut pages| async move {
+            pages.recv().await.map(|page| (page, pages))
         })
         .flat_map(move |page| {
             // None stands for the head of the feed.
@@ -528,7 +557,7 @@ impl PageReader {
     /// The next page's events, each with its offset; none when the feed has nothing new (the
     /// next call then waits a poll interval). Retries failures until it has an answer. An
     /// error is the end: the feed was rewritten.
-    async fn next_page(&mut self) -> Result<Vec<(u64, PageEntry)>, Stop> {
+    async fn next_page(&mut self) -> PageRead {
         if self.idle {
             tokio::time::sleep(self.policy.poll_interval).await;
         }
