@@ -114,7 +114,9 @@ async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
 
     let database = harness.database();
     // Each read says when it holds its snapshot, and more events are appended then, so that
-    // the daemon writes while readers hold the log, however fast it is.
+    // the daemon writes while readers hold the log, however fast it is. The chunks are small:
+    // the daemon reaches the head after each and commits it alone, and it takes many commits
+    // to grow the log past the writer's truncation size.
     let (holding, mut reads_holding) = tokio::sync::mpsc::unbounded_channel();
     let readers = tokio::task::spawn_blocking(move || {
         let mut largest_wal = 0;
@@ -145,7 +147,7 @@ async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
         }
         (reads, largest_wal)
     });
-    for chunk in events[2000..].chunks(2000) {
+    for chunk in events[2000..].chunks(400) {
         reads_holding.recv().await;
         harness.server.append(chunk.to_vec());
     }
