@@ -7,7 +7,7 @@
 //! - the real `projector` binary (release build) catching up into a fresh database with the
 //!   shipped projections: events per second, peak RSS, CPU seconds, requests made;
 //! - the wire limit: the same server's rate for body URLs at 16 connections, measured with wrk
-//!   when it is installed (`apt install wrk`), else with an in-process reqwest client, which
+//!   when it is installed (`apt install wrk`), else with the daemon's HTTP client in the bench's process, which
 //!   spends more of the two cores itself and so reads lower;
 //! - the storage limit: the daemon's writer applying the same events in batches of the daemon's
 //!   largest batch, one transaction each, with no HTTP;
@@ -25,9 +25,11 @@ use std::time::{Duration, Instant};
 use projector::bank_feed;
 use projector::config::{Config, Synchronous};
 use projector::event::Event;
+use projector::feed::http::{HttpClient, HttpSettings};
 use projector::feed_server::{FeedServer, StoredEvent};
 use projector::pipeline::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
+use url::Url;
 
 const CONNECTIONS: usize = 16;
 /// The name of the config the bench writes in each run's folder.
@@ -94,7 +96,7 @@ fn main() {
     let wire_tool = if wrk.is_some() {
         "wrk"
     } else {
-        "an in-process reqwest client (install wrk for the reference figure)"
+        "the daemon's HTTP client in the bench's process (install wrk for the reference figure)"
     };
     println!(
         "projector benchmark: {} bank events, Flux format ({PAGE} a page, a body request per event), synchronous = {sync:?}, {} runs, {} cores",
@@ -242,17 +244,23 @@ impl Wrk {
     }
 }
 
-/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds, from a reqwest
-/// client in this process (when wrk is not installed).
+/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds, from the daemon's
+/// HTTP client in this process (when wrk is not installed).
 async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CONNECTIONS)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::new(HttpSettings {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        max_response_bytes: 1 << 20,
+        idle_connections: CONNECTIONS,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let base = server.url();
-    let urls: Arc<Vec<String>> =
-        Arc::new(events.iter().map(|e| format!("{base}/{}", e.id)).collect());
+    let urls: Arc<Vec<Url>> = Arc::new(
+        events
+            .iter()
+            .map(|e| Url::parse(&format!("{base}/{}", e.id)).unwrap_or_else(|e| panic!("{e}")))
+            .collect(),
+    );
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(3);
     let started = Instant::now();
@@ -263,8 +271,7 @@ async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
                 let mut index = worker;
                 while Instant::now() < deadline {
                     let url = &urls[index % urls.len()];
-                    if let Ok(response) = client.get(url).send().await {
-                        let _ = response.bytes().await;
+                    if client.get(url).await.is_ok() {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     index += CONNECTIONS;

@@ -9,9 +9,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use reqwest::Url;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+use url::Url;
 
 /// A place in a file, printed as `file:line:column` (or just `file` when it is the whole file).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use reqwest::Url;
 use serde_json::{json, Value};
+use url::Url;
 
 use projector::config::Config;
 use projector::control::Request;

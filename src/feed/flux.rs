@@ -6,12 +6,12 @@
 //! Bodies may be served as `text/plain` (Go's json.Encoder), so the content type is not checked.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
-use reqwest::{header, Client, StatusCode, Url};
 use serde::Deserialize;
 use serde_json::Value;
+use url::Url;
 
+use super::http::{GetError, HttpClient, HttpSettings};
 use super::FetchError;
 use crate::config::FeedConfig;
 
@@ -47,25 +47,21 @@ struct RawEntry {
 /// A client for one Flux feed; cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct FluxClient {
-    http: Client,
+    http: HttpClient,
     feed_url: Url,
-    max_response_bytes: usize,
 }
 
 impl FluxClient {
-    pub fn new(feed: &FeedConfig) -> Result<FluxClient, reqwest::Error> {
-        let http = Client::builder()
-            .user_agent(concat!("projector/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(feed.connect_timeout.0)
-            .timeout(feed.request_timeout.0)
-            .pool_max_idle_per_host(feed.body_concurrency.0 + 2)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()?;
+    pub fn new(feed: &FeedConfig) -> Result<FluxClient, rustls::Error> {
+        let http = HttpClient::new(HttpSettings {
+            connect_timeout: feed.connect_timeout.0,
+            request_timeout: feed.request_timeout.0,
+            max_response_bytes: feed.max_response_bytes.0,
+            idle_connections: feed.body_concurrency.0 + 2,
+        })?;
         Ok(FluxClient {
             http,
             feed_url: feed.url.0.clone(),
-            max_response_bytes: feed.max_response_bytes.0,
         })
     }
 
@@ -74,27 +70,30 @@ impl FluxClient {
         let mut url = self.feed_url.clone();
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
-        let what = format!("page at offset {offset} ({url})");
-        let bytes = self.get(&url, &what).await?;
-        parse_page(&bytes, &self.feed_url).map_err(|reason| FetchError {
-            what,
-            reason,
-            retry_after: None,
-        })
+        let what = || format!("page at offset {offset} ({url})");
+        let bytes = self
+            .http
+            .get(&url)
+            .await
+            .map_err(|err| failed(what(), err))?;
+        parse_page(&bytes, &self.feed_url).map_err(|reason| failed(what(), GetError::new(reason)))
     }
 
     /// The payload of one event, and the size of its body in bytes.
     pub async fn fetch_body(&self, entry: &PageEntry) -> Result<(Value, usize), FetchError> {
-        let what = format!(
-            "body of {} {} ({})",
-            entry.event_type, entry.event_id, entry.url
-        );
-        let bytes = self.get(&entry.url, &what).await?;
-        let fail = |reason: String| FetchError {
-            what: what.clone(),
-            reason,
-            retry_after: None,
+        // Described only on failure: formatting it for every body cost about as much as parsing it.
+        let what = || {
+            format!(
+                "body of {} {} ({})",
+                entry.event_type, entry.event_id, entry.url
+            )
         };
+        let bytes = self
+            .http
+            .get(&entry.url)
+            .await
+            .map_err(|err| failed(what(), err))?;
+        let fail = |reason: String| failed(what(), GetError::new(reason));
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Null) => Err(fail(
                 "the feed answered null: the body is not available (yet)".into(),
@@ -103,85 +102,14 @@ impl FluxClient {
             Err(err) => Err(fail(format!("the body is not valid JSON: {err}"))),
         }
     }
-
-    /// GETs `url` and returns the whole body of a 2xx answer, refusing to read past the limit.
-    async fn get(&self, url: &Url, what: &str) -> Result<Vec<u8>, FetchError> {
-        let fail = |reason: String, retry_after: Option<Duration>| FetchError {
-            what: what.to_string(),
-            reason,
-            retry_after,
-        };
-        let mut response = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|err| fail(describe(&err), None))?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = match status {
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
-                _ => None,
-            };
-            return Err(fail(format!("HTTP {status}"), retry_after));
-        }
-        if let Some(length) = response.content_length() {
-            if length > self.max_response_bytes as u64 {
-                return Err(fail(
-                    format!(
-                        "the response is {length} bytes, over the limit of {} (max_response_bytes)",
-                        self.max_response_bytes
-                    ),
-                    None,
-                ));
-            }
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|err| fail(describe(&err), None))?
-        {
-            if body.len() + chunk.len() > self.max_response_bytes {
-                return Err(fail(
-                    format!(
-                        "the response grew over the limit of {} bytes (max_response_bytes)",
-                        self.max_response_bytes
-                    ),
-                    None,
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    }
 }
 
-/// reqwest's top-level message is vague ("error sending request"); the cause says what happened.
-fn describe(err: &reqwest::Error) -> String {
-    let mut text = if err.is_timeout() {
-        "timed out".to_string()
-    } else if err.is_connect() {
-        "could not connect".to_string()
-    } else if err.is_redirect() {
-        "too many redirects".to_string()
-    } else if err.is_body() || err.is_decode() {
-        "reading the response failed".to_string()
-    } else {
-        "the request failed".to_string()
-    };
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+fn failed(what: String, err: GetError) -> FetchError {
+    FetchError {
+        what,
+        reason: err.reason,
+        retry_after: err.retry_after,
     }
-    text
 }
 
 /// Parses a page body; entry URLs may be absolute or relative to the feed URL.

@@ -5,6 +5,7 @@
 //! feed halt for good (a rewritten or shrunk feed) is found by the pipeline, not here.
 
 pub mod flux;
+pub mod http;
 
 use std::time::Duration;
 

@@ -1,0 +1,439 @@
+//! The HTTP GETs of the feed clients: pooled keep-alive connections (HTTP/1.1, or HTTP/2 when a
+//! TLS server offers it), the whole answer read under a size limit, gzip inflated as it comes,
+//! redirects followed, one deadline for all of it.
+//!
+//! Built on hyper's pooled client rather than reqwest: a body request per event makes the
+//! per-request cost count, and reqwest's layers (URL re-parsing, redirect and retry policies,
+//! decompression wrappers) cost 18 of the 68 µs of CPU an event took in the benchmark.
+//! Proxies are not used: the daemon connects to the feed directly.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::time::Duration;
+
+use flate2::write::GzDecoder;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use url::Url;
+
+/// Redirects followed for one request, as browsers and reqwest do.
+const MAX_REDIRECTS: usize = 10;
+/// Idle connections are closed after this.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const USER_AGENT: &str = concat!("projector/", env!("CARGO_PKG_VERSION"));
+
+/// How a client connects and what it accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    pub connect_timeout: Duration,
+    /// For the whole request: connecting, redirects and reading the answer.
+    pub request_timeout: Duration,
+    /// The most bytes of an answer, as received and once inflated.
+    pub max_response_bytes: usize,
+    /// Idle connections kept per host.
+    pub idle_connections: usize,
+}
+
+/// A GET client; cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    settings: HttpSettings,
+}
+
+/// Why a GET failed.
+#[derive(Debug)]
+pub struct GetError {
+    pub reason: String,
+    /// A delay the server asked for (429 or 503 with `Retry-After: <seconds>`).
+    pub retry_after: Option<Duration>,
+}
+
+impl GetError {
+    pub fn new(reason: impl Into<String>) -> GetError {
+        GetError {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl HttpClient {
+    pub fn new(settings: HttpSettings) -> Result<HttpClient, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        // The TLS connector decides by scheme.
+        http.enforce_http(false);
+        // The provider is named, not looked up: the lookup panics if a dependency enables a
+        // second one.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(settings.idle_connections)
+            .build(connector);
+        Ok(HttpClient { client, settings })
+    }
+
+    /// GETs `url` and returns the whole body of a 2xx answer, inflated if it was gzipped.
+    pub async fn get(&self, url: &Url) -> Result<Vec<u8>, GetError> {
+        let timeout = self.settings.request_timeout;
+        tokio::time::timeout(timeout, self.get_following_redirects(url))
+            .await
+            .unwrap_or_else(|_| Err(GetError::new(format!("timed out after {timeout:?}"))))
+    }
+
+    async fn get_following_redirects(&self, url: &Url) -> Result<Vec<u8>, GetError> {
+        let mut url = Cow::Borrowed(url);
+        for _ in 0..=MAX_REDIRECTS {
+            let response = self.send(&url).await?;
+            let status = response.status();
+            if is_followed_redirect(status) {
+                if let Some(location) = response.headers().get(header::LOCATION) {
+                    url = Cow::Owned(redirect_target(&url, location)?);
+                    continue;
+                }
+            }
+            if !status.is_success() {
+                let retry_after = match status {
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
+                        .headers()
+                        .get(header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs),
+                    _ => None,
+                };
+                return Err(GetError {
+                    reason: format!("HTTP {status}"),
+                    retry_after,
+                });
+            }
+            return self.read_body(response).await;
+        }
+        Err(GetError::new(format!(
+            "too many redirects (more than {MAX_REDIRECTS})"
+        )))
+    }
+
+    async fn send(&self, url: &Url) -> Result<Response<Incoming>, GetError> {
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|err| GetError::new(format!("the URL {url} is not usable: {err}")))?;
+        let request = Request::get(uri)
+            .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+            .header(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"))
+            .body(Empty::new())
+            .map_err(|err| GetError::new(format!("the request is not valid: {err}")))?;
+        self.client.request(request).await.map_err(|err| {
+            let what = if err.is_connect() {
+                "could not connect"
+            } else {
+                "the request failed"
+            };
+            // The client's own message ("client error (Connect)") says less than its causes.
+            GetError::new(with_causes(what, std::error::Error::source(&err)))
+        })
+    }
+
+    /// Reads the answer, refusing to read past the limit: a declared length over it fails at
+    /// once, and bytes are counted as they arrive and as they inflate.
+    async fn read_body(&self, response: Response<Incoming>) -> Result<Vec<u8>, GetError> {
+        let limit = self.settings.max_response_bytes;
+        let declared = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if let Some(length) = declared.filter(|&length| length > limit as u64) {
+            return Err(GetError::new(format!(
+                "the response is {length} bytes, over the limit of {limit} (max_response_bytes)"
+            )));
+        }
+        let gzipped = response
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let mut body = response.into_body();
+        let mut answer = Answer::new(gzipped, limit);
+        let mut received = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| {
+                GetError::new(with_causes("reading the response failed", Some(&err)))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            received += data.len();
+            if received > limit {
+                return Err(GetError::new(format!(
+                    "the response grew over the limit of {limit} bytes (max_response_bytes)"
+                )));
+            }
+            answer.push(&data)?;
+        }
+        answer.finish()
+    }
+}
+
+fn is_followed_redirect(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::MOVED_PERMANENTLY
+            | StatusCode::FOUND
+            | StatusCode::SEE_OTHER
+            | StatusCode::TEMPORARY_REDIRECT
+            | StatusCode::PERMANENT_REDIRECT
+    )
+}
+
+/// Where a redirect leads: `Location` may be relative to the URL that answered.
+fn redirect_target(from: &Url, location: &HeaderValue) -> Result<Url, GetError> {
+    let bad =
+        |reason: String| GetError::new(format!("a redirect from {from} is unusable: {reason}"));
+    let location = location
+        .to_str()
+        .map_err(|_| bad("its Location is not text".into()))?;
+    let target = from
+        .join(location)
+        .map_err(|err| bad(format!("Location {location:?}: {err}")))?;
+    if !matches!(target.scheme(), "http" | "https") {
+        return Err(bad(format!("it leads to {target}, which is not HTTP")));
+    }
+    Ok(target)
+}
+
+/// `what`, then each cause of the failure: the causes say what happened.
+fn with_causes(what: &str, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut text = what.to_string();
+    while let Some(err) = cause {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cause = err.source();
+    }
+    text
+}
+
+/// The body of an answer as it arrives, inflated if it is gzipped.
+enum Answer {
+    Plain(Vec<u8>),
+    Gzipped(Box<GzDecoder<LimitedBuffer>>),
+}
+
+impl Answer {
+    fn new(gzipped: bool, limit: usize) -> Answer {
+        if gzipped {
+            Answer::Gzipped(Box::new(GzDecoder::new(LimitedBuffer {
+                bytes: Vec::new(),
+                limit,
+            })))
+        } else {
+            Answer::Plain(Vec::new())
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) -> Result<(), GetError> {
+        match self {
+            Answer::Plain(bytes) => bytes.extend_from_slice(data),
+            Answer::Gzipped(decoder) => decoder.write_all(data).map_err(inflate_error)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<u8>, GetError> {
+        match self {
+            Answer::Plain(bytes) => Ok(bytes),
+            Answer::Gzipped(decoder) => Ok(decoder.finish().map_err(inflate_error)?.bytes),
+        }
+    }
+}
+
+fn inflate_error(err: std::io::Error) -> GetError {
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<OverLimit>())
+    {
+        Some(OverLimit(limit)) => GetError::new(format!(
+            "the response inflates to over the limit of {limit} bytes (max_response_bytes)"
+        )),
+        None => GetError::new(format!("the gzipped response does not inflate: {err}")),
+    }
+}
+
+/// Inflated bytes, refused past the limit.
+struct LimitedBuffer {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("over the limit of {0} bytes")]
+struct OverLimit(usize);
+
+impl Write for LimitedBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + data.len() > self.limit {
+            return Err(std::io::Error::other(OverLimit(self.limit)));
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        encoder.write_all(data).unwrap_or_else(|e| panic!("{e}"));
+        encoder.finish().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn gzip_inflates_in_pieces_and_is_refused_past_the_limit() {
+        let text = br#"{"account_id":"a","amount":5}"#.repeat(100);
+        let compressed = gzip(&text);
+        let mut answer = Answer::new(true, text.len());
+        for piece in compressed.chunks(7) {
+            answer
+                .push(piece)
+                .unwrap_or_else(|e| panic!("{}", e.reason));
+        }
+        assert_eq!(answer.finish().map_err(|e| e.reason), Ok(text.clone()));
+
+        let mut answer = Answer::new(true, text.len() - 1);
+        let refused = answer
+            .push(&compressed)
+            .and_then(|()| answer.finish().map(|_| ()));
+        let reason = refused.map_err(|e| e.reason);
+        assert!(
+            matches!(&reason, Err(r) if r.contains("inflates to over the limit")),
+            "{reason:?}"
+        );
+
+        let mut answer = Answer::new(true, 1 << 20);
+        let garbage = answer
+            .push(b"this is not gzip at all")
+            .and_then(|()| answer.finish().map(|_| ()));
+        assert!(garbage.is_err());
+    }
+
+    #[test]
+    fn redirects_resolve_against_the_url_that_answered() {
+        let from =
+            Url::parse("http://feed.example/events?offset=20").unwrap_or_else(|e| panic!("{e}"));
+        let to = |location: &str| {
+            redirect_target(
+                &from,
+                &HeaderValue::from_str(location).unwrap_or_else(|e| panic!("{e}")),
+            )
+            .map(|url| url.to_string())
+            .map_err(|e| e.reason)
+        };
+        assert_eq!(
+            to("/v2/events?offset=20"),
+            Ok("http://feed.example/v2/events?offset=20".into())
+        );
+        assert_eq!(
+            to("https://other.example/e"),
+            Ok("https://other.example/e".into())
+        );
+        assert!(matches!(to("ftp://other.example/e"), Err(r) if r.contains("not HTTP")));
+    }
+
+    /// A client with a 1 MiB limit.
+    fn client() -> HttpClient {
+        HttpClient::new(HttpSettings {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            max_response_bytes: 1 << 20,
+            idle_connections: 1,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Serves `router` on a loopback port; returns its base URL.
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn gzipped_answers_inflate_redirects_are_followed_and_bombs_refused() {
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+        let gzipped = |data: Vec<u8>| {
+            move || async move { ([(header::CONTENT_ENCODING, "gzip")], gzip(&data)).into_response() }
+        };
+        let redirect = |to: &'static str| {
+            move || async move { (StatusCode::FOUND, [(header::LOCATION, to)]).into_response() }
+        };
+        let router = axum::Router::new()
+            .route("/event", get(gzipped(br#"{"amount":5}"#.to_vec())))
+            .route("/bomb", get(gzipped(vec![b' '; 2 << 20])))
+            .route("/moved", get(redirect("/event")))
+            .route("/loop", get(redirect("/loop")));
+        let base = serve(router).await;
+        let client = client();
+        let get = |path: &str| {
+            let url = Url::parse(&format!("{base}{path}")).unwrap_or_else(|e| panic!("{e}"));
+            let client = client.clone();
+            async move { client.get(&url).await.map_err(|e| e.reason) }
+        };
+        assert_eq!(get("/event").await, Ok(br#"{"amount":5}"#.to_vec()));
+        assert_eq!(get("/moved").await, Ok(br#"{"amount":5}"#.to_vec()));
+        let bomb = get("/bomb").await;
+        assert!(
+            matches!(&bomb, Err(r) if r.contains("inflates to over the limit")),
+            "{bomb:?}"
+        );
+        let looping = get("/loop").await;
+        assert!(
+            matches!(&looping, Err(r) if r.contains("too many redirects")),
+            "{looping:?}"
+        );
+        let missing = get("/nothing").await;
+        assert_eq!(missing, Err("HTTP 404 Not Found".into()));
+    }
+
+    /// A TLS handshake with a server that speaks plain HTTP fails as a connection failure: the
+    /// TLS stack is wired in, and says what went wrong.
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_fails_to_connect() {
+        let server = crate::feed_server::FeedServer::start(([127, 0, 0, 1], 0).into(), Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let url = server.url().replacen("http://", "https://", 1);
+        let client = client();
+        let url = Url::parse(&url).unwrap_or_else(|e| panic!("{e}"));
+        let err = client.get(&url).await.map(|_| ()).map_err(|e| e.reason);
+        assert!(
+            matches!(&err, Err(r) if r.starts_with("could not connect")),
+            "{err:?}"
+        );
+    }
+}
