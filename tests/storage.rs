@@ -107,16 +107,17 @@ async fn a_real_full_file_system_stops_writes_intact_and_they_resume_when_space_
 #[tokio::test(flavor = "multi_thread")]
 async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
     const TOTAL: u64 = 16_000;
+    const CHUNK: usize = 200;
     let events = bank_feed::generate(52, TOTAL as usize);
     let harness = Harness::new(events[..2000].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 2000).await;
 
     let database = harness.database();
-    // Each read says when it holds its snapshot, and more events are appended then, so that
-    // the daemon writes while readers hold the log, however fast it is. The chunks are small:
-    // the daemon reaches the head after each and commits it alone, and it takes many commits
-    // to grow the log past the writer's truncation size.
+    // Each read says when it holds its snapshot; a chunk of events is appended then, and the
+    // next only once the daemon has committed it. So each chunk is a commit of its own, made
+    // while readers hold the log, however fast the daemon is: it takes many commits to grow the
+    // log past the writer's truncation size.
     let (holding, mut reads_holding) = tokio::sync::mpsc::unbounded_channel();
     let readers = tokio::task::spawn_blocking(move || {
         let mut largest_wal = 0;
@@ -147,9 +148,15 @@ async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
         }
         (reads, largest_wal)
     });
-    for chunk in events[2000..].chunks(400) {
+    for chunk_end in (2000 + CHUNK..=TOTAL as usize).step_by(CHUNK) {
+        while reads_holding.try_recv().is_ok() {} // from reads that may have ended
         reads_holding.recv().await;
-        harness.server.append(chunk.to_vec());
+        harness
+            .server
+            .append(events[chunk_end - CHUNK..chunk_end].to_vec());
+        harness
+            .wait_for_checkpoints(&mut daemon, BOTH, chunk_end as u64)
+            .await;
     }
     let (reads, largest_wal) = readers.await.unwrap_or_else(|e| panic!("{e}"));
     harness.wait_for_checkpoints(&mut daemon, BOTH, TOTAL).await;
