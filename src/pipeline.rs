@@ -36,7 +36,7 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// enough for a reader catching up to fill a batch.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(500);
 
-/// How many pages the page reader keeps ready beyond the one whose bodies are being fetched.
+/// How many read pages wait for the body fetches (the page reader reads one more, then waits).
 const PAGES_AHEAD: usize = 2;
 
 /// A page of the feed, each event with its offset (none at the head), or the stop that ends the
