@@ -25,11 +25,10 @@ use std::time::{Duration, Instant};
 use projector::bank_feed;
 use projector::config::{Config, Synchronous};
 use projector::event::Event;
-use projector::feed::http::{HttpClient, HttpSettings};
+use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
 use projector::feed_server::{FeedServer, StoredEvent};
 use projector::pipeline::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
-use url::Url;
 
 const CONNECTIONS: usize = 16;
 /// The name of the config the bench writes in each run's folder.
@@ -255,10 +254,10 @@ async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let base = server.url();
-    let urls: Arc<Vec<Url>> = Arc::new(
+    let urls: Arc<Vec<hyper::Uri>> = Arc::new(
         events
             .iter()
-            .map(|e| Url::parse(&format!("{base}/{}", e.id)).unwrap_or_else(|e| panic!("{e}")))
+            .map(|e| parse_uri(&format!("{base}/{}", e.id)).unwrap_or_else(|e| panic!("{e}")))
             .collect(),
     );
     let done = Arc::new(AtomicU64::new(0));

@@ -88,14 +88,14 @@ impl HttpClient {
     }
 
     /// GETs `url` and returns the whole body of a 2xx answer, inflated if it was gzipped.
-    pub async fn get(&self, url: &Url) -> Result<Vec<u8>, GetError> {
+    pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
         let timeout = self.settings.request_timeout;
         tokio::time::timeout(timeout, self.get_following_redirects(url))
             .await
             .unwrap_or_else(|_| Err(GetError::new(format!("timed out after {timeout:?}"))))
     }
 
-    async fn get_following_redirects(&self, url: &Url) -> Result<Vec<u8>, GetError> {
+    async fn get_following_redirects(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
         let mut url = Cow::Borrowed(url);
         for _ in 0..=MAX_REDIRECTS {
             let response = self.send(&url).await?;
@@ -128,12 +128,8 @@ impl HttpClient {
         )))
     }
 
-    async fn send(&self, url: &Url) -> Result<Response<Incoming>, GetError> {
-        let uri: Uri = url
-            .as_str()
-            .parse()
-            .map_err(|err| GetError::new(format!("the URL {url} is not usable: {err}")))?;
-        let request = Request::get(uri)
+    async fn send(&self, url: &Uri) -> Result<Response<Incoming>, GetError> {
+        let request = Request::get(url.clone())
             .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
             .header(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"))
             .body(Empty::new())
@@ -201,19 +197,30 @@ fn is_followed_redirect(status: StatusCode) -> bool {
 }
 
 /// Where a redirect leads: `Location` may be relative to the URL that answered.
-fn redirect_target(from: &Url, location: &HeaderValue) -> Result<Url, GetError> {
+fn redirect_target(from: &Uri, location: &HeaderValue) -> Result<Uri, GetError> {
     let bad =
         |reason: String| GetError::new(format!("a redirect from {from} is unusable: {reason}"));
     let location = location
         .to_str()
         .map_err(|_| bad("its Location is not text".into()))?;
-    let target = from
-        .join(location)
+    let target = Url::parse(&from.to_string())
+        .and_then(|from| from.join(location))
         .map_err(|err| bad(format!("Location {location:?}: {err}")))?;
     if !matches!(target.scheme(), "http" | "https") {
         return Err(bad(format!("it leads to {target}, which is not HTTP")));
     }
-    Ok(target)
+    parse_uri(target.as_str()).map_err(bad)
+}
+
+/// An absolute URL as the client sends it.
+pub fn parse_uri(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|err| format!("the URL {url:?} is not usable: {err}"))?;
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        return Err(format!("the URL {url:?} is not absolute"));
+    }
+    Ok(uri)
 }
 
 /// `what`, then each cause of the failure: the causes say what happened.
@@ -341,7 +348,7 @@ mod tests {
     #[test]
     fn redirects_resolve_against_the_url_that_answered() {
         let from =
-            Url::parse("http://feed.example/events?offset=20").unwrap_or_else(|e| panic!("{e}"));
+            parse_uri("http://feed.example/events?offset=20").unwrap_or_else(|e| panic!("{e}"));
         let to = |location: &str| {
             redirect_target(
                 &from,
@@ -400,7 +407,7 @@ mod tests {
         let base = serve(router).await;
         let client = client();
         let get = |path: &str| {
-            let url = Url::parse(&format!("{base}{path}")).unwrap_or_else(|e| panic!("{e}"));
+            let url = parse_uri(&format!("{base}{path}")).unwrap_or_else(|e| panic!("{e}"));
             let client = client.clone();
             async move { client.get(&url).await.map_err(|e| e.reason) }
         };
@@ -429,7 +436,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let url = server.url().replacen("http://", "https://", 1);
         let client = client();
-        let url = Url::parse(&url).unwrap_or_else(|e| panic!("{e}"));
+        let url = parse_uri(&url).unwrap_or_else(|e| panic!("{e}"));
         let err = client.get(&url).await.map(|_| ()).map_err(|e| e.reason);
         assert!(
             matches!(&err, Err(r) if r.starts_with("could not connect")),
