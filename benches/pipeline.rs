@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use projector::bank_feed;
 use projector::config::{Config, Synchronous};
-use projector::event::Event;
+use projector::event::{Event, Payload};
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
 use projector::feed_server::{FeedServer, StoredEvent};
 use projector::pipeline::MAX_BATCH_EVENTS;
@@ -301,7 +301,7 @@ fn storage_limit(stored: &[StoredEvent], synchronous: Synchronous) -> f64 {
             aggregate_name: e.aggregate_name.clone(),
             aggregate_version: e.aggregate_version,
             created: e.created.clone(),
-            payload: serde_json::from_str(&e.body).ok(),
+            payload: Payload::from_json(e.body.clone().into_bytes()).ok(),
         })
         .collect();
     let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();

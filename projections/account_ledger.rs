@@ -157,7 +157,7 @@ mod tests {
             aggregate_name: "*account.Account".into(),
             aggregate_version: 0,
             created: format!("t{offset}"),
-            payload: Some(payload),
+            payload: Some(payload.into()),
         }
     }
 

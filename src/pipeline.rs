@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::event::Event;
+use crate::event::{Event, Payload};
 use crate::feed::flux::{FluxClient, PageEntry};
 use crate::feed::{Backoff, FetchError};
 use crate::status::{FeedMonitor, ReaderPhase};
@@ -665,7 +665,7 @@ struct Fetched {
     body_bytes: usize,
 }
 
-fn into_event(offset: u64, entry: PageEntry, payload: Option<serde_json::Value>) -> Event {
+fn into_event(offset: u64, entry: PageEntry, payload: Option<Payload>) -> Event {
     Event {
         offset,
         event_id: entry.event_id,

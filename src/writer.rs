@@ -469,7 +469,10 @@ impl Writer {
                                         event_offset: event.offset,
                                         event_id: &event.event_id,
                                         event_type: &event.event_type,
-                                        payload: event.payload.as_ref().map(|p| p.to_string()),
+                                        payload: event
+                                            .payload
+                                            .as_ref()
+                                            .map(|p| p.as_str().to_string()),
                                         error: err.to_string(),
                                     },
                                 )
@@ -684,7 +687,7 @@ mod tests {
             aggregate_name: String::new(),
             aggregate_version: 0,
             created: String::new(),
-            payload: Some(json!({ "amount": amount })),
+            payload: Some(json!({ "amount": amount }).into()),
         }
     }
 

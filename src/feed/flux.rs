@@ -9,12 +9,12 @@ use std::collections::HashSet;
 
 use hyper::Uri;
 use serde::Deserialize;
-use serde_json::Value;
 use url::Url;
 
 use super::http::{parse_uri, GetError, HttpClient, HttpSettings};
 use super::FetchError;
 use crate::config::FeedConfig;
+use crate::event::Payload;
 
 /// One entry of a feed page: an event without its payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,7 +83,7 @@ impl FluxClient {
     }
 
     /// The payload of one event, and the size of its body in bytes.
-    pub async fn fetch_body(&self, entry: &PageEntry) -> Result<(Value, usize), FetchError> {
+    pub async fn fetch_body(&self, entry: &PageEntry) -> Result<(Payload, usize), FetchError> {
         // Described only on failure: formatting it for every body cost about as much as parsing it.
         let what = || {
             format!(
@@ -96,14 +96,10 @@ impl FluxClient {
             .get(&entry.url)
             .await
             .map_err(|err| failed(what(), err))?;
-        let fail = |reason: String| failed(what(), GetError::new(reason));
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Null) => Err(fail(
-                "the feed answered null: the body is not available (yet)".into(),
-            )),
-            Ok(payload) => Ok((payload, bytes.len())),
-            Err(err) => Err(fail(format!("the body is not valid JSON: {err}"))),
-        }
+        let size = bytes.len();
+        Payload::from_json(bytes)
+            .map(|payload| (payload, size))
+            .map_err(|reason| failed(what(), GetError::new(reason)))
     }
 }
 

@@ -78,7 +78,12 @@ impl ParamSource {
         })
     }
 
-    fn value<'e>(&self, event: &'e Event) -> Result<ToSqlOutput<'e>, DecodeError> {
+    /// The parameter's value; `fields` is the payload parsed, when the handler reads fields.
+    fn value<'e>(
+        &self,
+        event: &'e Event,
+        fields: Option<&'e Value>,
+    ) -> Result<ToSqlOutput<'e>, DecodeError> {
         let decode_error = |reason: String| DecodeError {
             event_type: event.event_type.clone(),
             reason,
@@ -95,14 +100,12 @@ impl ParamSource {
             }
             ParamSource::Created => text(&event.created),
             ParamSource::Payload => match &event.payload {
-                Some(payload) => ToSqlOutput::Owned(SqlValue::Text(payload.to_string())),
+                Some(payload) => text(payload.as_str()),
                 None => return Err(decode_error("the event has no payload".into())),
             },
             ParamSource::Pointer(pointer) => {
-                let found = event
-                    .payload
-                    .as_ref()
-                    .and_then(|payload| payload.pointer(pointer))
+                let found = fields
+                    .and_then(|fields| fields.pointer(pointer))
                     .ok_or_else(|| decode_error(format!("the payload has no field {pointer}")))?;
                 json_to_sql(found).map_err(|reason| decode_error(format!("{pointer}: {reason}")))?
             }
@@ -246,9 +249,19 @@ impl Projection for SqlProjection {
         let Some(handler) = self.handlers.get(&event.event_type) else {
             return Ok(());
         };
+        let reads_fields = handler
+            .params
+            .iter()
+            .any(|source| matches!(source, ParamSource::Pointer(_)));
+        // Parsed once for all the statement's fields.
+        let fields = if reads_fields {
+            Some(event.decode::<Value>()?)
+        } else {
+            None
+        };
         let mut statement = tx.prepare_cached(&handler.sql)?;
         for (index, source) in handler.params.iter().enumerate() {
-            statement.raw_bind_parameter(index + 1, source.value(event)?)?;
+            statement.raw_bind_parameter(index + 1, source.value(event, fields.as_ref())?)?;
         }
         let changed = statement.raw_execute()?;
         match handler.expect_rows {
@@ -276,7 +289,7 @@ mod tests {
             aggregate_name: "*account.Account".into(),
             aggregate_version: 0,
             created: "Sun Nov 22 19:04:21 2026".into(),
-            payload: Some(payload),
+            payload: Some(payload.into()),
         }
     }
 
