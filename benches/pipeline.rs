@@ -13,7 +13,7 @@
 //!   largest batch, one transaction each, with no HTTP;
 //! - start-up to the first request, on a warm database;
 //! - live latency: with `poll_interval = "100ms"`, from an event appearing on the feed to its
-//!   checkpoint being visible to a reader, p50 and p99 over 1,000 events.
+//!   checkpoint being visible to a reader, p50 and p99 over 3,000 events.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,8 @@ const CONNECTIONS: usize = 16;
 /// The name of the config the bench writes in each run's folder.
 const CONFIG_FILE: &str = "consumer.toml";
 const PAGE: usize = 20;
+/// Events appended one by one for the live latency.
+const LIVE_EVENTS: usize = 3000;
 
 struct Options {
     events: usize,
@@ -129,7 +131,7 @@ fn main() {
     let startup = runtime.block_on(start_up(&binary, &server, warm.path()));
     let live = runtime.block_on(live_latency(
         &binary,
-        &events[..1000.min(events.len())],
+        &events[..LIVE_EVENTS.min(events.len())],
         sync,
     ));
 
@@ -181,7 +183,8 @@ fn main() {
         startup.as_secs_f64() * 1e3
     );
     println!(
-        "| live latency, poll_interval 100 ms: feed to reader | p50 {:.1} ms, p99 {:.1} ms |",
+        "| live latency, poll_interval 100 ms: feed to reader, {} events | p50 {:.1} ms, p99 {:.1} ms |",
+        LIVE_EVENTS.min(options.events),
         live.0.as_secs_f64() * 1e3,
         live.1.as_secs_f64() * 1e3
     );
@@ -552,7 +555,8 @@ async fn live_latency(
     };
     let mut moments = fastrand::Rng::with_seed(7);
     for (offset, event) in events.iter().enumerate() {
-        tokio::time::sleep(Duration::from_millis(moments.u64(0..40))).await;
+        // 10 ms apart on average: several to a poll interval, at random moments within it.
+        tokio::time::sleep(Duration::from_millis(moments.u64(0..20))).await;
         appended.lock().unwrap_or_else(|p| p.into_inner())[offset] = Some(Instant::now());
         server.append(vec![event.clone()]);
     }
