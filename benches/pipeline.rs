@@ -1,19 +1,22 @@
 //! The end-to-end benchmark: `cargo bench` (options after `--`, e.g. `cargo bench -- --events
 //! 1000000 --runs 5 --synchronous full`).
 //!
-//! It generates a deterministic bank feed, serves it in Flux format (20 entries a page, a body
-//! request per event) from an in-process loopback server, and measures, each as the median of
-//! several runs:
-//! - the real `projector` binary (release build) catching up into a fresh database with the
-//!   shipped projections: events per second, peak RSS, CPU seconds, requests made;
-//! - the wire limit: the same server's rate for body URLs at 16 connections, measured with wrk
-//!   when it is installed (`apt install wrk`), else with the daemon's HTTP client in the bench's process, which
-//!   spends more of the two cores itself and so reads lower;
+//! It generates a deterministic bank feed, serves it from an in-process loopback server in Flux
+//! format (20 entries a page, a body request per event) and in the inline format (1,000 events a
+//! page, payloads in the page), and measures, each as the median of several runs:
+//! - the real `projector` binary (release build) catching up into a fresh database, per format,
+//!   with both shipped projections, and in the inline format with `account_balances` alone:
+//!   events per second, peak RSS, CPU seconds, requests made;
+//! - the wire limit per format: the same server's rate for body URLs (Flux) or pages (inline) at
+//!   16 connections, measured with wrk when it is installed (`apt install wrk`), else with the
+//!   daemon's HTTP client in the bench's process, which spends more of the two cores itself and
+//!   so reads lower;
 //! - the storage limit: the daemon's writer applying the same events in batches of the daemon's
-//!   largest batch, one transaction each, with no HTTP;
-//! - start-up to the first request, on a warm database;
-//! - live latency: with `poll_interval = "100ms"`, from an event appearing on the feed to its
-//!   checkpoint being visible to a reader, p50 and p99 over 3,000 events.
+//!   largest batch, one transaction each, with no HTTP; with both projections and with
+//!   `account_balances` alone;
+//! - start-up to the first request, on a warm database (Flux);
+//! - live latency: with `poll_interval = "100ms"`, from an event appearing on the (Flux) feed to
+//!   its checkpoint being visible to a reader, p50 and p99 over 3,000 events.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,10 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use projector::bank_feed;
-use projector::config::{Config, Synchronous};
+use projector::config::{Config, FeedFormat, Synchronous};
 use projector::event::{Event, Payload};
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
-use projector::feed_server::{FeedServer, StoredEvent};
+use projector::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
 use projector::pipeline::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
 
@@ -93,38 +96,70 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
     let binary = release_binary();
     let sync = options.synchronous;
-    let wrk = Wrk::find(&server, &events);
-    let wire_tool = if wrk.is_some() {
+    let wrk_installed = Command::new("wrk")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    let wire_tool = if wrk_installed {
         "wrk"
     } else {
         "the daemon's HTTP client in the bench's process (install wrk for the reference figure)"
     };
+    let flux_wire = WireLoad::new(&server, FeedFormat::Flux, &events);
+    let inline_wire = WireLoad::new(&server, FeedFormat::Inline, &events);
     println!(
-        "projector benchmark: {} bank events, Flux format ({PAGE} a page, a body request per event), synchronous = {sync:?}, {} runs, {} cores",
+        "projector benchmark: {} bank events; Flux format ({PAGE} a page, a body request per event) and inline format ({DEFAULT_INLINE_PAGE_SIZE} a page); synchronous = {sync:?}, {} runs, {} cores",
         options.events,
         options.runs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let mut wire = Vec::new();
-    let mut storage = Vec::new();
-    let mut daemon = Vec::new();
-    // The last catch-up's folder: its database is the warm one start-up is timed on.
+    let flux = Setup {
+        format: FeedFormat::Flux,
+        projections: Projections::Both,
+    };
+    let inline = Setup {
+        format: FeedFormat::Inline,
+        projections: Projections::Both,
+    };
+    let inline_balances = Setup {
+        format: FeedFormat::Inline,
+        projections: Projections::BalancesOnly,
+    };
+    let mut figures = Figures::default();
+    // The last Flux catch-up's folder: its database is the warm one start-up is timed on.
     let mut caught_up = None;
     for run in 1..=options.runs {
-        wire.push(match &wrk {
-            Some(wrk) => wrk.rate(),
-            None => runtime.block_on(wire_limit(&server, &events)),
-        });
-        storage.push(storage_limit(&events, sync));
-        let (run_figures, dir) = runtime.block_on(catch_up(&binary, &server, options.events, sync));
-        daemon.push(run_figures);
+        let wire = |load: &WireLoad| match wrk_installed {
+            true => load.wrk_rate(),
+            false => runtime.block_on(load.client_rate()),
+        };
+        figures.flux_wire.push(wire(&flux_wire));
+        figures.inline_wire.push(wire(&inline_wire));
+        figures
+            .storage
+            .push(storage_limit(&events, sync, Projections::Both));
+        figures
+            .balances_storage
+            .push(storage_limit(&events, sync, Projections::BalancesOnly));
+        let (flux_run, dir) = runtime.block_on(catch_up(&binary, &server, flux, &events, sync));
+        figures.flux.push(flux_run);
         caught_up = Some(dir);
-        let last = daemon.last().map_or(0.0, |d| d.events_per_second);
+        let (inline_run, _) = runtime.block_on(catch_up(&binary, &server, inline, &events, sync));
+        figures.inline.push(inline_run);
+        let (balances_run, _) =
+            runtime.block_on(catch_up(&binary, &server, inline_balances, &events, sync));
+        figures.inline_balances.push(balances_run);
         println!(
-            "  run {run}: wire {:.0} bodies/s, storage {:.0} events/s, daemon {last:.0} events/s",
-            wire[run - 1],
-            storage[run - 1]
+            "  run {run}: Flux {:.0} events/s (wire {:.0} bodies/s); inline {:.0} events/s (storage {:.0}), account_balances alone {:.0} (storage {:.0})",
+            figures.flux[run - 1].events_per_second,
+            figures.flux_wire[run - 1],
+            figures.inline[run - 1].events_per_second,
+            figures.storage[run - 1],
+            figures.inline_balances[run - 1].events_per_second,
+            figures.balances_storage[run - 1],
         );
     }
     let warm = caught_up.unwrap_or_else(|| panic!("--runs must be at least 1"));
@@ -135,59 +170,122 @@ fn main() {
         sync,
     ));
 
-    let rate = median(daemon.iter().map(|d| d.events_per_second).collect());
-    let wire_rate = median(wire);
-    let storage_rate = median(storage);
+    let runs = options.runs;
+    let total = options.events as f64;
+    let flux_rate = median_of(&figures.flux, |d| d.events_per_second);
+    let flux_wire_rate = median(figures.flux_wire.clone());
     // A body request per event (the bank feed's types are all registered but one) and a page
     // request per 20: the wire limit in events per second.
-    let bodies_per_event = daemon
+    let bodies_per_event = figures
+        .flux
         .first()
-        .map_or(1.0, |d| d.body_requests as f64 / options.events as f64);
-    let wire_events = wire_rate / bodies_per_event.max(1e-9);
+        .map_or(1.0, |d| d.body_requests as f64 / total);
+    let flux_wire_events = flux_wire_rate / bodies_per_event.max(1e-9);
+    let inline_rate = median_of(&figures.inline, |d| d.events_per_second);
+    let inline_wire_events = median(figures.inline_wire.clone()) * inline_wire.events_per_request;
+    let storage_rate = median(figures.storage.clone());
+    let balances_rate = median_of(&figures.inline_balances, |d| d.events_per_second);
+    let balances_storage_rate = median(figures.balances_storage.clone());
+    let percent = |part: f64, whole: f64| 100.0 * part / whole.max(1e-9);
     println!();
-    println!("| measure (median of {}) | value |", options.runs);
-    println!("| --- | --- |");
-    println!("| daemon, first request to last commit | {rate:.0} events/s |");
+    println!("| measure (median of {runs}) | Flux | inline |");
+    println!("| --- | --- | --- |");
     println!(
-        "| wire limit: the server's body requests at {CONNECTIONS} connections, by {wire_tool} | {wire_rate:.0} requests/s ({wire_events:.0} events/s at {bodies_per_event:.2} bodies an event) |"
+        "| daemon, first request to last commit, both shipped projections | {flux_rate:.0} events/s | {inline_rate:.0} events/s |"
     );
     println!(
-        "| daemon / wire limit | {:.0}% |",
-        100.0 * rate / wire_events.max(1e-9)
+        "| wire limit: the server's rate at {CONNECTIONS} connections, by {wire_tool} | {flux_wire_rate:.0} body requests/s = {flux_wire_events:.0} events/s | {:.0} pages/s = {inline_wire_events:.0} events/s |",
+        median(figures.inline_wire.clone())
     );
     println!(
-        "| storage limit: the writer alone, {MAX_BATCH_EVENTS} events a transaction | {storage_rate:.0} events/s |"
+        "| storage limit: the writer alone, {MAX_BATCH_EVENTS} events a transaction, both projections | {storage_rate:.0} events/s | {storage_rate:.0} events/s |"
     );
     println!(
-        "| peak RSS of the daemon | {:.1} MB |",
-        median(
-            daemon
-                .iter()
-                .map(|d| d.peak_rss_kib as f64 / 1024.0)
-                .collect()
-        )
+        "| daemon / wire limit | {:.0}% | {:.0}% |",
+        percent(flux_rate, flux_wire_events),
+        percent(inline_rate, inline_wire_events)
     );
     println!(
-        "| CPU of the daemon (user + system) | {:.2} s ({:.1} µs an event) |",
-        median(daemon.iter().map(|d| d.cpu_seconds).collect()),
-        1e6 * median(daemon.iter().map(|d| d.cpu_seconds).collect()) / options.events as f64
+        "| daemon / storage limit | {:.0}% | {:.0}% |",
+        percent(flux_rate, storage_rate),
+        percent(inline_rate, storage_rate)
     );
-    if let Some(d) = daemon.first() {
-        println!(
-            "| requests made | {} pages, {} bodies |",
-            d.page_requests, d.body_requests
-        );
-    }
     println!(
-        "| start-up to first request, warm database | {:.1} ms |",
+        "| `account_balances` alone: daemon (storage limit) | | {balances_rate:.0} events/s ({balances_storage_rate:.0}, {:.0}%) |",
+        percent(balances_rate, balances_storage_rate)
+    );
+    let rss = |runs: &[CatchUp]| median_of(runs, |d| d.peak_rss_kib as f64 / 1024.0);
+    println!(
+        "| peak RSS of the daemon | {:.1} MB | {:.1} MB |",
+        rss(&figures.flux),
+        rss(&figures.inline)
+    );
+    let cpu = |runs: &[CatchUp]| {
+        let seconds = median_of(runs, |d| d.cpu_seconds);
+        format!("{seconds:.2} s ({:.1} µs an event)", 1e6 * seconds / total)
+    };
+    println!(
+        "| CPU of the daemon (user + system) | {} | {} |",
+        cpu(&figures.flux),
+        cpu(&figures.inline)
+    );
+    let requests = |runs: &[CatchUp]| {
+        runs.first().map_or(String::new(), |d| {
+            format!("{} pages, {} bodies", d.page_requests, d.body_requests)
+        })
+    };
+    println!(
+        "| requests made | {} | {} |",
+        requests(&figures.flux),
+        requests(&figures.inline)
+    );
+    println!(
+        "| start-up to first request, warm database | {:.1} ms | |",
         startup.as_secs_f64() * 1e3
     );
     println!(
-        "| live latency, poll_interval 100 ms: feed to reader, {} events | p50 {:.1} ms, p99 {:.1} ms |",
+        "| live latency, poll_interval 100 ms: feed to reader, {} events | p50 {:.1} ms, p99 {:.1} ms | |",
         LIVE_EVENTS.min(options.events),
         live.0.as_secs_f64() * 1e3,
         live.1.as_secs_f64() * 1e3
     );
+}
+
+/// Every run's figures, per measure.
+#[derive(Default)]
+struct Figures {
+    flux_wire: Vec<f64>,
+    inline_wire: Vec<f64>,
+    storage: Vec<f64>,
+    balances_storage: Vec<f64>,
+    flux: Vec<CatchUp>,
+    inline: Vec<CatchUp>,
+    inline_balances: Vec<CatchUp>,
+}
+
+fn median_of(runs: &[CatchUp], figure: impl Fn(&CatchUp) -> f64) -> f64 {
+    median(runs.iter().map(figure).collect())
+}
+
+/// What a daemon run reads, and with which projections.
+#[derive(Clone, Copy)]
+struct Setup {
+    format: FeedFormat,
+    projections: Projections,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Projections {
+    /// `account_balances` (declarative SQL) and `account_ledger` (Rust).
+    Both,
+    BalancesOnly,
+}
+
+fn feed_url(server: &FeedServer, format: FeedFormat) -> String {
+    match format {
+        FeedFormat::Flux => server.url(),
+        FeedFormat::Inline => server.inline_url(),
+    }
 }
 
 /// The daemon binary as `cargo bench` built it: with the bench profile, which is the release one.
@@ -195,47 +293,52 @@ fn release_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_projector"))
 }
 
-/// wrk, set up to request the body URLs of every event in turn.
-struct Wrk {
-    /// Holds the request script.
+/// The requests that read the feed without a daemon, for its wire limit: the body URLs of every
+/// event in turn (Flux), or the pages of the whole feed in turn (inline).
+struct WireLoad {
+    /// Holds wrk's request script.
     dir: tempfile::TempDir,
-    url: String,
+    base: String,
+    paths: Vec<String>,
+    events_per_request: f64,
 }
 
-impl Wrk {
-    /// None if wrk is not installed.
-    fn find(server: &FeedServer, events: &[StoredEvent]) -> Option<Wrk> {
-        let installed = Command::new("wrk")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !installed {
-            return None;
-        }
+impl WireLoad {
+    fn new(server: &FeedServer, format: FeedFormat, events: &[StoredEvent]) -> WireLoad {
+        let (paths, events_per_request): (Vec<String>, f64) = match format {
+            FeedFormat::Flux => (
+                events.iter().map(|e| format!("/events/{}", e.id)).collect(),
+                1.0,
+            ),
+            FeedFormat::Inline => {
+                let pages = events.len().div_ceil(DEFAULT_INLINE_PAGE_SIZE).max(1);
+                let paths = (0..pages)
+                    .map(|page| format!("/inline?offset={}", page * DEFAULT_INLINE_PAGE_SIZE))
+                    .collect();
+                (paths, events.len() as f64 / pages as f64)
+            }
+        };
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let paths: Vec<String> = events
-            .iter()
-            .map(|e| format!("\"/events/{}\"", e.id))
-            .collect();
+        let quoted: Vec<String> = paths.iter().map(|path| format!("{path:?}")).collect();
         let script = format!(
             "local paths = {{{}}}\nlocal n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(\"GET\", paths[(n % #paths) + 1])\nend\n",
-            paths.join(",")
+            quoted.join(",")
         );
-        std::fs::write(dir.path().join("bodies.lua"), script).unwrap_or_else(|e| panic!("{e}"));
-        Some(Wrk {
+        std::fs::write(dir.path().join("requests.lua"), script).unwrap_or_else(|e| panic!("{e}"));
+        WireLoad {
             dir,
-            url: server.url(),
-        })
+            base: format!("http://{}", server.addr()),
+            paths,
+            events_per_request,
+        }
     }
 
-    /// Requests a second over 3 seconds, at CONNECTIONS connections on 2 threads.
-    fn rate(&self) -> f64 {
+    /// Requests a second by wrk over 3 seconds, at CONNECTIONS connections on 2 threads.
+    fn wrk_rate(&self) -> f64 {
         let output = Command::new("wrk")
             .args(["-t2", &format!("-c{CONNECTIONS}"), "-d3s", "-s"])
-            .arg(self.dir.path().join("bodies.lua"))
-            .arg(&self.url)
+            .arg(self.dir.path().join("requests.lua"))
+            .arg(&self.base)
             .output()
             .unwrap_or_else(|e| panic!("running wrk: {e}"));
         let text = String::from_utf8_lossy(&output.stdout);
@@ -244,54 +347,69 @@ impl Wrk {
             .and_then(|rate| rate.trim().parse().ok())
             .unwrap_or_else(|| panic!("wrk printed no rate: {text}"))
     }
-}
 
-/// The server's rate for body URLs at CONNECTIONS connections, over 3 seconds, from the daemon's
-/// HTTP client in this process (when wrk is not installed).
-async fn wire_limit(server: &FeedServer, events: &[StoredEvent]) -> f64 {
-    let client = HttpClient::new(HttpSettings {
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(10),
-        max_response_bytes: 1 << 20,
-        idle_connections: CONNECTIONS,
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let base = server.url();
-    let urls: Arc<Vec<hyper::Uri>> = Arc::new(
-        events
-            .iter()
-            .map(|e| parse_uri(&format!("{base}/{}", e.id)).unwrap_or_else(|e| panic!("{e}")))
-            .collect(),
-    );
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONNECTIONS)
-        .map(|worker| {
-            let (client, urls, done) = (client.clone(), urls.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut index = worker;
-                while Instant::now() < deadline {
-                    let url = &urls[index % urls.len()];
-                    if client.get(url).await.is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    index += CONNECTIONS;
-                }
-            })
+    /// Requests a second over 3 seconds, at CONNECTIONS connections, from the daemon's HTTP
+    /// client in this process (when wrk is not installed).
+    async fn client_rate(&self) -> f64 {
+        let client = HttpClient::new(HttpSettings {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_response_bytes: 64 << 20,
+            idle_connections: CONNECTIONS,
         })
-        .collect();
-    for worker in workers {
-        let _ = worker.await;
+        .unwrap_or_else(|e| panic!("{e}"));
+        let urls: Arc<Vec<hyper::Uri>> = Arc::new(
+            self.paths
+                .iter()
+                .map(|path| {
+                    parse_uri(&format!("{}{path}", self.base)).unwrap_or_else(|e| panic!("{e}"))
+                })
+                .collect(),
+        );
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..CONNECTIONS)
+            .map(|worker| {
+                let (client, urls, done) = (client.clone(), urls.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut index = worker;
+                    while Instant::now() < deadline {
+                        let url = &urls[index % urls.len()];
+                        if client.get(url).await.is_ok() {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        index += CONNECTIONS;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            let _ = worker.await;
+        }
+        done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// The writer alone: the same events, with payloads, in batches as large as the daemon's
 /// largest, one transaction each.
-fn storage_limit(stored: &[StoredEvent], synchronous: Synchronous) -> f64 {
+fn storage_limit(
+    stored: &[StoredEvent],
+    synchronous: Synchronous,
+    projections: Projections,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), "http://127.0.0.1:1/events", synchronous);
+    let setup = Setup {
+        format: FeedFormat::Flux,
+        projections,
+    };
+    let config = write_config(
+        dir.path(),
+        setup,
+        "http://127.0.0.1:1/events",
+        "50ms",
+        synchronous,
+    );
     let config = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
     let projections = projector::projection::build_all(&config).unwrap_or_else(|e| panic!("{e}"));
     let events: Vec<Event> = stored
@@ -301,6 +419,7 @@ fn storage_limit(stored: &[StoredEvent], synchronous: Synchronous) -> f64 {
             offset: offset as u64,
             event_id: e.id.clone(),
             event_type: e.event_type.clone(),
+            aggregate_id: e.aggregate_id.clone(),
             aggregate_name: e.aggregate_name.clone(),
             aggregate_version: e.aggregate_version,
             created: e.created.clone(),
@@ -340,12 +459,9 @@ struct CatchUp {
     body_requests: u64,
 }
 
-fn write_config(dir: &Path, url: &str, synchronous: Synchronous) -> PathBuf {
-    write_config_polling(dir, url, "50ms", synchronous)
-}
-
-fn write_config_polling(
+fn write_config(
     dir: &Path,
+    setup: Setup,
     url: &str,
     poll_interval: &str,
     synchronous: Synchronous,
@@ -354,8 +470,15 @@ fn write_config_polling(
         Synchronous::Normal => "normal",
         Synchronous::Full => "full",
     };
+    let format = setup.format.name();
     let projection =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
+    let ledger = match setup.projections {
+        Projections::Both => {
+            "\n[[projection]]\nname = \"account_ledger\"\nfeed = \"bank\"\nmodule = \"account_ledger\"\n"
+        }
+        Projections::BalancesOnly => "",
+    };
     let text = format!(
         r#"[daemon]
 database = "projector.db"
@@ -365,19 +488,14 @@ synchronous = "{synchronous}"
 [[feed]]
 name = "bank"
 url = "{url}"
-format = "flux"
+format = "{format}"
 poll_interval = "{poll_interval}"
 
 [[projection]]
 name = "account_balances"
 feed = "bank"
 file = {projection:?}
-
-[[projection]]
-name = "account_ledger"
-feed = "bank"
-module = "account_ledger"
-"#
+{ledger}"#
     );
     let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
@@ -427,11 +545,14 @@ fn usage(pid: u32) -> (u64, f64) {
 async fn catch_up(
     binary: &Path,
     server: &FeedServer,
-    total: usize,
+    setup: Setup,
+    events: &[StoredEvent],
     synchronous: Synchronous,
 ) -> (CatchUp, tempfile::TempDir) {
+    let total = events.len();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config(dir.path(), &server.url(), synchronous);
+    let url = feed_url(server, setup.format);
+    let config = write_config(dir.path(), setup, &url, "50ms", synchronous);
     let database = dir.path().join("projector.db");
     let pages_before = server.page_requests();
     let bodies_before = body_requests(server);
@@ -506,7 +627,11 @@ async fn live_latency(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = write_config_polling(dir.path(), &server.url(), "100ms", synchronous);
+    let flux = Setup {
+        format: FeedFormat::Flux,
+        projections: Projections::Both,
+    };
+    let config = write_config(dir.path(), flux, &server.url(), "100ms", synchronous);
     let database = dir.path().join("projector.db");
     let child = spawn(binary, &config);
     // Wait until the daemon polls the (empty) feed.

@@ -30,8 +30,14 @@ pub fn generate(seed: u64, count: usize) -> Vec<StoredEvent> {
         if accounts.is_empty() || rng.u32(0..100) < 8 {
             let account_id = uuid(&mut rng);
             let body = json!({"account_id": account_id, "balance": rng.i64(0..1000)});
-            accounts.push((account_id, 1));
-            events.push(stored(event_id, 0, CREATED, created, body.to_string()));
+            accounts.push((account_id.clone(), 1));
+            events.push(stored(
+                event_id,
+                (account_id, 0),
+                CREATED,
+                created,
+                body.to_string(),
+            ));
             continue;
         }
         let pick = rng.usize(..accounts.len());
@@ -45,7 +51,7 @@ pub fn generate(seed: u64, count: usize) -> Vec<StoredEvent> {
         };
         events.push(stored(
             event_id,
-            aggregate_version,
+            (account_id.clone(), aggregate_version),
             event_type,
             created,
             body.to_string(),
@@ -58,15 +64,18 @@ fn transaction(rng: &mut fastrand::Rng, account_id: &str) -> serde_json::Value {
     json!({"account_id": account_id, "transaction_id": uuid(rng), "amount": rng.i64(1..500)})
 }
 
+/// `aggregate` is the account's id and its version.
 fn stored(
     id: String,
-    aggregate_version: i64,
+    aggregate: (String, i64),
     event_type: &str,
     created: String,
     body: String,
 ) -> StoredEvent {
+    let (aggregate_id, aggregate_version) = aggregate;
     StoredEvent {
         id,
+        aggregate_id,
         aggregate_name: "*account.Account".into(),
         aggregate_version,
         event_type: event_type.into(),

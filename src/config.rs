@@ -197,11 +197,23 @@ impl<'de> Deserialize<'de> for SocketMode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FeedFormat {
     /// The Flux feed: pages of entries, one more request per event body.
     Flux,
+    /// Pages of events with their payloads inline (Eventhus's event shape).
+    Inline,
+}
+
+impl FeedFormat {
+    /// The name `consumer.toml` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            FeedFormat::Flux => "flux",
+            FeedFormat::Inline => "inline",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,8 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::control::{ControlSocket, Reply, Request};
-use crate::feed::flux::FluxClient;
-use crate::feed::Backoff;
+use crate::feed::{Backoff, FeedClient};
 use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
 use crate::status::{DaemonStatus, FeedMonitor};
@@ -437,7 +436,7 @@ impl Engine {
                     "no projection reads this feed; it is not polled"
                 );
             } else {
-                let client = FluxClient::new(feed).with_context(|| {
+                let client = FeedClient::new(feed).with_context(|| {
                     format!("building the HTTP client of feed {:?}", feed.name())
                 })?;
                 let policy = ReadPolicy {

@@ -15,6 +15,9 @@ pub struct Event {
     pub offset: u64,
     pub event_id: String,
     pub event_type: String,
+    /// The aggregate the event belongs to, when the feed says (inline feeds); empty for Flux,
+    /// whose pages do not carry it.
+    pub aggregate_id: String,
     pub aggregate_name: String,
     pub aggregate_version: i64,
     /// As the feed wrote it (Flux: Go's ANSIC layout, server-local time, no zone).
@@ -34,22 +37,30 @@ impl Payload {
     /// Checks that `body` is one JSON value, not `null`, nested no deeper than serde_json reads
     /// (128 levels), without building it.
     pub fn from_json(body: Vec<u8>) -> Result<Payload, String> {
-        match serde_json::from_slice::<Option<CheckedJson>>(&body) {
-            Ok(Some(CheckedJson)) => {}
-            Ok(None) => {
-                return Err("the feed answered null: the body is not available (yet)".into())
-            }
-            Err(err) => return Err(format!("the body is not valid JSON: {err}")),
-        }
+        check(serde_json::from_slice::<Option<CheckedJson>>(&body))?;
         // Valid JSON read from bytes is valid UTF-8; this only avoids an unchecked conversion.
         String::from_utf8(body)
             .map(|text| Payload(text.into_boxed_str()))
             .map_err(|err| format!("the body is not UTF-8: {err}"))
     }
 
+    /// The same checks for a payload sent inside a page (inline feeds).
+    pub fn from_json_text(text: &str) -> Result<Payload, String> {
+        check(serde_json::from_str::<Option<CheckedJson>>(text))?;
+        Ok(Payload(text.into()))
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+fn check(read: serde_json::Result<Option<CheckedJson>>) -> Result<(), String> {
+    match read {
+        Ok(Some(CheckedJson)) => Ok(()),
+        Ok(None) => Err("the feed answered null: the body is not available (yet)".into()),
+        Err(err) => Err(format!("the body is not valid JSON: {err}")),
     }
 }
 
@@ -144,6 +155,7 @@ mod tests {
             offset: 3,
             event_id: "e".into(),
             event_type: "account.AccountCredited".into(),
+            aggregate_id: String::new(),
             aggregate_name: "*account.Account".into(),
             aggregate_version: 1,
             created: String::new(),

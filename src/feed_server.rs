@@ -1,5 +1,6 @@
 //! An in-process, Flux-compatible feed server on a loopback port: the demo's bank feed, and the
-//! feed the tests (and benchmarks) run the real daemon against.
+//! feed the tests (and benchmarks) run the real daemon against. The same events are served as
+//! an inline feed too, at `/inline` (Eventhus-shaped events with their payloads, 1,000 a page).
 //!
 //! It answers as a real Flux server does (pages as `application/json`, bodies as `text/plain`
 //! with a trailing newline, `null` for an unknown id, 422 for a negative offset), and it can
@@ -8,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -20,10 +21,14 @@ use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
+/// Events a page of the inline feed holds, unless set otherwise: large pages are the point.
+pub const DEFAULT_INLINE_PAGE_SIZE: usize = 1000;
+
 /// One event as the server stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub id: String,
+    pub aggregate_id: String,
     pub aggregate_name: String,
     pub aggregate_version: i64,
     pub event_type: String,
@@ -143,6 +148,7 @@ struct Shared {
     store: RwLock<Store>,
     faults: Mutex<Faults>,
     page_size: usize,
+    inline_page_size: AtomicUsize,
     page_requests: AtomicU64,
     body_requests: Mutex<HashMap<String, u64>>,
     faults_injected: AtomicU64,
@@ -182,6 +188,7 @@ impl FeedServer {
             store: RwLock::new(Store::default()),
             faults: Mutex::new(Faults::default()),
             page_size: 20,
+            inline_page_size: AtomicUsize::new(DEFAULT_INLINE_PAGE_SIZE),
             page_requests: AtomicU64::new(0),
             body_requests: Mutex::new(HashMap::new()),
             faults_injected: AtomicU64::new(0),
@@ -189,8 +196,9 @@ impl FeedServer {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let router = Router::new()
-            .route("/events", get(page))
+            .route("/events", get(flux_page))
             .route("/events/{id}", get(body))
+            .route("/inline", get(inline_page))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, router).await {
@@ -209,6 +217,18 @@ impl FeedServer {
     /// The feed's URL, as a consumer is configured with it.
     pub fn url(&self) -> String {
         format!("http://{}/events", self.addr)
+    }
+
+    /// The same feed in the inline format.
+    pub fn inline_url(&self) -> String {
+        format!("http://{}/inline", self.addr)
+    }
+
+    /// How many events an inline page holds from now on.
+    pub fn set_inline_page_size(&self, size: usize) {
+        self.shared
+            .inline_page_size
+            .store(size.max(1), Ordering::Relaxed);
     }
 
     pub fn append(&self, events: Vec<StoredEvent>) {
@@ -315,11 +335,55 @@ struct EntryJson<'a> {
     created: &'a str,
 }
 
-async fn page(
+/// The page formats the server speaks.
+#[derive(Clone, Copy)]
+enum PageFormat {
+    Flux,
+    Inline,
+}
+
+#[derive(Serialize)]
+struct InlinePageJson<'a> {
+    events: Vec<InlineEventJson<'a>>,
+}
+
+/// Eventhus's event, with Flux's creation time.
+#[derive(Serialize)]
+struct InlineEventJson<'a> {
+    id: &'a str,
+    aggregate_id: &'a str,
+    aggregate_type: &'a str,
+    version: i64,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    created: &'a str,
+    data: &'a serde_json::value::RawValue,
+}
+
+async fn flux_page(
     State(shared): State<Arc<Shared>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    page(PageFormat::Flux, &shared, &uri, &headers, &query).await
+}
+
+async fn inline_page(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    page(PageFormat::Inline, &shared, &uri, &headers, &query).await
+}
+
+async fn page(
+    format: PageFormat,
+    shared: &Shared,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
 ) -> Response {
     shared.page_requests.fetch_add(1, Ordering::Relaxed);
     let offset = match query.get("offset").map(|text| text.parse::<i64>()) {
@@ -334,37 +398,65 @@ async fn page(
                 .into_response()
         }
     };
+    let json = {
+        let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
+        let page_size = match format {
+            PageFormat::Flux => shared.page_size,
+            PageFormat::Inline => shared.inline_page_size.load(Ordering::Relaxed),
+        };
+        let end = offset.saturating_add(page_size).min(store.events.len());
+        let events = store.events.get(offset..end).unwrap_or_default();
+        match format {
+            PageFormat::Flux => flux_page_json(events, headers),
+            PageFormat::Inline => inline_page_json(events),
+        }
+    };
+    match shared.take_fault(Target::Pages) {
+        Some(fault) => faulty(fault, json, uri).await,
+        None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+    }
+}
+
+fn flux_page_json(events: &[StoredEvent], headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|host| host.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
-    let json = {
-        let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
-        let end = offset
-            .saturating_add(shared.page_size)
-            .min(store.events.len());
-        let events = store.events.get(offset..end).unwrap_or_default();
-        let page = PageJson {
-            description: "event feed",
-            events: events
-                .iter()
-                .map(|event| EntryJson {
-                    event_id: &event.id,
-                    url: format!("http://{host}/events/{}", event.id),
-                    aggregate_name: &event.aggregate_name,
-                    aggregate_version: event.aggregate_version,
-                    event_type: &event.event_type,
-                    created: &event.created,
-                })
-                .collect(),
-        };
-        serde_json::to_string(&page).unwrap_or_default()
+        .unwrap_or("localhost");
+    let page = PageJson {
+        description: "event feed",
+        events: events
+            .iter()
+            .map(|event| EntryJson {
+                event_id: &event.id,
+                url: format!("http://{host}/events/{}", event.id),
+                aggregate_name: &event.aggregate_name,
+                aggregate_version: event.aggregate_version,
+                event_type: &event.event_type,
+                created: &event.created,
+            })
+            .collect(),
     };
-    match shared.take_fault(Target::Pages) {
-        Some(fault) => faulty(fault, json, &uri).await,
-        None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-    }
+    serde_json::to_string(&page).unwrap_or_default()
+}
+
+/// A stored body that is not JSON is sent as `null`: a page cannot carry it.
+fn inline_page_json(events: &[StoredEvent]) -> String {
+    let null = serde_json::value::RawValue::NULL;
+    let page = InlinePageJson {
+        events: events
+            .iter()
+            .map(|event| InlineEventJson {
+                id: &event.id,
+                aggregate_id: &event.aggregate_id,
+                aggregate_type: &event.aggregate_name,
+                version: event.aggregate_version,
+                event_type: &event.event_type,
+                created: &event.created,
+                data: serde_json::from_str(&event.body).unwrap_or(null),
+            })
+            .collect(),
+    };
+    serde_json::to_string(&page).unwrap_or_default()
 }
 
 async fn body(

@@ -18,9 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::event::{Event, Payload};
-use crate::feed::flux::{FluxClient, PageEntry};
-use crate::feed::{Backoff, FetchError};
+use crate::event::Event;
+use crate::feed::{Backoff, EntryBody, FeedClient, FetchError, PageEntry};
 use crate::status::{FeedMonitor, ReaderPhase};
 use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
 
@@ -61,7 +60,7 @@ pub struct ReadPolicy {
 
 pub struct Pipeline {
     feed: String,
-    client: FluxClient,
+    client: FeedClient,
     policy: ReadPolicy,
     writer: WriterHandle,
     members: Vec<Member>,
@@ -102,7 +101,7 @@ enum Stop {
 impl Pipeline {
     pub fn new(
         feed: String,
-        client: FluxClient,
+        client: FeedClient,
         policy: ReadPolicy,
         writer: WriterHandle,
         members: Vec<Member>,
@@ -536,7 +535,7 @@ where
 /// Reads a feed's pages in order, from a start offset on, and follows the feed at its head.
 struct PageReader {
     feed: String,
-    client: FluxClient,
+    client: FeedClient,
     monitor: Arc<FeedMonitor>,
     reader: usize,
     policy: ReadPolicy,
@@ -630,9 +629,10 @@ impl PageReader {
     }
 }
 
-/// Fetches the bodies the members need; the others are passed over unread.
+/// Fetches the bodies the members need (inline ones are at hand); the others are passed over
+/// unread, or dropped.
 struct BodyReader {
-    client: FluxClient,
+    client: FeedClient,
     monitor: Arc<FeedMonitor>,
     backoff: Backoff,
     members: Vec<Member>,
@@ -643,17 +643,43 @@ impl BodyReader {
         let wanted = self.members.iter().any(|member| {
             offset >= member.next_offset && member.event_types.contains(&entry.event_type)
         });
-        let (payload, body_bytes) = if wanted {
-            let (payload, bytes) = retry(&self.monitor, &self.backoff, || {
-                self.client.fetch_body(&entry)
-            })
-            .await;
-            (Some(payload), bytes)
-        } else {
-            (None, 0)
+        let fetched = match &entry.body {
+            EntryBody::At(url) if wanted => Some(
+                retry(&self.monitor, &self.backoff, || {
+                    self.client.fetch_body(&entry, url)
+                })
+                .await,
+            ),
+            _ => None,
+        };
+        let PageEntry {
+            event_id,
+            event_type,
+            aggregate_id,
+            aggregate_name,
+            aggregate_version,
+            created,
+            body,
+        } = entry;
+        let (payload, body_bytes) = match (body, fetched) {
+            (_, Some((payload, bytes))) => (Some(payload), bytes),
+            (EntryBody::Inline(payload), None) if wanted => {
+                let bytes = payload.as_str().len();
+                (Some(payload), bytes)
+            }
+            _ => (None, 0),
         };
         Fetched {
-            event: into_event(offset, entry, payload),
+            event: Event {
+                offset,
+                event_id,
+                event_type,
+                aggregate_id,
+                aggregate_name,
+                aggregate_version,
+                created,
+                payload,
+            },
             body_bytes,
         }
     }
@@ -663,18 +689,6 @@ impl BodyReader {
 struct Fetched {
     event: Event,
     body_bytes: usize,
-}
-
-fn into_event(offset: u64, entry: PageEntry, payload: Option<Payload>) -> Event {
-    Event {
-        offset,
-        event_id: entry.event_id,
-        event_type: entry.event_type,
-        aggregate_name: entry.aggregate_name,
-        aggregate_version: entry.aggregate_version,
-        created: entry.created,
-        payload,
-    }
 }
 
 #[cfg(test)]
@@ -687,6 +701,7 @@ mod tests {
                 offset,
                 event_id: format!("e{offset}"),
                 event_type: "t".into(),
+                aggregate_id: String::new(),
                 aggregate_name: String::new(),
                 aggregate_version: 0,
                 created: String::new(),

@@ -684,6 +684,7 @@ mod tests {
             offset,
             event_id: format!("id-{offset}"),
             event_type: event_type.into(),
+            aggregate_id: String::new(),
             aggregate_name: String::new(),
             aggregate_version: 0,
             created: String::new(),

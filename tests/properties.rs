@@ -1,4 +1,4 @@
-//! Property tests of everything that parses outside input: the feed-page parser, the declarative
+//! Property tests of everything that parses outside input: the feed-page parsers (Flux and inline), the declarative
 //! projection loader, the configuration and the control protocol. Arbitrary input may be
 //! refused, never panic; what is valid must come through unchanged.
 //! More cases on demand: `PROPTEST_CASES=100000 cargo test --release --test properties`.
@@ -12,6 +12,7 @@ use url::Url;
 use projector::config::Config;
 use projector::control::Request;
 use projector::feed::flux::parse_page;
+use projector::feed::{inline, EntryBody};
 use projector::projection::sql::SqlProjection;
 
 fn feed_url() -> Url {
@@ -52,6 +53,24 @@ fn near_entry() -> impl Strategy<Value = Value> {
         "(https?://[a-z.:0-9]{0,20}/)?[a-z0-9/?=]{0,12}".prop_map(Value::from),
     ];
     prop::collection::btree_map(field, plausible, 0..7)
+        .prop_map(|map| Value::Object(map.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+}
+
+/// An inline event whose known fields (Eventhus's and Flux's names) hold anything.
+fn near_inline_event() -> impl Strategy<Value = Value> {
+    let field = prop_oneof![
+        Just("id"),
+        Just("event_id"),
+        Just("type"),
+        Just("aggregate_id"),
+        Just("aggregate_type"),
+        Just("version"),
+        Just("created"),
+        Just("data"),
+        Just("payload"),
+    ];
+    let plausible = prop_oneof![json_value(), "[a-z0-9-]{0,10}".prop_map(Value::from)];
+    prop::collection::btree_map(field, plausible, 0..9)
         .prop_map(|map| Value::Object(map.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
 }
 
@@ -120,6 +139,58 @@ proptest! {
             prop_assert_eq!(&entry.aggregate_name, aggregate);
             prop_assert_eq!(entry.aggregate_version, *version);
             prop_assert_eq!(&entry.created, created);
+        }
+    }
+
+    #[test]
+    fn the_inline_page_parser_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        value in json_value(),
+        events in prop::collection::vec(near_inline_event(), 0..6),
+    ) {
+        let _ = inline::parse_page(&bytes);
+        let _ = inline::parse_page(value.to_string().as_bytes());
+        let _ = inline::parse_page(Value::from(events.clone()).to_string().as_bytes());
+        let _ = inline::parse_page(json!({ "events": events }).to_string().as_bytes());
+    }
+
+    #[test]
+    fn valid_inline_pages_parse_to_their_events_and_payload_text(
+        events in prop::collection::vec((valid_entry(), "[a-f0-9-]{0,36}", json_value()), 0..20)
+    ) {
+        let events: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            // Unique ids; a null payload is no payload, so it is wrapped.
+            .map(|(i, ((id, event_type, aggregate, version, created), aggregate_id, data))| {
+                (format!("{id}-{i}"), event_type, aggregate, version, created, aggregate_id, json!({ "v": data }))
+            })
+            .collect();
+        let page = Value::from(events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
+            "id": id,
+            "type": event_type,
+            "aggregate_id": aggregate_id,
+            "aggregate_type": aggregate,
+            "version": version,
+            "created": created,
+            "data": data,
+        })).collect::<Vec<_>>());
+        let parsed = inline::parse_page(page.to_string().as_bytes());
+        prop_assert!(parsed.is_ok(), "{parsed:?}");
+        let parsed = parsed.unwrap_or_default();
+        prop_assert_eq!(parsed.len(), events.len());
+        for (entry, (id, event_type, aggregate, version, created, aggregate_id, data)) in parsed.iter().zip(&events) {
+            prop_assert_eq!(&entry.event_id, id);
+            prop_assert_eq!(&entry.event_type, event_type);
+            prop_assert_eq!(&entry.aggregate_id, aggregate_id);
+            prop_assert_eq!(&entry.aggregate_name, aggregate);
+            prop_assert_eq!(entry.aggregate_version, *version);
+            prop_assert_eq!(&entry.created, created);
+            let text = match &entry.body {
+                EntryBody::Inline(payload) => payload.as_str().to_string(),
+                EntryBody::At(url) => format!("a URL: {url}"),
+            };
+            prop_assert_eq!(text, data.to_string());
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::bank_feed;
-use crate::config::Config;
+use crate::config::{Config, FeedFormat};
 use crate::feed_server::FeedServer;
 
 /// println!, except that a reader gone away (`projector demo | head`) is not a panic: the demo
@@ -46,7 +46,12 @@ const DEMO_FILES: &[&str] = &[
 /// Give up when nothing moves for this long (a halted projection, a broken machine).
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 
-pub fn demo(events: usize, fault_rate: f64, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn demo(
+    events: usize,
+    fault_rate: f64,
+    format: FeedFormat,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     if events == 0 || events > 10_000_000 {
         bail!("--events must be between 1 and 10000000");
     }
@@ -57,7 +62,7 @@ pub fn demo(events: usize, fault_rate: f64, dir: Option<PathBuf>) -> anyhow::Res
     prepare_dir(&dir)?;
     // The progress line is the demo's output; warnings and errors still show.
     crate::logging::init("warn", crate::config::LogFormat::Text);
-    super::runtime()?.block_on(run_demo(events, fault_rate, &dir))
+    super::runtime()?.block_on(run_demo(events, fault_rate, format, &dir))
 }
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
@@ -77,7 +82,12 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     .context("writing the demo's projection file")
 }
 
-async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<ExitCode> {
+async fn run_demo(
+    events: usize,
+    fault_rate: f64,
+    format: FeedFormat,
+    dir: &Path,
+) -> anyhow::Result<ExitCode> {
     let feed = bank_feed::generate(42, events);
     let expected = bank_feed::expected_balances(&feed);
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), feed)
@@ -87,16 +97,21 @@ async fn run_demo(events: usize, fault_rate: f64, dir: &Path) -> anyhow::Result<
         server.random_faults(7, fault_rate);
     }
     let config_path = dir.join("consumer.toml");
-    std::fs::write(&config_path, demo_config(&server.url()))
+    let url = match format {
+        FeedFormat::Flux => server.url(),
+        FeedFormat::Inline => server.inline_url(),
+    };
+    std::fs::write(&config_path, demo_config(&url, format))
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
     let projections = crate::projection::build_all(&config)?;
     let database = config.daemon.database.clone();
 
-    say!(
-        "Embedded Flux bank feed: {events} events at {}",
-        server.url()
-    );
+    let described = match format {
+        FeedFormat::Flux => "Flux bank feed",
+        FeedFormat::Inline => "bank feed, inline format,",
+    };
+    say!("Embedded {described} {events} events at {url}");
     if fault_rate > 0.0 {
         say!(
             "  failing {:.0}% of its requests on purpose",
@@ -205,7 +220,8 @@ fn slowest_checkpoint(database: &Path) -> Option<u64> {
     checkpoints.iter().map(|(_, c)| c.next_offset).min()
 }
 
-fn demo_config(feed_url: &str) -> String {
+fn demo_config(feed_url: &str, format: FeedFormat) -> String {
+    let format = format.name();
     format!(
         r#"# Written by `projector demo`. Rerun the daemon on it with: projector run --config <this file>
 [daemon]
@@ -215,7 +231,7 @@ control_socket = "projector.sock"
 [[feed]]
 name = "bank"
 url = "{feed_url}"
-format = "flux"
+format = "{format}"
 poll_interval = "100ms"
 retry_initial = "10ms"
 retry_max = "1s"

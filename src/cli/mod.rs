@@ -10,6 +10,7 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::config::FeedFormat;
 use clap::{Parser, Subcommand};
 
 /// Projector: folds event feeds into SQLite read models, exactly once.
@@ -79,6 +80,9 @@ pub enum Command {
         /// The fraction of feed requests that fail (0 to 0.5), to watch the daemon retry.
         #[arg(long, default_value_t = 0.0)]
         fault_rate: f64,
+        /// The feed format the embedded feed is read in.
+        #[arg(long, value_enum, default_value = "flux")]
+        format: FeedFormat,
         /// Where to put the demo's config and database (it is emptied first).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -105,8 +109,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             events,
             fault_rate,
+            format,
             dir,
-        } => demo::demo(events, fault_rate, dir),
+        } => demo::demo(events, fault_rate, format, dir),
     }
 }
 

@@ -1,9 +1,9 @@
-//! The Flux feed client: `GET {feed}?offset=N` for a page of entries, `GET {entry.url}` for the
-//! payload of one event.
+//! The Flux feed's pages: entries without payloads, each with the URL of its body
+//! (`GET {entry.url}`, fetched by `FeedClient::fetch_body`).
 //!
-//! It trusts nothing it reads: status codes, sizes (limited while streaming), JSON shape, repeated
-//! event ids and `null` bodies (Flux's answer for an unknown id) all come back as a `FetchError`.
-//! Bodies may be served as `text/plain` (Go's json.Encoder), so the content type is not checked.
+//! It trusts nothing it reads: JSON shape, missing fields and repeated event ids are refused
+//! with a reason. Bodies may be served as `text/plain` (Go's json.Encoder), so the content type
+//! is not checked.
 
 use std::collections::HashSet;
 
@@ -11,21 +11,8 @@ use hyper::Uri;
 use serde::Deserialize;
 use url::Url;
 
-use super::http::{parse_uri, GetError, HttpClient, HttpSettings};
-use super::FetchError;
-use crate::config::FeedConfig;
-use crate::event::Payload;
-
-/// One entry of a feed page: an event without its payload.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PageEntry {
-    pub event_id: String,
-    pub url: Uri,
-    pub event_type: String,
-    pub aggregate_name: String,
-    pub aggregate_version: i64,
-    pub created: String,
-}
+use super::http::parse_uri;
+use super::{EntryBody, PageEntry};
 
 #[derive(Deserialize)]
 struct RawPage {
@@ -43,72 +30,6 @@ struct RawEntry {
     aggregate_version: i64,
     #[serde(default)]
     created: String,
-}
-
-/// A client for one Flux feed; cheap to clone (the connection pool is shared).
-#[derive(Clone)]
-pub struct FluxClient {
-    http: HttpClient,
-    feed_url: Url,
-}
-
-impl FluxClient {
-    pub fn new(feed: &FeedConfig) -> Result<FluxClient, rustls::Error> {
-        let http = HttpClient::new(HttpSettings {
-            connect_timeout: feed.connect_timeout.0,
-            request_timeout: feed.request_timeout.0,
-            max_response_bytes: feed.max_response_bytes.0,
-            idle_connections: feed.body_concurrency.0 + 2,
-        })?;
-        Ok(FluxClient {
-            http,
-            feed_url: feed.url.0.clone(),
-        })
-    }
-
-    /// The page of entries starting at `offset`; empty at the head of the feed.
-    pub async fn fetch_page(&self, offset: u64) -> Result<Vec<PageEntry>, FetchError> {
-        let mut url = self.feed_url.clone();
-        url.query_pairs_mut()
-            .append_pair("offset", &offset.to_string());
-        let what = || format!("page at offset {offset} ({url})");
-        let uri =
-            parse_uri(url.as_str()).map_err(|reason| failed(what(), GetError::new(reason)))?;
-        let bytes = self
-            .http
-            .get(&uri)
-            .await
-            .map_err(|err| failed(what(), err))?;
-        parse_page(&bytes, &self.feed_url).map_err(|reason| failed(what(), GetError::new(reason)))
-    }
-
-    /// The payload of one event, and the size of its body in bytes.
-    pub async fn fetch_body(&self, entry: &PageEntry) -> Result<(Payload, usize), FetchError> {
-        // Described only on failure: formatting it for every body cost about as much as parsing it.
-        let what = || {
-            format!(
-                "body of {} {} ({})",
-                entry.event_type, entry.event_id, entry.url
-            )
-        };
-        let bytes = self
-            .http
-            .get(&entry.url)
-            .await
-            .map_err(|err| failed(what(), err))?;
-        let size = bytes.len();
-        Payload::from_json(bytes)
-            .map(|payload| (payload, size))
-            .map_err(|reason| failed(what(), GetError::new(reason)))
-    }
-}
-
-fn failed(what: String, err: GetError) -> FetchError {
-    FetchError {
-        what,
-        reason: err.reason,
-        retry_after: err.retry_after,
-    }
 }
 
 /// Parses a page body; entry URLs may be absolute or relative to the feed URL.
@@ -131,11 +52,13 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String
                 .map_err(|err| format!("entry {} has a bad url: {err}", raw.event_id))?;
             Ok(PageEntry {
                 event_id: raw.event_id,
-                url,
                 event_type: raw.event_type,
+                // Flux's pages do not say; payloads usually carry their aggregate's id.
+                aggregate_id: String::new(),
                 aggregate_name: raw.aggregate_name,
                 aggregate_version: raw.aggregate_version,
                 created: raw.created,
+                body: EntryBody::At(url),
             })
         })
         .collect()
@@ -157,6 +80,13 @@ fn entry_uri(feed_url: &Url, url: &str) -> Result<Uri, String> {
 mod tests {
     use super::*;
 
+    fn body_url(entry: &PageEntry) -> String {
+        match &entry.body {
+            EntryBody::At(url) => url.to_string(),
+            EntryBody::Inline(payload) => format!("inline {}", payload.as_str()),
+        }
+    }
+
     fn feed_url() -> Url {
         Url::parse("http://127.0.0.1:3900/events").unwrap_or_else(|e| panic!("{e}"))
     }
@@ -169,7 +99,7 @@ mod tests {
         assert_eq!(entries[0].event_type, "account.AccountCreated");
         assert_eq!(entries[0].created, "Sun Nov 22 19:04:21 2026");
         assert_eq!(
-            entries[0].url.to_string(),
+            body_url(&entries[0]),
             "http://127.0.0.1:3900/events/5ce38b3b-e9c6-4e95-b9e5-baf4fd603320"
         );
         assert!(parse_page(br#"{"events":[]}"#, &feed_url())?.is_empty());
@@ -200,12 +130,9 @@ mod tests {
     fn relative_entry_urls_resolve_against_the_feed() -> Result<(), String> {
         let body = br#"{"events":[{"event_id":"a","url":"/events/a","event_type":"t"},{"event_id":"b","url":"http://127.0.0.1:3900/events/b c","event_type":"t"}]}"#;
         let entries = parse_page(body, &feed_url())?;
-        assert_eq!(entries[0].url.to_string(), "http://127.0.0.1:3900/events/a");
+        assert_eq!(body_url(&entries[0]), "http://127.0.0.1:3900/events/a");
         // Absolute, but not sendable as written: resolved, which escapes the space.
-        assert_eq!(
-            entries[1].url.to_string(),
-            "http://127.0.0.1:3900/events/b%20c"
-        );
+        assert_eq!(body_url(&entries[1]), "http://127.0.0.1:3900/events/b%20c");
         let bad = br#"{"events":[{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
         let err = parse_page(bad, &feed_url()).err().unwrap_or_default();
         assert!(err.contains("entry a has a bad url"), "{err}");

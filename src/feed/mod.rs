@@ -1,4 +1,10 @@
-//! Feed clients, one per feed format, and what they share: the fetch error and the retry policy.
+//! Feed clients, one page format per module, and what they share: the page request, the body
+//! request, the fetch error and the retry policy.
+//!
+//! Every format is read the same way: `GET {feed}?offset=N` answers a page of entries starting at
+//! that position. A Flux entry says where its payload is (one more request each); an inline entry
+//! carries it. The pipeline sees only `PageEntry`, so a format is a page parser and one
+//! `FeedFormat` variant.
 //!
 //! Every fetch error is transient: the feed may come back, so the daemon retries with capped,
 //! jittered exponential backoff and never advances past an event it has not applied. What makes a
@@ -6,8 +12,107 @@
 
 pub mod flux;
 pub mod http;
+pub mod inline;
 
 use std::time::Duration;
+
+use hyper::Uri;
+use url::Url;
+
+use crate::config::{FeedConfig, FeedFormat};
+use crate::event::Payload;
+use http::{parse_uri, GetError, HttpClient, HttpSettings};
+
+/// One entry of a feed page: an event's metadata, and its payload or where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageEntry {
+    pub event_id: String,
+    pub event_type: String,
+    pub aggregate_id: String,
+    pub aggregate_name: String,
+    pub aggregate_version: i64,
+    pub created: String,
+    pub body: EntryBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryBody {
+    /// Fetched with a request of its own, only if a projection needs it (Flux).
+    At(Uri),
+    /// Sent in the page (inline feeds).
+    Inline(Payload),
+}
+
+/// A client for one feed; cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct FeedClient {
+    http: HttpClient,
+    feed_url: Url,
+    format: FeedFormat,
+}
+
+impl FeedClient {
+    pub fn new(feed: &FeedConfig) -> Result<FeedClient, rustls::Error> {
+        let http = HttpClient::new(HttpSettings {
+            connect_timeout: feed.connect_timeout.0,
+            request_timeout: feed.request_timeout.0,
+            max_response_bytes: feed.max_response_bytes.0,
+            idle_connections: feed.body_concurrency.0 + 2,
+        })?;
+        Ok(FeedClient {
+            http,
+            feed_url: feed.url.0.clone(),
+            format: feed.format,
+        })
+    }
+
+    /// The page of entries starting at `offset`; empty at the head of the feed.
+    pub async fn fetch_page(&self, offset: u64) -> Result<Vec<PageEntry>, FetchError> {
+        let mut url = self.feed_url.clone();
+        url.query_pairs_mut()
+            .append_pair("offset", &offset.to_string());
+        let what = || format!("page at offset {offset} ({url})");
+        let uri =
+            parse_uri(url.as_str()).map_err(|reason| failed(what(), GetError::new(reason)))?;
+        let bytes = self
+            .http
+            .get(&uri)
+            .await
+            .map_err(|err| failed(what(), err))?;
+        match self.format {
+            FeedFormat::Flux => flux::parse_page(&bytes, &self.feed_url),
+            FeedFormat::Inline => inline::parse_page(&bytes),
+        }
+        .map_err(|reason| failed(what(), GetError::new(reason)))
+    }
+
+    /// The payload of an entry whose body is `At(url)`, and the size of the body in bytes.
+    pub async fn fetch_body(
+        &self,
+        entry: &PageEntry,
+        url: &Uri,
+    ) -> Result<(Payload, usize), FetchError> {
+        // Described only on failure: formatting it for every body cost about as much as parsing it.
+        let what = || format!("body of {} {} ({url})", entry.event_type, entry.event_id);
+        let bytes = self
+            .http
+            .get(url)
+            .await
+            .map_err(|err| failed(what(), err))?;
+        let size = bytes.len();
+        Payload::from_json(bytes)
+            .map(|payload| (payload, size))
+            .map_err(|reason| failed(what(), GetError::new(reason)))
+    }
+}
+
+fn failed(what: String, err: GetError) -> FetchError {
+    FetchError {
+        what,
+        reason: err.reason,
+        retry_after: err.retry_after,
+    }
+}
 
 /// Why one request to a feed failed.
 #[derive(Debug, Clone, thiserror::Error)]

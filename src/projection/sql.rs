@@ -53,6 +53,7 @@ enum ParamSource {
     Offset,
     EventId,
     EventType,
+    AggregateId,
     AggregateName,
     AggregateVersion,
     Created,
@@ -62,13 +63,14 @@ enum ParamSource {
 
 impl ParamSource {
     const METADATA: &'static str =
-        "@offset, @event_id, @event_type, @aggregate_name, @aggregate_version, @created, @payload";
+        "@offset, @event_id, @event_type, @aggregate_id, @aggregate_name, @aggregate_version, @created, @payload";
 
     fn parse(text: &str) -> Option<ParamSource> {
         Some(match text {
             "@offset" => ParamSource::Offset,
             "@event_id" => ParamSource::EventId,
             "@event_type" => ParamSource::EventType,
+            "@aggregate_id" => ParamSource::AggregateId,
             "@aggregate_name" => ParamSource::AggregateName,
             "@aggregate_version" => ParamSource::AggregateVersion,
             "@created" => ParamSource::Created,
@@ -94,6 +96,7 @@ impl ParamSource {
             }
             ParamSource::EventId => text(&event.event_id),
             ParamSource::EventType => text(&event.event_type),
+            ParamSource::AggregateId => text(&event.aggregate_id),
             ParamSource::AggregateName => text(&event.aggregate_name),
             ParamSource::AggregateVersion => {
                 ToSqlOutput::Owned(SqlValue::Integer(event.aggregate_version))
@@ -286,6 +289,7 @@ mod tests {
             offset,
             event_id: format!("id-{offset}"),
             event_type: event_type.into(),
+            aggregate_id: String::new(),
             aggregate_name: "*account.Account".into(),
             aggregate_version: 0,
             created: "Sun Nov 22 19:04:21 2026".into(),

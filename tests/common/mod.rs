@@ -58,6 +58,23 @@ impl Harness {
         feed_extra: &str,
         daemon_extra: &str,
     ) {
+        self.write_config_in_format("flux", url, projections, feed_extra, daemon_extra);
+    }
+
+    /// As `write_config`, for the same feed served in the inline format.
+    pub fn write_inline_config(&self, projections: &str, feed_extra: &str) {
+        let url = self.server.inline_url();
+        self.write_config_in_format("inline", &url, projections, feed_extra, "");
+    }
+
+    fn write_config_in_format(
+        &self,
+        format: &str,
+        url: &str,
+        projections: &str,
+        feed_extra: &str,
+        daemon_extra: &str,
+    ) {
         // Without extra keys the file is line for line what the location tests expect.
         let daemon_extra = match daemon_extra {
             "" => String::new(),
@@ -71,7 +88,7 @@ control_socket = "projector.sock"
 [[feed]]
 name = "bank"
 url = "{url}"
-format = "flux"
+format = "{format}"
 poll_interval = "50ms"
 retry_initial = "10ms"
 retry_max = "200ms"

@@ -1,0 +1,185 @@
+//! Inline feeds: pages whose events carry their payloads, so one request reads a whole page of
+//! events (Eventhus and most event stores publish events this way).
+//!
+//! A page is `{"events": [...]}` or a bare `[...]`; each event is Eventhus's shape:
+//! `{"id", "type", "aggregate_id", "aggregate_type", "version", "data"}`, plus an optional
+//! `created`. Flux's names (`event_id`, `event_type`, `aggregate_name`, `aggregate_version`,
+//! `payload`) are read too, so a Flux-like server that inlines its bodies needs no other format.
+//! Offsets are positions, as in Flux: the next page starts at `offset + len(events)`, and the
+//! server decides the page size.
+//!
+//! The payload is kept as the page's JSON text and checked as a body is: an event whose `data`
+//! is missing, `null` or nested too deep makes the page unreadable, which the reader retries; it
+//! is never applied without its payload.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{EntryBody, PageEntry};
+use crate::event::Payload;
+
+#[derive(Deserialize)]
+struct RawPage<'a> {
+    #[serde(borrow)]
+    events: Vec<RawEvent<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(alias = "event_id")]
+    id: String,
+    #[serde(rename = "type", alias = "event_type")]
+    event_type: String,
+    #[serde(default)]
+    aggregate_id: String,
+    #[serde(default, alias = "aggregate_name")]
+    aggregate_type: String,
+    #[serde(default, alias = "aggregate_version")]
+    version: i64,
+    #[serde(default)]
+    created: String,
+    /// `None` for `null` as well as for a missing field.
+    #[serde(borrow, alias = "payload")]
+    data: Option<&'a RawValue>,
+}
+
+/// Parses a page body.
+pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let events = if first == Some(&b'[') {
+        serde_json::from_slice::<Vec<RawEvent>>(bytes)
+    } else {
+        serde_json::from_slice::<RawPage>(bytes).map(|page| page.events)
+    }
+    .map_err(|err| {
+        let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+        format!("the page is not an inline feed page ({err}); it starts with {start:?}")
+    })?;
+    let mut seen = HashSet::with_capacity(events.len());
+    if let Some(twice) = events.iter().find(|raw| !seen.insert(raw.id.as_str())) {
+        return Err(format!("the page lists event id {} twice", twice.id));
+    }
+    events
+        .into_iter()
+        .map(|raw| {
+            if raw.id.is_empty() || raw.event_type.is_empty() {
+                return Err("the page has an event with an empty id or type".into());
+            }
+            let data = raw
+                .data
+                .ok_or_else(|| format!("event {} has no data (missing or null)", raw.id))?;
+            let payload = Payload::from_json_text(data.get())
+                .map_err(|err| format!("event {} has unreadable data: {err}", raw.id))?;
+            Ok(PageEntry {
+                event_id: raw.id,
+                event_type: raw.event_type,
+                aggregate_id: raw.aggregate_id,
+                aggregate_name: raw.aggregate_type,
+                aggregate_version: raw.version,
+                created: raw.created,
+                body: EntryBody::Inline(payload),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(entry: &PageEntry) -> &str {
+        match &entry.body {
+            EntryBody::Inline(payload) => payload.as_str(),
+            EntryBody::At(url) => panic!("a URL in an inline page: {url}"),
+        }
+    }
+
+    #[test]
+    fn parses_eventhus_events_in_a_page_or_a_bare_array() -> Result<(), String> {
+        let event = r#"{"id": "e1", "aggregate_id": "a1", "aggregate_type": "Account", "version": 1, "type": "AccountCreated", "data": {"owner": "mishudark", "tags": [1, "\u00e9"]}}"#;
+        for body in [
+            format!(r#"{{"events": [{event}], "next": "ignored"}}"#),
+            format!(" [{event}]"),
+        ] {
+            let entries = parse_page(body.as_bytes())?;
+            assert_eq!(entries.len(), 1);
+            let entry = &entries[0];
+            assert_eq!(
+                (
+                    entry.event_id.as_str(),
+                    entry.event_type.as_str(),
+                    entry.aggregate_id.as_str(),
+                    entry.aggregate_name.as_str(),
+                    entry.aggregate_version,
+                    entry.created.as_str()
+                ),
+                ("e1", "AccountCreated", "a1", "Account", 1, "")
+            );
+            // The payload is the page's own text of it.
+            assert_eq!(
+                payload(entry),
+                r#"{"owner": "mishudark", "tags": [1, "\u00e9"]}"#
+            );
+        }
+        assert!(parse_page(b"[]")?.is_empty());
+        assert!(parse_page(br#"{"events": []}"#)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn reads_flux_names_too() -> Result<(), String> {
+        let body = br#"{"events":[{"event_id":"e","event_type":"account.AccountCredited","aggregate_name":"*account.Account","aggregate_version":3,"created":"Sun Nov 22 19:04:21 2026","payload":{"amount":1}}]}"#;
+        let entries = parse_page(body)?;
+        assert_eq!(entries[0].event_id, "e");
+        assert_eq!(entries[0].aggregate_name, "*account.Account");
+        assert_eq!(entries[0].aggregate_version, 3);
+        assert_eq!(entries[0].created, "Sun Nov 22 19:04:21 2026");
+        assert_eq!(payload(&entries[0]), r#"{"amount":1}"#);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_pages_it_cannot_apply_exactly() {
+        let deep = format!(
+            r#"[{{"id":"a","type":"t","data":{}{}}}]"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let cases: &[(&[u8], &str)] = &[
+            (b"<html>502 Bad Gateway</html>", "not an inline feed page"),
+            (br#"{"events": {}}"#, "not an inline feed page"),
+            (br#"{"description":"x"}"#, "not an inline feed page"),
+            (br#"[{"id":"a","data":{}}]"#, "not an inline feed page"),
+            (
+                br#"[{"id":"a","type":"t","data":{}"#,
+                "not an inline feed page",
+            ),
+            (
+                br#"[{"id":"a","type":"t","version":"2","data":{}}]"#,
+                "not an inline feed page",
+            ),
+            (br#"[{"id":"a","type":"t"}]"#, "event a has no data"),
+            (
+                br#"[{"id":"a","type":"t","data":null}]"#,
+                "event a has no data",
+            ),
+            (br#"[{"id":"","type":"t","data":{}}]"#, "empty id or type"),
+            (
+                br#"[{"id":"a","type":"t","data":1},{"id":"a","type":"t","data":2}]"#,
+                "lists event id a twice",
+            ),
+            (deep.as_bytes(), "event a has unreadable data"),
+            (br#"{"message":"x"}[]"#, "not an inline feed page"),
+        ];
+        for (body, expected) in cases {
+            let err = parse_page(body).err().unwrap_or_default();
+            assert!(
+                err.contains(expected),
+                "{}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
