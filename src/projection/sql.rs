@@ -49,7 +49,7 @@ struct HandlerFile {
 #[derive(Debug, Clone, PartialEq)]
 enum ParamSource {
     /// A JSON pointer into the payload, e.g. `/account_id` or `/address/city`.
-    Pointer(String),
+    Pointer(JsonPointer),
     Offset,
     EventId,
     EventType,
@@ -75,7 +75,7 @@ impl ParamSource {
             "@aggregate_version" => ParamSource::AggregateVersion,
             "@created" => ParamSource::Created,
             "@payload" => ParamSource::Payload,
-            pointer if pointer.starts_with('/') => ParamSource::Pointer(pointer.to_string()),
+            pointer if pointer.starts_with('/') => ParamSource::Pointer(JsonPointer::new(pointer)),
             _ => return None,
         })
     }
@@ -108,12 +108,59 @@ impl ParamSource {
             },
             ParamSource::Pointer(pointer) => {
                 let found = fields
-                    .and_then(|fields| fields.pointer(pointer))
+                    .and_then(|fields| pointer.find(fields))
                     .ok_or_else(|| decode_error(format!("the payload has no field {pointer}")))?;
                 json_to_sql(found).map_err(|reason| decode_error(format!("{pointer}: {reason}")))?
             }
         })
     }
+}
+
+/// An RFC 6901 JSON pointer, split and unescaped once when the projection loads: looking up
+/// `Value::pointer` splits and unescapes the text again for every event.
+#[derive(Debug, Clone, PartialEq)]
+struct JsonPointer {
+    text: String,
+    tokens: Vec<String>,
+}
+
+impl JsonPointer {
+    /// `text` starts with `/`.
+    fn new(text: &str) -> JsonPointer {
+        JsonPointer {
+            text: text.to_string(),
+            tokens: text
+                .split('/')
+                .skip(1)
+                .map(|token| token.replace("~1", "/").replace("~0", "~"))
+                .collect(),
+        }
+    }
+
+    /// What `Value::pointer` finds.
+    fn find<'v>(&self, value: &'v Value) -> Option<&'v Value> {
+        self.tokens
+            .iter()
+            .try_fold(value, |target, token| match target {
+                Value::Object(map) => map.get(token),
+                Value::Array(list) => array_index(token).and_then(|index| list.get(index)),
+                _ => None,
+            })
+    }
+}
+
+impl std::fmt::Display for JsonPointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// An array index as RFC 6901 writes it: digits, no sign, no leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
+        return None;
+    }
+    token.parse().ok()
 }
 
 fn text(value: &str) -> ToSqlOutput<'_> {
@@ -143,6 +190,8 @@ struct Handler {
     sql: String,
     /// Parameter i + 1 of the statement takes its value from `params[i]`.
     params: Vec<ParamSource>,
+    /// Some parameter is a payload field: the payload is parsed for the statement.
+    reads_fields: bool,
     expect_rows: Option<usize>,
 }
 
@@ -201,7 +250,7 @@ impl SqlProjection {
                 let bare = &name[1..];
                 used.push(bare.to_string());
                 params.push(match handler.params.get(bare) {
-                    None => ParamSource::Pointer(format!("/{bare}")),
+                    None => ParamSource::Pointer(JsonPointer::new(&format!("/{bare}"))),
                     Some(source) => ParamSource::parse(source.get_ref()).ok_or_else(|| {
                         ConfigError::new(
                             locate(source.span()),
@@ -222,11 +271,15 @@ impl SqlProjection {
                     format!("parameter {unused:?} is not used by the SQL for {event_type:?}"),
                 ));
             }
+            let reads_fields = params
+                .iter()
+                .any(|source| matches!(source, ParamSource::Pointer(_)));
             handlers.insert(
                 event_type.clone(),
                 Handler {
                     sql: handler.sql.get_ref().clone(),
                     params,
+                    reads_fields,
                     expect_rows: handler.expect_rows,
                 },
             );
@@ -252,12 +305,8 @@ impl Projection for SqlProjection {
         let Some(handler) = self.handlers.get(&event.event_type) else {
             return Ok(());
         };
-        let reads_fields = handler
-            .params
-            .iter()
-            .any(|source| matches!(source, ParamSource::Pointer(_)));
         // Parsed once for all the statement's fields.
-        let fields = if reads_fields {
+        let fields = if handler.reads_fields {
             Some(event.decode::<Value>()?)
         } else {
             None
@@ -388,6 +437,43 @@ params = { body = "/nested/deep/text", raw = "@payload", at = "@offset" }
         assert!(err.starts_with("p.toml:1:10:"), "{err}");
         let err = error_of("schema = \"\"\n[on.e]\nsqll = \"SELECT 1\"\n");
         assert!(err.contains("sqll"), "{err}");
+    }
+
+    #[test]
+    fn pointers_find_what_serde_json_finds() {
+        let value = json!({
+            "a": {"b/c": [10, {"d~e": "deep"}], "": 1},
+            "list": [0, 1, 2],
+            "01": "key",
+            "n": null
+        });
+        let pointers = [
+            "/a",
+            "/a/b~1c",
+            "/a/b~1c/0",
+            "/a/b~1c/1/d~0e",
+            "/a/",
+            "/a/b~1c/01",
+            "/a/b~1c/+1",
+            "/a/b~1c/2",
+            "/list/-",
+            "/list/2",
+            "/01",
+            "/n",
+            "/n/x",
+            "/missing",
+            "/a/b/c",
+            "/",
+            "/~01",
+        ];
+        for text in pointers {
+            assert_eq!(
+                JsonPointer::new(text).find(&value),
+                value.pointer(text),
+                "{text}"
+            );
+        }
+        assert_eq!(JsonPointer::new("/a/b~1c").to_string(), "/a/b~1c");
     }
 
     #[test]
