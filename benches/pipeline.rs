@@ -427,9 +427,11 @@ fn storage_limit(
         })
         .collect();
     let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();
+    // As the daemon opens it.
     let settings = WriterSettings {
         max_bytes: None,
         synchronous,
+        page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
     };
     let mut writer = Writer::open(&config.daemon.database, settings, projections)
         .unwrap_or_else(|e| panic!("{e:#}"));

@@ -140,6 +140,10 @@ pub struct DaemonConfig {
     /// "normal" or "full": how far each commit is pushed to disk (see [`Synchronous`]).
     #[serde(default)]
     pub synchronous: Synchronous,
+    /// The most memory the writer's SQLite page cache holds. Read models larger than it are
+    /// read back from the OS's cache at every batch.
+    #[serde(default = "defaults::page_cache_bytes")]
+    pub page_cache_bytes: ByteLimit,
 }
 
 impl DaemonConfig {
@@ -382,8 +386,11 @@ impl<'de> Deserialize<'de> for ByteLimit {
     }
 }
 
+/// The writer's page cache unless `[daemon] page_cache_bytes` says otherwise.
+pub const PAGE_CACHE_BYTES: usize = 8 << 20;
+
 mod defaults {
-    use super::{ByteLimit, Concurrency, Interval};
+    use super::{ByteLimit, Concurrency, Interval, PAGE_CACHE_BYTES};
     use std::time::Duration;
 
     pub fn poll_interval() -> Interval {
@@ -404,6 +411,10 @@ mod defaults {
     pub fn retry_max() -> Interval {
         Interval(Duration::from_secs(30))
     }
+    pub fn page_cache_bytes() -> ByteLimit {
+        ByteLimit(PAGE_CACHE_BYTES)
+    }
+
     pub fn max_response_bytes() -> ByteLimit {
         ByteLimit(16 * 1024 * 1024)
     }
@@ -695,6 +706,11 @@ on_error = "skip"
         assert_eq!(config.daemon.synchronous, Synchronous::Full);
         let err = error_of(&with("synchronous = \"off\""));
         assert!(err.contains(":5:15:") && err.contains("normal"), "{err}");
+        assert_eq!(config.daemon.page_cache_bytes.0, PAGE_CACHE_BYTES);
+        let config = parse(&with("page_cache_bytes = 33554432"))?;
+        assert_eq!(config.daemon.page_cache_bytes.0, 32 << 20);
+        let err = error_of(&with("page_cache_bytes = 10"));
+        assert!(err.contains(":5:20:"), "{err}");
         Ok(())
     }
 

@@ -383,6 +383,7 @@ impl Engine {
         let settings = WriterSettings {
             max_bytes: config.daemon.max_database_bytes.map(|limit| limit.0 as u64),
             synchronous: config.daemon.synchronous,
+            page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
         };
         let writer =
             tokio::task::spawn_blocking(move || Writer::open(&database, settings, projections))

@@ -90,6 +90,13 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Lets the connection's page cache hold up to `bytes`.
+pub fn set_page_cache(conn: &Connection, bytes: u64) -> rusqlite::Result<()> {
+    // A negative cache_size is in KiB rather than pages.
+    let kib = i64::try_from(bytes / 1024).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "cache_size", -kib)
+}
+
 /// Sets how far each commit is pushed to disk (see [`Synchronous`]).
 pub fn set_synchronous(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
     let value = match synchronous {

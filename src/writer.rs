@@ -118,6 +118,8 @@ pub struct WriterSettings {
     /// `max_database_bytes`.
     pub max_bytes: Option<u64>,
     pub synchronous: Synchronous,
+    /// `page_cache_bytes`; SQLite's default (2 MiB) if none.
+    pub page_cache_bytes: Option<u64>,
 }
 
 pub struct Writer {
@@ -153,6 +155,10 @@ impl Writer {
             .with_context(|| format!("opening database {}", path.display()))?;
         store::set_synchronous(&conn, settings.synchronous)
             .with_context(|| format!("setting synchronous on {}", path.display()))?;
+        if let Some(bytes) = settings.page_cache_bytes {
+            store::set_page_cache(&conn, bytes)
+                .with_context(|| format!("sizing the page cache of {}", path.display()))?;
+        }
         if let Some(max_bytes) = settings.max_bytes {
             store::limit_size(&conn, max_bytes)
                 .with_context(|| format!("limiting the size of {}", path.display()))?;
@@ -839,6 +845,22 @@ mod tests {
             ..WriterSettings::default()
         };
         assert_eq!(synchronous(&Writer::open(&path, full, Vec::new())?)?, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn the_page_cache_is_sized_as_configured() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let settings = WriterSettings {
+            page_cache_bytes: Some(12 << 20),
+            ..WriterSettings::default()
+        };
+        let writer = Writer::open(&dir.path().join("db"), settings, Vec::new())?;
+        let cache_size: i64 = writer
+            .conn
+            .query_row("PRAGMA cache_size", [], |row| row.get(0))?;
+        // Negative: KiB.
+        assert_eq!(cache_size, -12 * 1024);
         Ok(())
     }
 }
