@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,9 +45,16 @@ impl Payload {
             .map_err(|err| format!("the body is not UTF-8: {err}"))
     }
 
-    /// The same checks for a payload sent inside a page (inline feeds).
-    pub fn from_json_text(text: &str) -> Result<Payload, String> {
-        check(serde_json::from_str::<Option<CheckedJson>>(text))?;
+    /// The same checks for a payload sent inside a page (inline feeds), which the page's
+    /// parser has already found to be one JSON value. Only its nesting is left to check, and a
+    /// value with fewer opening brackets than the limit cannot be nested deeper: most payloads
+    /// are taken without being read again.
+    pub fn from_raw(raw: &RawValue) -> Result<Payload, String> {
+        let text = raw.get();
+        let brackets = text.bytes().filter(|&b| b == b'[' || b == b'{').count();
+        if text == "null" || brackets >= SHALLOW_BRACKETS {
+            check(serde_json::from_str::<Option<CheckedJson>>(text))?;
+        }
         Ok(Payload(text.into()))
     }
 
@@ -55,6 +63,10 @@ impl Payload {
         &self.0
     }
 }
+
+/// Fewer opening brackets than this (serde_json's nesting limit is 128) and a value is surely
+/// shallow enough.
+const SHALLOW_BRACKETS: usize = 100;
 
 fn check(read: serde_json::Result<Option<CheckedJson>>) -> Result<(), String> {
     match read {
@@ -198,6 +210,20 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(refused(deep.as_bytes()).contains("recursion limit"));
         let fine = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        // From a page: the same verdicts, with or without the full read.
+        let raw = |text: &str| {
+            let value: Box<RawValue> =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            Payload::from_raw(&value)
+        };
+        assert_eq!(raw(sent).as_ref().map(Payload::as_str), Ok(sent));
+        assert!(raw("null").is_err());
+        assert!(raw(&deep).is_err_and(|e| e.contains("recursion limit")));
+        assert!(raw(&fine).is_ok());
+        let many_shallow = format!("[{}]", vec!["{}"; 300].join(","));
+        assert!(raw(&many_shallow).is_ok());
+        let brackets_in_strings = format!("[\"{}\"]", "[".repeat(300));
+        assert!(raw(&brackets_in_strings).is_ok());
         let fine = Payload::from_json(fine.into_bytes());
         assert!(fine.is_ok_and(|p| serde_json::from_str::<Value>(p.as_str()).is_ok()));
     }

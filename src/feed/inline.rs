@@ -70,7 +70,7 @@ pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
             let data = raw
                 .data
                 .ok_or_else(|| format!("event {} has no data (missing or null)", raw.id))?;
-            let payload = Payload::from_json_text(data.get())
+            let payload = Payload::from_raw(data)
                 .map_err(|err| format!("event {} has unreadable data: {err}", raw.id))?;
             Ok(PageEntry {
                 event_id: raw.id,
