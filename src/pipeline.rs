@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::event::Event;
+use crate::event::{Event, Payload};
 use crate::feed::{Backoff, EntryBody, FeedClient, FetchError, PageEntry};
 use crate::status::{FeedMonitor, ReaderPhase};
 use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
@@ -324,24 +324,31 @@ impl Pipeline {
             pages.recv().await.map(|page| (page, pages))
         })
         .flat_map(move |page| {
-            // None stands for the head of the feed.
-            let entries: Vec<Result<Option<(u64, PageEntry)>, Stop>> = match page {
-                Ok(entries) if entries.is_empty() => vec![Ok(None)],
-                Ok(entries) => entries.into_iter().map(|entry| Ok(Some(entry))).collect(),
-                Err(stop) => vec![Err(stop)],
+            let steps = match page {
+                Ok(entries) if entries.is_empty() => vec![Step::Head],
+                Ok(entries) => bodies.steps(entries),
+                Err(stop) => vec![Step::Stop(stop)],
             };
             let bodies = bodies.clone();
-            stream::iter(entries).map(move |entry| {
+            stream::iter(steps).map(move |step| {
                 let bodies = bodies.clone();
                 async move {
-                    match entry? {
-                        Some((offset, entry)) => Ok(Read::Event(bodies.read(offset, entry).await)),
-                        None => Ok(Read::Head),
+                    match step {
+                        Step::Ready(events) => events
+                            .into_iter()
+                            .map(|(offset, entry)| Ok(Read::Event(bodies.at_hand(offset, entry))))
+                            .collect(),
+                        Step::Fetch(offset, entry) => {
+                            vec![Ok(Read::Event(bodies.fetch(offset, entry).await))]
+                        }
+                        Step::Head => vec![Ok(Read::Head)],
+                        Step::Stop(stop) => vec![Err(stop)],
                     }
                 }
             })
         })
         .buffered(self.policy.body_concurrency)
+        .flat_map(stream::iter)
     }
 
     /// Takes what the feed stream yielded into account.
@@ -629,6 +636,35 @@ impl PageReader {
     }
 }
 
+/// One step of reading a page, in the page's order: events whose payloads are at hand (inline,
+/// or not needed), or one body to fetch. An inline page is one step, not one per event: going
+/// through the ordered futures event by event cost about a fifth of the reader's CPU.
+enum Step {
+    Ready(Vec<(u64, PageEntry)>),
+    Fetch(u64, PageEntry),
+    Head,
+    Stop(Stop),
+}
+
+fn steps(entries: Vec<(u64, PageEntry)>, wanted: impl Fn(u64, &PageEntry) -> bool) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut ready = Vec::new();
+    for (offset, entry) in entries {
+        if matches!(entry.body, EntryBody::At(_)) && wanted(offset, &entry) {
+            if !ready.is_empty() {
+                steps.push(Step::Ready(std::mem::take(&mut ready)));
+            }
+            steps.push(Step::Fetch(offset, entry));
+        } else {
+            ready.push((offset, entry));
+        }
+    }
+    if !ready.is_empty() {
+        steps.push(Step::Ready(ready));
+    }
+    steps
+}
+
 /// Fetches the bodies the members need (inline ones are at hand); the others are passed over
 /// unread, or dropped.
 struct BodyReader {
@@ -639,49 +675,76 @@ struct BodyReader {
 }
 
 impl BodyReader {
-    async fn read(&self, offset: u64, entry: PageEntry) -> Fetched {
-        let wanted = self.members.iter().any(|member| {
+    fn wanted(&self, offset: u64, entry: &PageEntry) -> bool {
+        self.members.iter().any(|member| {
             offset >= member.next_offset && member.event_types.contains(&entry.event_type)
-        });
+        })
+    }
+
+    /// A page's entries as steps: runs of entries that need no request, and each body to fetch.
+    fn steps(&self, entries: Vec<(u64, PageEntry)>) -> Vec<Step> {
+        steps(entries, |offset, entry| self.wanted(offset, entry))
+    }
+
+    /// An event whose payload is in its entry, or not needed.
+    fn at_hand(&self, offset: u64, entry: PageEntry) -> Fetched {
+        let wanted = self.wanted(offset, &entry);
+        into_fetched(offset, entry, None, wanted)
+    }
+
+    /// An event whose body is fetched, retried until it comes.
+    async fn fetch(&self, offset: u64, entry: PageEntry) -> Fetched {
         let fetched = match &entry.body {
-            EntryBody::At(url) if wanted => Some(
+            EntryBody::At(url) => Some(
                 retry(&self.monitor, &self.backoff, || {
                     self.client.fetch_body(&entry, url)
                 })
                 .await,
             ),
-            _ => None,
+            // At hand: `steps` does not make it a fetch.
+            EntryBody::Inline(_) => None,
         };
-        let PageEntry {
+        into_fetched(offset, entry, fetched, true)
+    }
+}
+
+/// The event of `entry` at `offset`, with the payload a projection needs: the `fetched` body
+/// (and its size), else the entry's own if it is `wanted`.
+fn into_fetched(
+    offset: u64,
+    entry: PageEntry,
+    fetched: Option<(Payload, usize)>,
+    wanted: bool,
+) -> Fetched {
+    let PageEntry {
+        event_id,
+        event_type,
+        aggregate_id,
+        aggregate_name,
+        aggregate_version,
+        created,
+        body,
+    } = entry;
+    let (payload, body_bytes) = match (fetched, body) {
+        (Some((payload, bytes)), _) => (Some(payload), bytes),
+        (None, EntryBody::Inline(payload)) if wanted => {
+            let bytes = payload.as_str().len();
+            (Some(payload), bytes)
+        }
+        _ => (None, 0),
+    };
+    Fetched {
+        event: Event {
+            offset,
             event_id,
             event_type,
             aggregate_id,
             aggregate_name,
             aggregate_version,
             created,
-            body,
-        } = entry;
-        let (payload, body_bytes) = match (body, fetched) {
-            (_, Some((payload, bytes))) => (Some(payload), bytes),
-            (EntryBody::Inline(payload), None) if wanted => {
-                let bytes = payload.as_str().len();
-                (Some(payload), bytes)
-            }
-            _ => (None, 0),
-        };
-        Fetched {
-            event: Event {
-                offset,
-                event_id,
-                event_type,
-                aggregate_id,
-                aggregate_name,
-                aggregate_version,
-                created,
-                payload,
-            },
-            body_bytes,
-        }
+            payload,
+        },
+        body_bytes,
     }
 }
 
@@ -709,6 +772,56 @@ mod tests {
             },
             body_bytes,
         }
+    }
+
+    fn entry(event_type: &str, body: EntryBody) -> PageEntry {
+        PageEntry {
+            event_id: format!("id-{event_type}"),
+            event_type: event_type.into(),
+            aggregate_id: String::new(),
+            aggregate_name: String::new(),
+            aggregate_version: 0,
+            created: String::new(),
+            body,
+        }
+    }
+
+    /// Each step as text: `R3` for three events at hand, `F7` for a fetch at offset 7.
+    fn shape(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|step| match step {
+                Step::Ready(events) => format!("R{}", events.len()),
+                Step::Fetch(offset, _) => format!("F{offset}"),
+                Step::Head => "H".into(),
+                Step::Stop(_) => "S".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_page_is_read_in_steps_that_fetch_only_what_is_needed() {
+        let wanted = |_: u64, entry: &PageEntry| entry.event_type == "wanted";
+        let at = || EntryBody::At(hyper::Uri::from_static("http://127.0.0.1/e"));
+        let inline = || EntryBody::Inline(serde_json::json!({"a": 1}).into());
+        // An inline page is one step, wanted or not.
+        let page = (0..1000)
+            .map(|offset| {
+                let event_type = if offset % 3 == 0 { "other" } else { "wanted" };
+                (offset, entry(event_type, inline()))
+            })
+            .collect();
+        assert_eq!(shape(&steps(page, wanted)), ["R1000"]);
+        // A Flux page: a fetch per wanted body, the others passed over in runs, order kept.
+        let page = vec![
+            (0, entry("wanted", at())),
+            (1, entry("other", at())),
+            (2, entry("other", at())),
+            (3, entry("wanted", at())),
+            (4, entry("wanted", at())),
+            (5, entry("other", at())),
+        ];
+        assert_eq!(shape(&steps(page, wanted)), ["F0", "R2", "F3", "F4", "R1"]);
     }
 
     #[test]
