@@ -21,6 +21,8 @@ use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
+use crate::config::FeedFormat;
+
 /// Events a page of the inline feed holds, unless set otherwise: large pages are the point.
 pub const DEFAULT_INLINE_PAGE_SIZE: usize = 1000;
 
@@ -335,13 +337,6 @@ struct EntryJson<'a> {
     created: &'a str,
 }
 
-/// The page formats the server speaks.
-#[derive(Clone, Copy)]
-enum PageFormat {
-    Flux,
-    Inline,
-}
-
 #[derive(Serialize)]
 struct InlinePageJson<'a> {
     events: Vec<InlineEventJson<'a>>,
@@ -366,7 +361,7 @@ async fn flux_page(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    page(PageFormat::Flux, &shared, &uri, &headers, &query).await
+    page(FeedFormat::Flux, &shared, &uri, &headers, &query).await
 }
 
 async fn inline_page(
@@ -375,11 +370,11 @@ async fn inline_page(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    page(PageFormat::Inline, &shared, &uri, &headers, &query).await
+    page(FeedFormat::Inline, &shared, &uri, &headers, &query).await
 }
 
 async fn page(
-    format: PageFormat,
+    format: FeedFormat,
     shared: &Shared,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
@@ -401,14 +396,14 @@ async fn page(
     let json = {
         let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
         let page_size = match format {
-            PageFormat::Flux => shared.page_size,
-            PageFormat::Inline => shared.inline_page_size.load(Ordering::Relaxed),
+            FeedFormat::Flux => shared.page_size,
+            FeedFormat::Inline => shared.inline_page_size.load(Ordering::Relaxed),
         };
         let end = offset.saturating_add(page_size).min(store.events.len());
         let events = store.events.get(offset..end).unwrap_or_default();
         match format {
-            PageFormat::Flux => flux_page_json(events, headers),
-            PageFormat::Inline => inline_page_json(events),
+            FeedFormat::Flux => flux_page_json(events, headers),
+            FeedFormat::Inline => inline_page_json(events),
         }
     };
     match shared.take_fault(Target::Pages) {
