@@ -67,7 +67,7 @@ pub struct DeadLetter<'a> {
 }
 
 /// Opens (creating if needed) the database for writing and brings Projector's tables up to date.
-pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+pub fn open_writer(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         // A missing folder is created, like systemd's StateDirectory; failure shows up in open.
         let _ = std::fs::create_dir_all(parent);
@@ -76,7 +76,7 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL: readers never block the writer and the writer never blocks readers. NORMAL is durable
     // across process crashes in WAL mode; only a power loss can drop the last commits
-    // ([daemon] synchronous = "full" for that).
+    // ([daemon] synchronous = "full" for that). Set before the migrations commit anything.
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(
@@ -84,7 +84,7 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
             "database did not switch to WAL mode; readers may block the daemon"
         );
     }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    set_synchronous(&conn, synchronous)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut conn)?;
     Ok(conn)
@@ -98,7 +98,7 @@ pub fn set_page_cache(conn: &Connection, bytes: u64) -> rusqlite::Result<()> {
 }
 
 /// Sets how far each commit is pushed to disk (see [`Synchronous`]).
-pub fn set_synchronous(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
+fn set_synchronous(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
     let value = match synchronous {
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
@@ -298,8 +298,8 @@ mod tests {
     fn migrations_are_idempotent_and_checkpoints_round_trip() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("nested/db.sqlite");
-        drop(open_writer(&path)?);
-        let mut conn = open_writer(&path)?;
+        drop(open_writer(&path, Synchronous::Normal)?);
+        let mut conn = open_writer(&path, Synchronous::Normal)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         assert_eq!(version, MIGRATIONS.len() as i64);
         let tx = conn.transaction()?;
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn pausing_is_idempotent_and_resuming_forgets() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let mut conn = open_writer(&dir.path().join("db.sqlite"))?;
+        let mut conn = open_writer(&dir.path().join("db.sqlite"), Synchronous::Normal)?;
         let tx = conn.transaction()?;
         set_paused(&tx, "bank", true)?;
         set_paused(&tx, "bank", true)?;
@@ -344,8 +344,10 @@ mod tests {
     fn a_newer_database_is_refused() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("db.sqlite");
-        open_writer(&path)?.pragma_update(None, "user_version", 99)?;
-        let err = open_writer(&path).err().map(|e| e.to_string());
+        open_writer(&path, Synchronous::Normal)?.pragma_update(None, "user_version", 99)?;
+        let err = open_writer(&path, Synchronous::Normal)
+            .err()
+            .map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("newer")));
         Ok(())
     }

@@ -151,10 +151,8 @@ impl Writer {
         projections: Vec<ConfiguredProjection>,
     ) -> anyhow::Result<Writer> {
         use anyhow::Context;
-        let mut conn = store::open_writer(path)
+        let mut conn = store::open_writer(path, settings.synchronous)
             .with_context(|| format!("opening database {}", path.display()))?;
-        store::set_synchronous(&conn, settings.synchronous)
-            .with_context(|| format!("setting synchronous on {}", path.display()))?;
         if let Some(bytes) = settings.page_cache_bytes {
             store::set_page_cache(&conn, bytes)
                 .with_context(|| format!("sizing the page cache of {}", path.display()))?;
@@ -804,7 +802,7 @@ mod tests {
         let path = dir.path().join("db");
         let mut writer = open(&path, OnError::Stop);
         // Another writer commits behind this one's back (here: the checkpoints moved on).
-        let mut conn = store::open_writer(&path)?;
+        let mut conn = store::open_writer(&path, Synchronous::Normal)?;
         let tx = conn.transaction()?;
         for name in ["a", "b"] {
             let moved = Checkpoint {
