@@ -5,6 +5,7 @@
 //! `{"id", "type", "aggregate_id", "aggregate_type", "version", "data"}`, plus an optional
 //! `created`. Flux's names (`event_id`, `event_type`, `aggregate_name`, `aggregate_version`,
 //! `payload`) are read too, so a Flux-like server that inlines its bodies needs no other format.
+//! `id`, `aggregate_id` and `created` may be integers, taken as their decimal text.
 //! Offsets are positions, as in Flux: the next page starts at `offset + len(events)`, and the
 //! server decides the page size.
 //!
@@ -28,21 +29,49 @@ struct RawPage<'a> {
 
 #[derive(Deserialize)]
 struct RawEvent<'a> {
-    #[serde(alias = "event_id")]
+    #[serde(alias = "event_id", deserialize_with = "text_or_number")]
     id: String,
     #[serde(rename = "type", alias = "event_type")]
     event_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_number")]
     aggregate_id: String,
     #[serde(default, alias = "aggregate_name")]
     aggregate_type: String,
     #[serde(default, alias = "aggregate_version")]
     version: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_number")]
     created: String,
     /// `None` for `null` as well as for a missing field.
     #[serde(borrow, alias = "payload")]
     data: Option<&'a RawValue>,
+}
+
+/// Ids and times are text to Projector, but many stores number them: a sequence number for an
+/// id, seconds since the epoch for a time. An integer is taken as its decimal text.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct TextOrNumber;
+
+    impl serde::de::Visitor<'_> for TextOrNumber {
+        type Value = String;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a string or an integer")
+        }
+        fn visit_str<E>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_string())
+        }
+        fn visit_string<E>(self, text: String) -> Result<String, E> {
+            Ok(text)
+        }
+        fn visit_i64<E>(self, number: i64) -> Result<String, E> {
+            Ok(number.to_string())
+        }
+        fn visit_u64<E>(self, number: u64) -> Result<String, E> {
+            Ok(number.to_string())
+        }
+    }
+
+    deserializer.deserialize_any(TextOrNumber)
 }
 
 /// Parses a page body.
@@ -125,6 +154,24 @@ mod tests {
         }
         assert!(parse_page(b"[]")?.is_empty());
         assert!(parse_page(br#"{"events": []}"#)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn numbered_ids_and_times_are_taken_as_text() -> Result<(), String> {
+        let body = br#"[{"id":42,"type":"t","aggregate_id":7,"created":1795374261,"data":{}},{"id":18446744073709551615,"type":"t","data":{}}]"#;
+        let entries = parse_page(body)?;
+        assert_eq!(
+            (
+                entries[0].event_id.as_str(),
+                entries[0].aggregate_id.as_str(),
+                entries[0].created.as_str()
+            ),
+            ("42", "7", "1795374261")
+        );
+        assert_eq!(entries[1].event_id, u64::MAX.to_string());
+        let err = parse_page(br#"[{"id":1.5,"type":"t","data":{}}]"#).err();
+        assert!(err.is_some_and(|e| e.contains("not an inline feed page")));
         Ok(())
     }
 
