@@ -336,7 +336,9 @@ impl Pipeline {
                     match step {
                         Step::Ready(events) => events
                             .into_iter()
-                            .map(|(offset, entry)| Ok(Read::Event(bodies.at_hand(offset, entry))))
+                            .map(|(offset, entry, wanted)| {
+                                Ok(Read::Event(into_fetched(offset, entry, None, wanted)))
+                            })
                             .collect(),
                         Step::Fetch(offset, entry) => {
                             vec![Ok(Read::Event(bodies.fetch(offset, entry).await))]
@@ -640,7 +642,8 @@ impl PageReader {
 /// or not needed), or one body to fetch. An inline page is one step, not one per event: going
 /// through the ordered futures event by event cost about 15% of the reader's CPU.
 enum Step {
-    Ready(Vec<(u64, PageEntry)>),
+    /// Each event with whether some projection needs its payload.
+    Ready(Vec<(u64, PageEntry, bool)>),
     Fetch(u64, PageEntry),
     Head,
     Stop(Stop),
@@ -650,13 +653,14 @@ fn steps(entries: Vec<(u64, PageEntry)>, wanted: impl Fn(u64, &PageEntry) -> boo
     let mut steps = Vec::new();
     let mut ready = Vec::new();
     for (offset, entry) in entries {
-        if matches!(entry.body, EntryBody::At(_)) && wanted(offset, &entry) {
+        let wanted = wanted(offset, &entry);
+        if wanted && matches!(entry.body, EntryBody::At(_)) {
             if !ready.is_empty() {
                 steps.push(Step::Ready(std::mem::take(&mut ready)));
             }
             steps.push(Step::Fetch(offset, entry));
         } else {
-            ready.push((offset, entry));
+            ready.push((offset, entry, wanted));
         }
     }
     if !ready.is_empty() {
@@ -683,12 +687,6 @@ impl BodyReader {
 
     fn steps(&self, entries: Vec<(u64, PageEntry)>) -> Vec<Step> {
         steps(entries, |offset, entry| self.wanted(offset, entry))
-    }
-
-    /// An event whose payload is in its entry, or not needed.
-    fn at_hand(&self, offset: u64, entry: PageEntry) -> Fetched {
-        let wanted = self.wanted(offset, &entry);
-        into_fetched(offset, entry, None, wanted)
     }
 
     /// An event whose body is fetched, retried until it comes.
@@ -810,7 +808,13 @@ mod tests {
                 (offset, entry(event_type, inline()))
             })
             .collect();
-        assert_eq!(shape(&steps(page, wanted)), ["R1000"]);
+        let inline_steps = steps(page, wanted);
+        assert_eq!(shape(&inline_steps), ["R1000"]);
+        if let Some(Step::Ready(events)) = inline_steps.first() {
+            // Their payloads are kept for the wanted ones only.
+            let kept = events.iter().filter(|(_, _, wanted)| *wanted).count();
+            assert_eq!(kept, 666);
+        }
         // A Flux page: a fetch per wanted body, the others passed over in runs, order kept.
         let page = vec![
             (0, entry("wanted", at())),
