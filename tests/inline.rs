@@ -68,7 +68,7 @@ async fn faults_on_inline_pages_are_retried_until_the_read_model_is_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_event_without_its_payload_holds_the_feed_until_the_feed_has_it() {
+async fn an_event_without_its_payload_holds_the_feed_at_itself_until_the_feed_has_it() {
     let events = bank_feed::generate(23, 300);
     let mut broken = events.clone();
     // Served as `"data": null`.
@@ -79,11 +79,11 @@ async fn an_event_without_its_payload_holds_the_feed_until_the_feed_has_it() {
     let mut daemon = harness.spawn_running().await;
     let says = format!("event {} has no data", events[120].id);
     harness
-        .wait_for_backoff(&mut daemon, &["page at offset 100", &says])
+        .wait_for_backoff(&mut daemon, &["page at offset 120", &says])
         .await;
-    // The pages before it are applied; nothing of its page is.
-    harness.wait_for_checkpoints(&mut daemon, BOTH, 100).await;
-    harness.assert_exact(&events[..100]);
+    // Every event before it is applied, none after it.
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 120).await;
+    harness.assert_exact(&events[..120]);
 
     harness.server.replace(events.clone());
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;

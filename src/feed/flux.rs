@@ -12,7 +12,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::http::parse_uri;
-use super::{EntryBody, PageEntry};
+use super::{readable_prefix, EntryBody, PageEntry};
 
 #[derive(Deserialize)]
 struct RawPage {
@@ -32,7 +32,8 @@ struct RawEntry {
     created: String,
 }
 
-/// Parses a page body; entry URLs may be absolute or relative to the feed URL.
+/// Parses a page body, up to its first unreadable entry; entry URLs may be absolute or relative
+/// to the feed URL.
 pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String> {
     let page: RawPage = serde_json::from_slice(bytes).map_err(|err| {
         let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
@@ -42,26 +43,23 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String
     if let Some(twice) = page.events.iter().find(|raw| !seen.insert(&raw.event_id)) {
         return Err(format!("the page lists event id {} twice", twice.event_id));
     }
-    page.events
-        .into_iter()
-        .map(|raw| {
-            if raw.event_id.is_empty() || raw.event_type.is_empty() {
-                return Err("the page has an entry with an empty event_id or event_type".into());
-            }
-            let url = entry_uri(feed_url, &raw.url)
-                .map_err(|err| format!("entry {} has a bad url: {err}", raw.event_id))?;
-            Ok(PageEntry {
-                event_id: raw.event_id,
-                event_type: raw.event_type,
-                // Flux's pages do not say; payloads usually carry their aggregate's id.
-                aggregate_id: String::new(),
-                aggregate_name: raw.aggregate_name,
-                aggregate_version: raw.aggregate_version,
-                created: raw.created,
-                body: EntryBody::At(url),
-            })
+    readable_prefix(page.events.into_iter().map(|raw| {
+        if raw.event_id.is_empty() || raw.event_type.is_empty() {
+            return Err("the page has an entry with an empty event_id or event_type".into());
+        }
+        let url = entry_uri(feed_url, &raw.url)
+            .map_err(|err| format!("entry {} has a bad url: {err}", raw.event_id))?;
+        Ok(PageEntry {
+            event_id: raw.event_id,
+            event_type: raw.event_type,
+            // Flux's pages do not say; payloads usually carry their aggregate's id.
+            aggregate_id: String::new(),
+            aggregate_name: raw.aggregate_name,
+            aggregate_version: raw.aggregate_version,
+            created: raw.created,
+            body: EntryBody::At(url),
         })
-        .collect()
+    }))
 }
 
 /// Where an entry's body is. Flux writes absolute URLs, taken as they are: resolving each one
@@ -136,6 +134,11 @@ mod tests {
         let bad = br#"{"events":[{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
         let err = parse_page(bad, &feed_url()).err().unwrap_or_default();
         assert!(err.contains("entry a has a bad url"), "{err}");
+        // Behind a good entry, a bad one ends the page instead.
+        let behind = br#"{"events":[{"event_id":"z","url":"/events/z","event_type":"t"},{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
+        let entries = parse_page(behind, &feed_url())?;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].event_id, "z");
         Ok(())
     }
 }

@@ -9,16 +9,17 @@
 //! Offsets are positions, as in Flux: the next page starts at `offset + len(events)`, and the
 //! server decides the page size.
 //!
-//! The payload is kept as the page's JSON text and checked as a body is: an event whose `data`
-//! is missing, `null` or nested too deep makes the page unreadable, which the reader retries; it
-//! is never applied without its payload.
+//! The payload is kept as the page's JSON text and checked as a body is. An event whose `data`
+//! is missing, `null` or nested too deep ends the page before it: the events before it are
+//! applied, and the next page, which starts with it, is refused and retried. It is never applied
+//! without its payload.
 
 use std::collections::HashSet;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{EntryBody, PageEntry};
+use super::{readable_prefix, EntryBody, PageEntry};
 use crate::event::Payload;
 
 #[derive(Deserialize)]
@@ -74,7 +75,7 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<S
     deserializer.deserialize_any(TextOrNumber)
 }
 
-/// Parses a page body.
+/// Parses a page body, up to its first unreadable event.
 pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let events = if first == Some(&b'[') {
@@ -90,28 +91,25 @@ pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
     if let Some(twice) = events.iter().find(|raw| !seen.insert(raw.id.as_str())) {
         return Err(format!("the page lists event id {} twice", twice.id));
     }
-    events
-        .into_iter()
-        .map(|raw| {
-            if raw.id.is_empty() || raw.event_type.is_empty() {
-                return Err("the page has an event with an empty id or type".into());
-            }
-            let data = raw
-                .data
-                .ok_or_else(|| format!("event {} has no data (missing or null)", raw.id))?;
-            let payload = Payload::from_raw(data)
-                .map_err(|err| format!("event {} has unreadable data: {err}", raw.id))?;
-            Ok(PageEntry {
-                event_id: raw.id,
-                event_type: raw.event_type,
-                aggregate_id: raw.aggregate_id,
-                aggregate_name: raw.aggregate_type,
-                aggregate_version: raw.version,
-                created: raw.created,
-                body: EntryBody::Inline(payload),
-            })
+    readable_prefix(events.into_iter().map(|raw| {
+        if raw.id.is_empty() || raw.event_type.is_empty() {
+            return Err("the page has an event with an empty id or type".into());
+        }
+        let data = raw
+            .data
+            .ok_or_else(|| format!("event {} has no data (missing or null)", raw.id))?;
+        let payload = Payload::from_raw(data)
+            .map_err(|err| format!("event {} has unreadable data: {err}", raw.id))?;
+        Ok(PageEntry {
+            event_id: raw.id,
+            event_type: raw.event_type,
+            aggregate_id: raw.aggregate_id,
+            aggregate_name: raw.aggregate_type,
+            aggregate_version: raw.version,
+            created: raw.created,
+            body: EntryBody::Inline(payload),
         })
-        .collect()
+    }))
 }
 
 #[cfg(test)]
@@ -172,6 +170,19 @@ mod tests {
         assert_eq!(entries[1].event_id, u64::MAX.to_string());
         let err = parse_page(br#"[{"id":1.5,"type":"t","data":{}}]"#).err();
         assert!(err.is_some_and(|e| e.contains("not an inline feed page")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_page_ends_before_its_first_unreadable_event() -> Result<(), String> {
+        let body = br#"[{"id":"a","type":"t","data":1},{"id":"b","type":"t","data":2},{"id":"c","type":"t"},{"id":"d","type":"t","data":4}]"#;
+        let entries = parse_page(body)?;
+        let ids: Vec<&str> = entries.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        // The next page starts at the bad event: refused, with the reason.
+        let next = br#"[{"id":"c","type":"t"},{"id":"d","type":"t","data":4}]"#;
+        let err = parse_page(next).err().unwrap_or_default();
+        assert!(err.contains("event c has no data"), "{err}");
         Ok(())
     }
 

@@ -106,6 +106,23 @@ impl FeedClient {
     }
 }
 
+/// A page's entries up to the first one that cannot be read, or why the first one cannot. The
+/// events before a bad entry are applied; the next page starts at the bad one, which is then
+/// refused, reported and retried on its own.
+fn readable_prefix(
+    entries: impl Iterator<Item = Result<PageEntry, String>>,
+) -> Result<Vec<PageEntry>, String> {
+    let mut readable = Vec::with_capacity(entries.size_hint().0);
+    for entry in entries {
+        match entry {
+            Ok(entry) => readable.push(entry),
+            Err(reason) if readable.is_empty() => return Err(reason),
+            Err(_) => break,
+        }
+    }
+    Ok(readable)
+}
+
 fn failed(what: String, err: GetError) -> FetchError {
     FetchError {
         what,
