@@ -5,14 +5,12 @@
 //! with a reason. Bodies may be served as `text/plain` (Go's json.Encoder), so the content type
 //! is not checked.
 
-use std::collections::HashSet;
-
 use hyper::Uri;
 use serde::Deserialize;
 use url::Url;
 
 use super::http::parse_uri;
-use super::{readable_prefix, EntryBody, PageEntry};
+use super::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
 
 #[derive(Deserialize)]
 struct RawPage {
@@ -35,14 +33,9 @@ struct RawEntry {
 /// Parses a page body, up to its first unreadable entry; entry URLs may be absolute or relative
 /// to the feed URL.
 pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String> {
-    let page: RawPage = serde_json::from_slice(bytes).map_err(|err| {
-        let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-        format!("the page is not a Flux feed page ({err}); it starts with {start:?}")
-    })?;
-    let mut seen = HashSet::with_capacity(page.events.len());
-    if let Some(twice) = page.events.iter().find(|raw| !seen.insert(&raw.event_id)) {
-        return Err(format!("the page lists event id {} twice", twice.event_id));
-    }
+    let page: RawPage =
+        serde_json::from_slice(bytes).map_err(|err| not_a_page("a Flux feed", bytes, err))?;
+    check_unique_ids(page.events.iter().map(|raw| raw.event_id.as_str()))?;
     readable_prefix(page.events.into_iter().map(|raw| {
         if raw.event_id.is_empty() || raw.event_type.is_empty() {
             return Err("the page has an entry with an empty event_id or event_type".into());

@@ -14,12 +14,10 @@
 //! applied, and the next page, which starts with it, is refused and retried. It is never applied
 //! without its payload.
 
-use std::collections::HashSet;
-
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{readable_prefix, EntryBody, PageEntry};
+use super::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
 use crate::event::Payload;
 
 #[derive(Deserialize)]
@@ -83,14 +81,8 @@ pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
     } else {
         serde_json::from_slice::<RawPage>(bytes).map(|page| page.events)
     }
-    .map_err(|err| {
-        let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-        format!("the page is not an inline feed page ({err}); it starts with {start:?}")
-    })?;
-    let mut seen = HashSet::with_capacity(events.len());
-    if let Some(twice) = events.iter().find(|raw| !seen.insert(raw.id.as_str())) {
-        return Err(format!("the page lists event id {} twice", twice.id));
-    }
+    .map_err(|err| not_a_page("an inline feed", bytes, err))?;
+    check_unique_ids(events.iter().map(|raw| raw.id.as_str()))?;
     readable_prefix(events.into_iter().map(|raw| {
         if raw.id.is_empty() || raw.event_type.is_empty() {
             return Err("the page has an event with an empty id or type".into());

@@ -14,6 +14,7 @@ pub mod flux;
 pub mod http;
 pub mod inline;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use hyper::Uri;
@@ -104,6 +105,23 @@ impl FeedClient {
             .map(|payload| (payload, size))
             .map_err(|reason| failed(what(), GetError::new(reason)))
     }
+}
+
+/// Why `bytes` is not a page of the `format` named: the parser's reason, and how the body starts.
+fn not_a_page(format: &str, bytes: &[u8], err: serde_json::Error) -> String {
+    let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+    format!("the page is not {format} page ({err}); it starts with {start:?}")
+}
+
+/// Refuses a page that lists an event id twice: which of the two is the event is unknown.
+fn check_unique_ids<'a>(ids: impl ExactSizeIterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(format!("the page lists event id {id} twice"));
+        }
+    }
+    Ok(())
 }
 
 /// A page's entries up to the first one that cannot be read, or why the first one cannot. The
