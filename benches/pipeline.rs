@@ -281,13 +281,6 @@ enum Projections {
     BalancesOnly,
 }
 
-fn feed_url(server: &FeedServer, format: FeedFormat) -> String {
-    match format {
-        FeedFormat::Flux => server.url(),
-        FeedFormat::Inline => server.inline_url(),
-    }
-}
-
 /// The daemon binary as `cargo bench` built it: with the bench profile, which is the release one.
 fn release_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_projector"))
@@ -553,7 +546,7 @@ async fn catch_up(
 ) -> (CatchUp, tempfile::TempDir) {
     let total = events.len();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let url = feed_url(server, setup.format);
+    let url = server.url_in(setup.format);
     let config = write_config(dir.path(), setup, &url, "50ms", synchronous);
     let database = dir.path().join("projector.db");
     let pages_before = server.page_requests();

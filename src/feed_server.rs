@@ -226,6 +226,14 @@ impl FeedServer {
         format!("http://{}/inline", self.addr)
     }
 
+    /// The feed's URL in `format`.
+    pub fn url_in(&self, format: FeedFormat) -> String {
+        match format {
+            FeedFormat::Flux => self.url(),
+            FeedFormat::Inline => self.inline_url(),
+        }
+    }
+
     /// How many events an inline page holds from now on.
     pub fn set_inline_page_size(&self, size: usize) {
         self.shared

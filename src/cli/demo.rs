@@ -97,10 +97,7 @@ async fn run_demo(
         server.random_faults(7, fault_rate);
     }
     let config_path = dir.join("consumer.toml");
-    let url = match format {
-        FeedFormat::Flux => server.url(),
-        FeedFormat::Inline => server.inline_url(),
-    };
+    let url = server.url_in(format);
     std::fs::write(&config_path, demo_config(&url, format))
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
