@@ -62,7 +62,7 @@ pub fn demo(
     prepare_dir(&dir)?;
     // The progress line is the demo's output; warnings and errors still show.
     crate::logging::init("warn", crate::config::LogFormat::Text);
-    super::runtime()?.block_on(run_demo(events, fault_rate, format, &dir))
+    super::demo_runtime()?.block_on(run_demo(events, fault_rate, format, &dir))
 }
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {

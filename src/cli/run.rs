@@ -13,7 +13,7 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let projections = crate::projection::build_all(&config)?;
     crate::logging::init("info", config.daemon.log_format);
-    super::runtime()?.block_on(async {
+    super::daemon_runtime()?.block_on(async {
         let (control, inbox) = crate::daemon::channel();
         crate::signals::forward(control).context("installing signal handlers")?;
         crate::daemon::run(config, projections, inbox).await
