@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{stream, FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -37,6 +37,9 @@ const MAX_BATCH_WAIT: Duration = Duration::from_millis(500);
 
 /// How many read pages wait for the body fetches (the page reader reads one more, then waits).
 const PAGES_AHEAD: usize = 2;
+/// The steps kept in order, as a multiple of `body_concurrency`, the requests in flight: the
+/// answers behind a slow one at the head of the feed wait for it while new requests go out.
+const ANSWERS_AHEAD: usize = 4;
 
 /// A page of the feed, each event with its offset (none at the head), or the stop that ends the
 /// pages.
@@ -261,8 +264,8 @@ impl Pipeline {
             }
         };
         // Dropping the fetches in flight is safe: nothing of them was applied. No request
-        // starts while the batch in flight settles: the page reader may be in the middle of a
-        // step on another thread, so it is waited for until it has stopped.
+        // starts while the batch in flight settles: the page reader's task may be in the middle
+        // of a request, so it is waited for until it has stopped.
         drop(reads);
         page_reading.abort();
         let _ = (&mut page_reading).await;
@@ -308,12 +311,15 @@ impl Pipeline {
 
     /// The feed's events in order, from the pages read by `read_pages`, with the bodies some
     /// member still needs, and a mark each time a poll finds nothing new. Body requests run
-    /// `body_concurrency` at a time across page boundaries. The stream waits at the head of the
-    /// feed and retries failures; it ends only with a stop.
+    /// `body_concurrency` at a time across page boundaries, within ANSWERS_AHEAD times as many
+    /// steps kept in order: a slow answer holds one request, not all of them (with the window
+    /// equal to the requests in flight, 8% slower on the Flux catch-up). The stream waits at the
+    /// head of the feed and retries failures; it ends only with a stop.
     fn reads(
         &self,
         pages: mpsc::Receiver<PageRead>,
     ) -> impl Stream<Item = Result<Read, Stop>> + Send + 'static {
+        let requests = Arc::new(Semaphore::new(self.policy.body_concurrency));
         let bodies = Arc::new(BodyReader {
             client: self.client.clone(),
             monitor: self.monitor.clone(),
@@ -330,8 +336,10 @@ impl Pipeline {
                 Err(stop) => vec![Step::Stop(stop)],
             };
             let bodies = bodies.clone();
+            let requests = requests.clone();
             stream::iter(steps).map(move |step| {
                 let bodies = bodies.clone();
+                let requests = requests.clone();
                 async move {
                     match step {
                         Step::Ready(events) => events
@@ -341,6 +349,8 @@ impl Pipeline {
                             })
                             .collect(),
                         Step::Fetch(offset, entry) => {
+                            // Never closed, so a permit always comes.
+                            let _request = requests.acquire().await.ok();
                             vec![Ok(Read::Event(bodies.fetch(offset, entry).await))]
                         }
                         Step::Head => vec![Ok(Read::Head)],
@@ -349,7 +359,7 @@ impl Pipeline {
                 }
             })
         })
-        .buffered(self.policy.body_concurrency)
+        .buffered(self.policy.body_concurrency * ANSWERS_AHEAD)
         .flat_map(stream::iter)
     }
 

@@ -6,7 +6,9 @@ mod common;
 use std::net::TcpListener;
 
 use common::{projector, wait_for_log, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed::{self, expected_balances, STATEMENT_REQUESTED};
+use projector::bank_feed::{
+    self, expected_balances, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED,
+};
 use projector::feed_server::{Fault, Target, TRANSIENT_BODY_FAULTS, TRANSIENT_PAGE_FAULTS};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
@@ -108,6 +110,39 @@ async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
     // The failure streak was reported when it began and when it ended, not per retry.
     assert!(log.contains("feed recovered"), "{log}");
     assert!(log.matches("retrying with backoff").count() < 10, "{log}");
+}
+
+/// One body that does not come holds one of the requests at once, not the others: the answers
+/// behind it wait in order (up to four times `body_concurrency` of them) while requests go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_does_not_come_does_not_hold_up_the_requests_behind_it() {
+    // Every event's body is wanted, so every entry is a request.
+    let events: Vec<_> = bank_feed::generate(9, 200)
+        .into_iter()
+        .filter(|event| event.event_type != STATEMENT_REQUESTED)
+        .collect();
+    let harness = Harness::new(events).await;
+    harness.server.inject(Target::Bodies, Fault::Hang, 1);
+    harness.write_config(
+        &harness.server.url(),
+        BOTH_PROJECTIONS,
+        "body_concurrency = 2\nrequest_timeout = \"1h\"",
+    );
+    let mut daemon = harness.spawn();
+    let body_requests = || {
+        [CREATED, CREDITED, DEBITED]
+            .iter()
+            .map(|event_type| harness.server.body_requests(event_type))
+            .sum::<u64>()
+    };
+    // Had the hanging request held up the others, no more than three would have been made.
+    common::wait_for(&mut daemon, "the requests behind the hanging one", || {
+        body_requests() >= 8
+    })
+    .await;
+    assert_eq!(harness.server.faults_injected(), 1);
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
