@@ -69,10 +69,10 @@ retried! {
     an_html_error_page_with_status_200_for_a_body: Bodies Fault::HtmlPage, 3;
     a_null_body: Bodies Fault::NullBody, 3;
     a_page_repeating_an_event_id: Pages Fault::RepeatedId, 3;
-    // The client follows 10 redirects: 25 make at least two page requests fail, and 200 at
-    // least one of the 16 body requests made at once.
+    // The client follows 10 redirects: 25 make at least two page requests fail, and 400 at
+    // least one of the 32 body requests made at once.
     a_redirect_loop_on_a_page: Pages Fault::RedirectLoop, 25;
-    a_redirect_loop_on_a_body: Bodies Fault::RedirectLoop, 200;
+    a_redirect_loop_on_a_body: Bodies Fault::RedirectLoop, 400;
 }
 
 /// 64 MiB streamed without a Content-Length is refused as it streams: the daemon's memory stays

@@ -75,7 +75,7 @@ async fn a_long_faulty_catch_up_is_exact_and_leaks_no_descriptor_or_memory() {
         total as f64 / elapsed.as_secs_f64(),
         harness.server.faults_injected(),
     );
-    // Sockets for 16 body requests at once, the database, its WAL, the lock, the control socket.
+    // Sockets for 32 body requests at once, the database, its WAL, the lock, the control socket.
     assert!(
         late_fds <= early_fds + 8,
         "descriptors grew: {early_fds} -> {late_fds}"
