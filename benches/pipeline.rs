@@ -10,7 +10,7 @@
 //! - the wire limit per format: the same server's rate for body URLs (Flux) or pages (inline) at
 //!   16 connections, measured with wrk when it is installed (`apt install wrk`), else with the
 //!   daemon's HTTP client in the bench's process, which spends more of the two cores itself and
-//!   so reads lower;
+//!   so reads lower; the daemon's share of it from the medians, and run by run;
 //! - the storage limit: the daemon's writer applying the same events in batches of the daemon's
 //!   largest batch, one transaction each, with no HTTP; with both projections and with
 //!   `account_balances` alone;
@@ -204,6 +204,30 @@ fn main() {
         "| daemon / wire limit | {:.0}% | {:.0}% |",
         percent(flux_rate, flux_wire_events),
         percent(inline_rate, inline_wire_events)
+    );
+    // The machine drifts within minutes: each run's own pair of figures, measured a minute
+    // apart, says more about the ratio than the medians taken apart.
+    let per_run = |rates: &[CatchUp], limits: &[f64], per_request: f64| {
+        let ratios: Vec<f64> = rates
+            .iter()
+            .zip(limits)
+            .map(|(run, limit)| percent(run.events_per_second, limit * per_request))
+            .collect();
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.0}%")).collect();
+        format!("{} (median {:.0}%)", listed.join(", "), median(ratios))
+    };
+    println!(
+        "| daemon / wire limit, run by run | {} | {} |",
+        per_run(
+            &figures.flux,
+            &figures.flux_wire,
+            1.0 / bodies_per_event.max(1e-9)
+        ),
+        per_run(
+            &figures.inline,
+            &figures.inline_wire,
+            inline_wire.events_per_request
+        )
     );
     println!(
         "| daemon / storage limit | {:.0}% | {:.0}% |",
