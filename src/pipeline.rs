@@ -9,11 +9,11 @@
 //! event there has another id: rewritten) halts the pipeline.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{stream, FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -40,6 +40,9 @@ const PAGES_AHEAD: usize = 2;
 /// The steps kept in order, as a multiple of `body_concurrency`, the requests in flight: the
 /// answers behind a slow one at the head of the feed wait for it while new requests go out.
 const ANSWERS_AHEAD: usize = 4;
+/// Past this many bytes of answers waiting in order, only the `body_concurrency` steps after
+/// the one the feed waits for start requests (see RequestGate).
+const MAX_BYTES_AHEAD: usize = 8 << 20;
 
 /// A page of the feed, each event with its offset (none at the head), or the stop that ends the
 /// pages.
@@ -312,20 +315,26 @@ impl Pipeline {
     /// The feed's events in order, from the pages read by `read_pages`, with the bodies some
     /// member still needs, and a mark each time a poll finds nothing new. Body requests run
     /// `body_concurrency` at a time across page boundaries, within ANSWERS_AHEAD times as many
-    /// steps kept in order: a slow answer holds one request, not all of them (with the window
-    /// equal to the requests in flight, 8% slower on the Flux catch-up). The stream waits at the
-    /// head of the feed and retries failures; it ends only with a stop.
+    /// steps kept in order and MAX_BYTES_AHEAD of answers waiting (RequestGate): a slow answer
+    /// holds one request, not all of them (with the window equal to the requests in flight, 8%
+    /// slower on the Flux catch-up). The stream waits at the head of the feed and retries
+    /// failures; it ends only with a stop.
     fn reads(
         &self,
         pages: mpsc::Receiver<PageRead>,
     ) -> impl Stream<Item = Result<Read, Stop>> + Send + 'static {
-        let requests = Arc::new(Semaphore::new(self.policy.body_concurrency));
+        let gate = Arc::new(RequestGate::new(
+            self.policy.body_concurrency,
+            MAX_BYTES_AHEAD,
+        ));
         let bodies = Arc::new(BodyReader {
             client: self.client.clone(),
             monitor: self.monitor.clone(),
             backoff: self.policy.backoff,
             members: self.members.clone(),
         });
+        let yielded = gate.clone();
+        let mut next_step = 0u64;
         stream::unfold(pages, |mut pages| async move {
             pages.recv().await.map(|page| (page, pages))
         })
@@ -335,13 +344,15 @@ impl Pipeline {
                 Ok(entries) => bodies.steps(entries),
                 Err(stop) => vec![Step::Stop(stop)],
             };
+            let first = next_step;
+            next_step += steps.len() as u64;
             let bodies = bodies.clone();
-            let requests = requests.clone();
-            stream::iter(steps).map(move |step| {
+            let gate = gate.clone();
+            stream::iter(steps.into_iter().zip(first..)).map(move |(step, index)| {
                 let bodies = bodies.clone();
-                let requests = requests.clone();
+                let gate = gate.clone();
                 async move {
-                    match step {
+                    let reads = match step {
                         Step::Ready(events) => events
                             .into_iter()
                             .map(|(offset, entry, wanted)| {
@@ -349,18 +360,26 @@ impl Pipeline {
                             })
                             .collect(),
                         Step::Fetch(offset, entry) => {
-                            // Never closed, so a permit always comes.
-                            let _request = requests.acquire().await.ok();
-                            vec![Ok(Read::Event(bodies.fetch(offset, entry).await))]
+                            let fetched = {
+                                let _request = gate.enter(index).await;
+                                bodies.fetch(offset, entry).await
+                            };
+                            let bytes = fetched.body_bytes;
+                            gate.answered(bytes);
+                            return (index, bytes, vec![Ok(Read::Event(fetched))]);
                         }
                         Step::Head => vec![Ok(Read::Head)],
                         Step::Stop(stop) => vec![Err(stop)],
-                    }
+                    };
+                    (index, 0, reads)
                 }
             })
         })
         .buffered(self.policy.body_concurrency * ANSWERS_AHEAD)
-        .flat_map(stream::iter)
+        .flat_map(move |(index, bytes, reads)| {
+            yielded.yielded(index, bytes);
+            stream::iter(reads)
+        })
     }
 
     /// Takes what the feed stream yielded into account.
@@ -761,9 +780,127 @@ struct Fetched {
     body_bytes: usize,
 }
 
+/// When a step of the feed stream may request its body. At most `body_concurrency` requests
+/// are in flight. A step among the `body_concurrency` after the one the feed waits for may
+/// always start; one further ahead (the ordered window is ANSWERS_AHEAD times larger) only while
+/// the answers waiting in order hold less than `max_bytes_ahead`. So small bodies get the whole
+/// window, and large ones hold about what they held when the window was the requests in flight.
+/// The step the feed waits for is always admitted, and a request slot is only ever held by a
+/// request under way, so the stream cannot wait on itself.
+struct RequestGate {
+    in_flight: Semaphore,
+    concurrency: u64,
+    max_bytes_ahead: usize,
+    window: Mutex<Window>,
+    /// Notified each time a step is yielded.
+    moved: Notify,
+}
+
+#[derive(Default)]
+struct Window {
+    /// The step the feed waits for: the next one yielded.
+    next: u64,
+    /// The bytes of the answers fetched and not yet yielded.
+    bytes_waiting: usize,
+}
+
+impl RequestGate {
+    fn new(concurrency: usize, max_bytes_ahead: usize) -> RequestGate {
+        RequestGate {
+            in_flight: Semaphore::new(concurrency),
+            concurrency: concurrency as u64,
+            max_bytes_ahead,
+            window: Mutex::new(Window::default()),
+            moved: Notify::new(),
+        }
+    }
+
+    /// Waits until `step` may request its body and a request slot is free; the slot is held
+    /// until the returned permit is dropped.
+    async fn enter(&self, step: u64) -> Option<SemaphorePermit<'_>> {
+        loop {
+            // Registered before the check, so a step yielded in between is not missed.
+            let mut moved = std::pin::pin!(self.moved.notified());
+            moved.as_mut().enable();
+            if self.admits(step) {
+                break;
+            }
+            moved.await;
+        }
+        // Never closed, so a permit always comes.
+        self.in_flight.acquire().await.ok()
+    }
+
+    fn admits(&self, step: u64) -> bool {
+        let window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        step < window.next + self.concurrency || window.bytes_waiting < self.max_bytes_ahead
+    }
+
+    /// An answer of `bytes` came in, to wait for its turn.
+    fn answered(&self, bytes: usize) {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        window.bytes_waiting += bytes;
+    }
+
+    /// `step`, whose answer held `bytes` (0 if it made no request), has been yielded.
+    fn yielded(&self, step: u64, bytes: usize) {
+        {
+            let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+            window.next = step + 1;
+            window.bytes_waiting = window.bytes_waiting.saturating_sub(bytes);
+        }
+        self.moved.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_admits_steps_near_the_head_always_and_further_ones_while_few_bytes_wait() {
+        let gate = RequestGate::new(2, 100);
+        assert!(
+            gate.admits(0) && gate.admits(1) && gate.admits(7),
+            "nothing waits"
+        );
+        gate.answered(60);
+        assert!(gate.admits(7), "under the bytes ahead");
+        gate.answered(40);
+        assert!(
+            gate.admits(0) && gate.admits(1),
+            "the head and the next may always go"
+        );
+        assert!(!gate.admits(2) && !gate.admits(7), "100 bytes wait");
+        gate.yielded(0, 0);
+        assert!(gate.admits(2) && !gate.admits(3), "the head moved by one");
+        gate.yielded(1, 60);
+        assert!(gate.admits(7), "40 bytes wait");
+    }
+
+    #[test]
+    fn a_step_kept_out_by_the_gate_goes_once_the_head_moves() {
+        let gate = RequestGate::new(1, 10);
+        gate.answered(10);
+        let mut far = Box::pin(gate.enter(3));
+        assert!((&mut far).now_or_never().is_none(), "10 bytes wait");
+        gate.yielded(0, 0);
+        assert!(
+            (&mut far).now_or_never().is_none(),
+            "still 10 bytes and two steps ahead"
+        );
+        gate.yielded(1, 10);
+        let permit = (&mut far).now_or_never();
+        assert!(matches!(permit, Some(Some(_))), "nothing waits: it goes");
+        drop(permit);
+        drop(far);
+        let slots = gate.enter(4).now_or_never().flatten();
+        assert!(slots.is_some(), "the request slot came back");
+        assert!(
+            gate.enter(4).now_or_never().is_none(),
+            "one request in flight at most"
+        );
+    }
 
     fn fetched(offset: u64, body_bytes: usize) -> Fetched {
         Fetched {
