@@ -119,7 +119,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// the writer has a thread of its own, and SQLite takes one writer at a time, so a second reader
 /// thread would not commit more. Against two worker threads, on the Flux benchmark: 12% less
 /// CPU an event and a quarter of the context switches, as a response no longer wakes another
-/// thread to run the task waiting for it.
+/// thread to run the task waiting for it. So nothing on it may block: SQLite work belongs on the
+/// writer's thread or in `spawn_blocking`.
 fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
