@@ -352,26 +352,29 @@ impl Pipeline {
                 let bodies = bodies.clone();
                 let gate = gate.clone();
                 async move {
-                    let reads = match step {
-                        Step::Ready(events) => events
-                            .into_iter()
-                            .map(|(offset, entry, wanted)| {
-                                Ok(Read::Event(into_fetched(offset, entry, None, wanted)))
-                            })
-                            .collect(),
+                    // The bytes of a fetched answer, held until it is yielded.
+                    let (bytes, reads) = match step {
+                        Step::Ready(events) => (
+                            0,
+                            events
+                                .into_iter()
+                                .map(|(offset, entry, wanted)| {
+                                    Ok(Read::Event(into_fetched(offset, entry, None, wanted)))
+                                })
+                                .collect(),
+                        ),
                         Step::Fetch(offset, entry) => {
                             let fetched = {
                                 let _request = gate.enter(index).await;
                                 bodies.fetch(offset, entry).await
                             };
-                            let bytes = fetched.body_bytes;
-                            gate.answered(bytes);
-                            return (index, bytes, vec![Ok(Read::Event(fetched))]);
+                            gate.answered(fetched.body_bytes);
+                            (fetched.body_bytes, vec![Ok(Read::Event(fetched))])
                         }
-                        Step::Head => vec![Ok(Read::Head)],
-                        Step::Stop(stop) => vec![Err(stop)],
+                        Step::Head => (0, vec![Ok(Read::Head)]),
+                        Step::Stop(stop) => (0, vec![Err(stop)]),
                     };
-                    (index, 0, reads)
+                    (index, bytes, reads)
                 }
             })
         })

@@ -117,7 +117,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The daemon's runtime: one thread runs the feed readers, the control socket and the signals;
 /// the writer has a thread of its own, and SQLite takes one writer at a time, so a second reader
-/// thread would not commit more. Against two worker threads, on the Flux benchmark: 12% less
+/// thread would not commit more. Against two worker threads, on the Flux benchmark: 13% less
 /// CPU an event and a quarter of the context switches, as a response no longer wakes another
 /// thread to run the task waiting for it. So nothing on it may block: SQLite work belongs on the
 /// writer's thread or in `spawn_blocking`.
