@@ -440,6 +440,9 @@ impl Engine {
                 let client = FeedClient::new(feed).with_context(|| {
                     format!("building the HTTP client of feed {:?}", feed.name())
                 })?;
+                if let Some(proxy) = client.proxy() {
+                    tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
+                }
                 let policy = ReadPolicy {
                     poll_interval: feed.poll_interval.0,
                     body_concurrency: feed.body_concurrency.0,

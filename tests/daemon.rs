@@ -5,7 +5,7 @@ mod common;
 
 use std::net::TcpListener;
 
-use common::{projector, wait_for_log, Harness, BOTH_PROJECTIONS};
+use common::{projector, wait_for_log, Daemon, Harness, BOTH_PROJECTIONS};
 use projector::bank_feed::{
     self, expected_balances, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED,
 };
@@ -164,6 +164,35 @@ async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
     harness.assert_exact(&events);
     drop(late);
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_is_read_through_the_proxy_the_environment_names() {
+    let events = bank_feed::generate(21, 300);
+    let harness = Harness::new(events.clone()).await;
+    // feed.invalid does not resolve: the daemon reaches it only by asking the proxy, which is the
+    // feed server itself (it answers requests that carry the whole URL). Its pages name their
+    // bodies on the same host.
+    harness.write_config("http://feed.invalid/events", BOTH_PROJECTIONS, "");
+    let proxy = format!("http://{}", harness.server.addr());
+    let mut env = vec![
+        ("HTTP_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+    ];
+    // Whatever the machine's own settings, nothing else decides.
+    for name in ["NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"] {
+        env.push((name, ""));
+    }
+    let mut daemon = Daemon::spawn(&harness.config_path(), harness.dir.path(), &env);
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    harness.assert_exact(&events);
+    let log = daemon.log();
+    assert!(
+        log.contains("reading through a proxy") && log.contains(&proxy),
+        "{log}"
+    );
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 }

@@ -13,6 +13,7 @@
 pub mod flux;
 pub mod http;
 pub mod inline;
+pub mod proxy;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -65,6 +66,13 @@ impl FeedClient {
             feed_url: feed.url.0.clone(),
             format: feed.format,
         })
+    }
+
+    /// The proxy the feed's pages go through, for the log; `None` when they go directly.
+    pub fn proxy(&self) -> Option<String> {
+        parse_uri(self.feed_url.as_str())
+            .ok()
+            .and_then(|uri| self.http.proxy_for(&uri))
     }
 
     /// The page of entries starting at `offset`; empty at the head of the feed.
