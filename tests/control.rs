@@ -1,6 +1,7 @@
 //! The control plane, against the real binary: pause and resume by socket and by signal on a
 //! growing feed, stop, status, a pause surviving a restart, SIGHUP reloads, one daemon per
-//! socket, stale sockets, bad control input, systemd notifications and log formats.
+//! socket, stale sockets, bad control input, systemd notifications and log formats, and a second
+//! SIGTERM while a stop waits on a batch that never ends.
 
 mod common;
 
@@ -127,6 +128,109 @@ async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket(
     assert!(status.success(), "exit {status}; log:\n{}", daemon.log());
     assert!(!harness.socket().exists(), "the socket is removed on stop");
     harness.assert_exact(&events);
+}
+
+/// A declarative projection whose statement never ends: the batch holding the first
+/// statement request never commits, so a stop waits on it for ever.
+const ENDLESS_PROJECTION: &str = r#"
+[[projection]]
+name = "endless"
+feed = "bank"
+file = "endless.toml"
+"#;
+
+const ENDLESS_STATEMENT: &str = r#"
+schema = "CREATE TABLE IF NOT EXISTS endless (n INTEGER)"
+
+[on."account.StatementRequested"]
+sql = '''
+INSERT INTO endless (n)
+WITH RECURSIVE forever(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM forever)
+SELECT count(*) FROM forever
+'''
+"#;
+
+/// The CPU time, in clock ticks, that the daemon's thread `name` has used.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .map(|stat| {
+            // The fields after the command name, which is in parentheses: utime and stime are
+            // the 14th and 15th of the whole line.
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
+            field(11).unwrap_or(0) + field(12).unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing() {
+    let events = bank_feed::generate(36, 600);
+    let first_request = events
+        .iter()
+        .position(|e| e.event_type == bank_feed::STATEMENT_REQUESTED)
+        .unwrap_or_else(|| panic!("the feed has no statement request"));
+    assert!(first_request > 0, "the committed part must not be empty");
+    let (before, from_request) = events.split_at(first_request);
+    let harness = Harness::new(before.to_vec()).await;
+    std::fs::write(harness.dir.path().join("endless.toml"), ENDLESS_STATEMENT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = harness.server.url();
+    harness.write_config(&url, &format!("{BOTH_PROJECTIONS}{ENDLESS_PROJECTION}"), "");
+    let mut daemon = harness.spawn();
+    let committed = before.len() as u64;
+    harness
+        .wait_for_checkpoints(
+            &mut daemon,
+            &["account_balances", "account_ledger", "endless"],
+            committed,
+        )
+        .await;
+
+    harness.server.append(from_request.to_vec());
+    let pid = daemon.child.id();
+    // Only the endless statement spends seconds of the writer's CPU on 600 events.
+    wait_for(
+        &mut daemon,
+        "the writer to run the endless statement",
+        || thread_cpu_ticks(pid, "projector-write") > 150,
+    )
+    .await;
+    daemon.signal("TERM");
+    wait_for_log(
+        &mut daemon,
+        "stopping: letting the batches in flight finish",
+    )
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit().await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("SIGTERM received again while stopping: exiting now"),
+        "{log}"
+    );
+    // Nothing of the batch in flight was applied ...
+    let checkpoints = harness.checkpoints();
+    for name in ["account_balances", "account_ledger", "endless"] {
+        assert_eq!(checkpoints[name], committed, "{name}");
+    }
+    assert_eq!(harness.count("SELECT count(*) FROM endless"), 0);
+    // ... and without the endless projection, a restart applies the rest once.
+    harness.write_config(&url, BOTH_PROJECTIONS, "");
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 600).await;
+    harness.assert_exact(&events);
+    assert!(daemon.terminate().await.0.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
