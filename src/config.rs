@@ -144,6 +144,10 @@ pub struct DaemonConfig {
     /// read back from the OS's cache at every batch.
     #[serde(default = "defaults::page_cache_bytes")]
     pub page_cache_bytes: ByteLimit,
+    /// How long a stop or a reload waits for the batches in flight to commit. Past it, the
+    /// statement running is interrupted and the batch rolls back whole, to be read again.
+    #[serde(default = "defaults::stop_timeout")]
+    pub stop_timeout: Interval,
 }
 
 impl DaemonConfig {
@@ -413,6 +417,11 @@ mod defaults {
     pub fn retry_max() -> Interval {
         Interval(Duration::from_secs(30))
     }
+    /// Well under the systemd unit's TimeoutStopSec (60 s); a batch commits in well under a
+    /// second.
+    pub fn stop_timeout() -> Interval {
+        Interval(Duration::from_secs(10))
+    }
     pub fn page_cache_bytes() -> ByteLimit {
         ByteLimit(PAGE_CACHE_BYTES)
     }
@@ -615,6 +624,7 @@ on_error = "skip"
         let feed = &config.feeds[0];
         assert_eq!(feed.poll_interval.0, Duration::from_secs(2));
         assert_eq!(feed.body_concurrency.0, 32);
+        assert_eq!(config.daemon.stop_timeout.0, Duration::from_secs(10));
         assert_eq!(feed.max_response_bytes.0, 16 * 1024 * 1024);
         assert_eq!(
             config.daemon.database,

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -24,12 +23,14 @@ use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
 use crate::status::{DaemonStatus, FeedMonitor};
 use crate::store;
-use crate::writer::{Writer, WriterHandle, WriterSettings};
+use crate::writer::{Writer, WriterHandle, WriterSettings, WriterThread};
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the systemd STATUS line is refreshed.
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
+/// How often a stop past its timeout interrupts the writer again.
+const INTERRUPT_REPEAT: Duration = Duration::from_millis(100);
 
 /// A request and where its reply goes.
 struct Command {
@@ -351,7 +352,9 @@ fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
 /// The writer and the feed readers of one configuration.
 struct Engine {
     writer: WriterHandle,
-    writer_thread: JoinHandle<()>,
+    writer_thread: WriterThread,
+    /// How long a stop waits for the batches in flight before interrupting them.
+    stop_timeout: Duration,
     readers: TaskTracker,
     stop_readers: CancellationToken,
     /// By feed name, in name order.
@@ -487,6 +490,7 @@ impl Engine {
         Ok(Engine {
             writer,
             writer_thread,
+            stop_timeout: config.daemon.stop_timeout.0,
             readers,
             stop_readers,
             feeds,
@@ -503,17 +507,40 @@ impl Engine {
     /// The writer thread runs and is not stuck on one job for `limit` or longer (the runtime
     /// is evidently alive, since this is asked from it).
     fn is_healthy(&self, limit: Duration) -> bool {
-        !self.writer_thread.is_finished() && self.writer.busy_for() < limit
+        !self.writer_thread.join.is_finished() && self.writer.busy_for() < limit
     }
 
-    /// Stops the readers, lets the writer finish what it was sent, and waits for both.
+    /// Stops the readers, lets the writer finish what it was sent, and waits for both. A batch
+    /// that has not committed after `stop_timeout` (a projection's statement that does not end)
+    /// is interrupted: it rolls back whole and is read again at the next start.
     async fn stop(self) -> anyhow::Result<()> {
         self.stop_readers.cancel();
-        self.readers.wait().await;
+        // The readers wait for the outcome of their batch in flight.
+        if tokio::time::timeout(self.stop_timeout, self.readers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a batch in flight has not committed after {} (stop_timeout): interrupting it; \
+                 it rolls back and is read again at the next start",
+                humantime::format_duration(self.stop_timeout)
+            );
+            // An interrupt stops only the statement running at that moment: repeated until
+            // the readers have their outcomes.
+            loop {
+                self.writer_thread.interrupt();
+                if tokio::time::timeout(INTERRUPT_REPEAT, self.readers.wait())
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
         // The readers held the other writer handles; dropping the last one ends the writer
         // thread once it has finished what it was sent.
         drop(self.writer);
-        let writer_thread = self.writer_thread;
+        let writer_thread = self.writer_thread.join;
         tokio::task::spawn_blocking(move || writer_thread.join())
             .await
             .context("waiting for the writer thread")?

@@ -150,6 +150,10 @@ impl Pipeline {
                     tracing::error!(feed = %self.feed, "feed halted: {reason}");
                     break ReaderPhase::Halted(reason);
                 }
+                Stop::Resync(reason) if self.shutdown.is_cancelled() => {
+                    tracing::warn!(feed = %self.feed, "batch not committed while stopping, nothing of it applied; it is read again at the next start: {reason}");
+                    break ReaderPhase::Stopped;
+                }
                 Stop::Resync(reason) => {
                     let delay = self.policy.backoff.delay(resyncs, None);
                     resyncs = resyncs.saturating_add(1);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, Transaction, TransactionBehavior};
+use rusqlite::{Connection, InterruptHandle, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{OnError, Synchronous};
@@ -224,14 +224,18 @@ impl Writer {
 
     /// Moves the writer to its own thread. It runs until every handle is dropped, finishing the
     /// batches already sent.
-    pub fn spawn(self) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
+    pub fn spawn(self) -> std::io::Result<(WriterHandle, WriterThread)> {
         let (jobs, receiver) = mpsc::channel(16);
         let busy_since = Arc::new(Mutex::new(None));
         let busy = busy_since.clone();
-        let thread = std::thread::Builder::new()
+        let interrupt = self.conn.get_interrupt_handle();
+        let join = std::thread::Builder::new()
             .name("projector-writer".into())
             .spawn(move || self.run(receiver, &busy))?;
-        Ok((WriterHandle { jobs, busy_since }, thread))
+        Ok((
+            WriterHandle { jobs, busy_since },
+            WriterThread { join, interrupt },
+        ))
     }
 
     fn run(mut self, mut jobs: mpsc::Receiver<Job>, busy_since: &Mutex<Option<Instant>>) {
@@ -574,6 +578,21 @@ enum Job {
         paused: bool,
         reply: oneshot::Sender<Result<(), ApplyError>>,
     },
+}
+
+/// The writer's thread, for whoever stops it.
+pub struct WriterThread {
+    pub join: JoinHandle<()>,
+    interrupt: InterruptHandle,
+}
+
+impl WriterThread {
+    /// Makes the statement the writer is running fail, so its batch rolls back whole (an
+    /// interrupted statement is a storage failure, never the event's fault). Between
+    /// statements it does nothing.
+    pub fn interrupt(&self) {
+        self.interrupt.interrupt();
+    }
 }
 
 /// Sends batches to the writer thread; cheap to clone.

@@ -131,7 +131,7 @@ async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket(
 }
 
 /// A declarative projection whose statement never ends: the batch holding the first
-/// statement request never commits, so a stop waits on it for ever.
+/// statement request never commits, so a stop waits on it until `stop_timeout`.
 const ENDLESS_PROJECTION: &str = r#"
 [[projection]]
 name = "endless"
@@ -172,8 +172,16 @@ fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing() {
+/// A daemon whose writer is running the endless statement, with `stop_timeout` as given; the
+/// events, and how many of them were committed before the endless batch.
+async fn daemon_stuck_in_a_batch(
+    stop_timeout: &str,
+) -> (
+    Harness,
+    Daemon,
+    Vec<projector::feed_server::StoredEvent>,
+    u64,
+) {
     let events = bank_feed::generate(36, 600);
     let first_request = events
         .iter()
@@ -184,16 +192,17 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
     let harness = Harness::new(before.to_vec()).await;
     std::fs::write(harness.dir.path().join("endless.toml"), ENDLESS_STATEMENT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let url = harness.server.url();
-    harness.write_config(&url, &format!("{BOTH_PROJECTIONS}{ENDLESS_PROJECTION}"), "");
+    harness.write_config_with_daemon(
+        &harness.server.url(),
+        &format!("{BOTH_PROJECTIONS}{ENDLESS_PROJECTION}"),
+        "",
+        &format!("stop_timeout = {stop_timeout:?}"),
+    );
     let mut daemon = harness.spawn();
     let committed = before.len() as u64;
+    let all = ["account_balances", "account_ledger", "endless"];
     harness
-        .wait_for_checkpoints(
-            &mut daemon,
-            &["account_balances", "account_ledger", "endless"],
-            committed,
-        )
+        .wait_for_checkpoints(&mut daemon, &all, committed)
         .await;
 
     harness.server.append(from_request.to_vec());
@@ -205,6 +214,48 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
         || thread_cpu_ticks(pid, "projector-write") > 150,
     )
     .await;
+    (harness, daemon, events, committed)
+}
+
+/// Nothing of the endless batch was applied, and without the endless projection a restart
+/// applies the rest once.
+async fn assert_nothing_of_the_batch_applied(
+    harness: &Harness,
+    events: &[projector::feed_server::StoredEvent],
+    committed: u64,
+) {
+    let checkpoints = harness.checkpoints();
+    for name in ["account_balances", "account_ledger", "endless"] {
+        assert_eq!(checkpoints[name], committed, "{name}");
+    }
+    assert_eq!(harness.count("SELECT count(*) FROM endless"), 0);
+    harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, BOTH, events.len() as u64)
+        .await;
+    harness.assert_exact(events);
+    assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout() {
+    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("300ms").await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit().await;
+    let log = daemon.log();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(
+        log.contains("has not committed after 300ms (stop_timeout): interrupting it"),
+        "{log}"
+    );
+    assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing() {
+    // The stop would wait an hour for the batch.
+    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("1h").await;
     daemon.signal("TERM");
     wait_for_log(
         &mut daemon,
@@ -219,18 +270,7 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
         log.contains("SIGTERM received again while stopping: exiting now"),
         "{log}"
     );
-    // Nothing of the batch in flight was applied ...
-    let checkpoints = harness.checkpoints();
-    for name in ["account_balances", "account_ledger", "endless"] {
-        assert_eq!(checkpoints[name], committed, "{name}");
-    }
-    assert_eq!(harness.count("SELECT count(*) FROM endless"), 0);
-    // ... and without the endless projection, a restart applies the rest once.
-    harness.write_config(&url, BOTH_PROJECTIONS, "");
-    let mut daemon = harness.spawn();
-    harness.wait_for_checkpoints(&mut daemon, BOTH, 600).await;
-    harness.assert_exact(&events);
-    assert!(daemon.terminate().await.0.success());
+    assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
