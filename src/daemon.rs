@@ -29,6 +29,10 @@ use crate::writer::{Writer, WriterHandle, WriterSettings, WriterThread};
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the systemd STATUS line is refreshed.
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
+/// `status` shows the writer's batch once it has been on it this long.
+const SLOW_BATCH_SHOWN: Duration = Duration::from_secs(1);
+/// The log says so once the writer has been on one batch this long.
+const SLOW_BATCH_WARNED: Duration = Duration::from_secs(30);
 /// How often a stop past its timeout interrupts the writer again.
 const INTERRUPT_REPEAT: Duration = Duration::from_millis(100);
 
@@ -109,6 +113,7 @@ pub async fn run(
         started_at: SystemTime::now(),
         started: Instant::now(),
         reloaded_at: None,
+        slow_batch_warned: None,
     };
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(socket.serve(inbox.handle.clone(), stop_serving.clone()));
@@ -143,6 +148,8 @@ struct Supervisor {
     started_at: SystemTime,
     started: Instant,
     reloaded_at: Option<SystemTime>,
+    /// When the writer's job that was last warned about as slow started.
+    slow_batch_warned: Option<Instant>,
 }
 
 impl Supervisor {
@@ -169,6 +176,7 @@ impl Supervisor {
                     }
                 }
                 _ = refresh.tick() => {
+                    self.warn_of_a_slow_batch();
                     if let Some(interval) = watchdog {
                         if self.engine.as_ref().is_some_and(|e| e.is_healthy(interval)) {
                             crate::notify::watchdog();
@@ -177,6 +185,26 @@ impl Supervisor {
                     crate::notify::status(&self.status().summary());
                 }
             }
+        }
+    }
+
+    /// Says once per batch, in the log, when the writer has been on one for SLOW_BATCH_WARNED:
+    /// which feed, projection and event (under systemd, the watchdog may stop it soon after).
+    fn warn_of_a_slow_batch(&mut self) {
+        let Some(writer) = self.engine.as_ref().map(|engine| &engine.writer) else {
+            return;
+        };
+        let Some(slow) = writer.slow_batch(SLOW_BATCH_WARNED) else {
+            return;
+        };
+        let started = writer.job_started();
+        if started.is_some() && started != self.slow_batch_warned {
+            self.slow_batch_warned = started;
+            tracing::warn!(
+                "the writer has been on {}: a projection statement that runs this long holds \
+                 every feed back (status shows it as slow_batch)",
+                slow.describe()
+            );
         }
     }
 
@@ -221,6 +249,10 @@ impl Supervisor {
                 .reloaded_at
                 .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
             feeds,
+            slow_batch: self
+                .engine
+                .as_ref()
+                .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN)),
         }
     }
 

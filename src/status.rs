@@ -89,6 +89,37 @@ pub struct DaemonStatus {
     /// The time of the last configuration reload (SIGHUP or `reload`), if any.
     pub reloaded_at: Option<String>,
     pub feeds: Vec<FeedStatus>,
+    /// The batch the writer has been applying for a second or more, if any.
+    #[serde(default)]
+    pub slow_batch: Option<SlowBatch>,
+}
+
+/// A batch the writer has been on for a while: its feed, and the projection and event being
+/// applied (none while it commits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlowBatch {
+    pub feed: String,
+    pub seconds: u64,
+    pub projection: Option<String>,
+    pub offset: Option<u64>,
+}
+
+impl SlowBatch {
+    /// E.g. `feed bank's batch for 45s, now projection endless at offset 13`.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "feed {}'s batch for {}",
+            self.feed,
+            humantime::format_duration(Duration::from_secs(self.seconds))
+        );
+        match (&self.projection, self.offset) {
+            (Some(projection), Some(offset)) => {
+                text.push_str(&format!(", now projection {projection} at offset {offset}"));
+            }
+            _ => text.push_str(", now committing"),
+        }
+        text
+    }
 }
 
 impl DaemonStatus {
@@ -111,7 +142,10 @@ impl DaemonStatus {
                 line
             })
             .collect();
-        feeds.join("; ")
+        match &self.slow_batch {
+            Some(slow) => format!("writer on {}; {}", slow.describe(), feeds.join("; ")),
+            None => feeds.join("; "),
+        }
     }
 }
 
@@ -447,6 +481,41 @@ mod tests {
             next_offset,
             last_event_id: Some(format!("e{}", next_offset - 1)),
         }
+    }
+
+    #[test]
+    fn a_slow_batch_says_where_the_writer_is_and_leads_the_systemd_status() {
+        let mut slow = SlowBatch {
+            feed: "bank".into(),
+            seconds: 45,
+            projection: Some("endless".into()),
+            offset: Some(13),
+        };
+        assert_eq!(
+            slow.describe(),
+            "feed bank's batch for 45s, now projection endless at offset 13"
+        );
+        slow.projection = None;
+        slow.offset = None;
+        assert_eq!(slow.describe(), "feed bank's batch for 45s, now committing");
+
+        let monitor = FeedMonitor::new("bank", [("account_balances".to_string(), 0)]);
+        let status = DaemonStatus {
+            pid: 1,
+            version: "0".into(),
+            config: "c".into(),
+            database: "d".into(),
+            started_at: "s".into(),
+            uptime_seconds: 0,
+            reloaded_at: None,
+            feeds: vec![monitor.snapshot("http://feed.example/events", false)],
+            slow_batch: Some(slow),
+        };
+        let summary = status.summary();
+        assert!(
+            summary.starts_with("writer on feed bank's batch for 45s, now committing; bank: "),
+            "{summary}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{OnError, Synchronous};
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
+use crate::status::SlowBatch;
 use crate::store::{self, Checkpoint, DeadLetter};
 
 /// Events of one feed, in offset order, for some of its projections.
@@ -139,6 +141,7 @@ pub struct Writer {
     starting_points: Vec<StartingPoint>,
     /// The feeds paused when the writer opened.
     paused_feeds: BTreeSet<String>,
+    progress: Arc<Progress>,
 }
 
 impl Writer {
@@ -200,6 +203,12 @@ impl Writer {
             .collect();
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
+        let progress = Arc::new(Progress::new(
+            slots
+                .iter()
+                .map(|slot| slot.projection.name.clone())
+                .collect(),
+        ));
         Ok(Writer {
             conn,
             wal_path: wal_path.into(),
@@ -211,6 +220,7 @@ impl Writer {
             by_name,
             starting_points,
             paused_feeds,
+            progress,
         })
     }
 
@@ -226,28 +236,26 @@ impl Writer {
     /// batches already sent.
     pub fn spawn(self) -> std::io::Result<(WriterHandle, WriterThread)> {
         let (jobs, receiver) = mpsc::channel(16);
-        let busy_since = Arc::new(Mutex::new(None));
-        let busy = busy_since.clone();
+        let progress = self.progress.clone();
         let interrupt = self.conn.get_interrupt_handle();
         let join = std::thread::Builder::new()
             .name("projector-writer".into())
-            .spawn(move || self.run(receiver, &busy))?;
+            .spawn(move || self.run(receiver))?;
         Ok((
-            WriterHandle { jobs, busy_since },
+            WriterHandle { jobs, progress },
             WriterThread { join, interrupt },
         ))
     }
 
-    fn run(mut self, mut jobs: mpsc::Receiver<Job>, busy_since: &Mutex<Option<Instant>>) {
-        let set_busy = |since: Option<Instant>| {
-            *busy_since
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = since;
-        };
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         while let Some(job) = jobs.blocking_recv() {
-            set_busy(Some(Instant::now()));
+            let feed = match &job {
+                Job::Apply { batch, .. } => Some(batch.feed.clone()),
+                Job::SetPaused { .. } => None,
+            };
+            self.progress.start_job(feed);
             self.run_job(job);
-            set_busy(None);
+            self.progress.end_job();
         }
     }
 
@@ -448,6 +456,7 @@ impl Writer {
                     .into());
                 }
                 if slot.projection.handles(&event.event_type) {
+                    self.progress.applying(index, event.offset);
                     match apply_one(&tx, &slot.projection, event, savepoints).map_err(storage)? {
                         Ok(()) => outcome.applied += 1,
                         Err(ProjectionError::Sql(err)) if store::is_storage_failure(&err) => {
@@ -494,6 +503,7 @@ impl Writer {
                 checkpoint.last_event_id = Some(event.event_id.clone());
             }
         }
+        self.progress.committing();
         for (k, &index) in members.iter().enumerate() {
             let slot = &self.slots[index];
             if checkpoints[k] != committed[k] {
@@ -595,12 +605,60 @@ impl WriterThread {
     }
 }
 
+/// What the writer thread is on, for `status` and the watchdog: the job under a mutex (taken
+/// once a job), the projection and the event in atomics (stored once an event applies).
+struct Progress {
+    /// When the job in progress started, and the feed of its batch; None while idle.
+    job: Mutex<Option<(Instant, Option<String>)>>,
+    /// The slot of the projection applying an event; NOT_APPLYING otherwise.
+    projection: AtomicUsize,
+    offset: AtomicU64,
+    /// The projections' names, by slot.
+    names: Vec<String>,
+}
+
+const NOT_APPLYING: usize = usize::MAX;
+
+impl Progress {
+    fn new(names: Vec<String>) -> Progress {
+        Progress {
+            job: Mutex::new(None),
+            projection: AtomicUsize::new(NOT_APPLYING),
+            offset: AtomicU64::new(0),
+            names,
+        }
+    }
+
+    fn job(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Option<String>)>> {
+        self.job
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn start_job(&self, feed: Option<String>) {
+        *self.job() = Some((Instant::now(), feed));
+    }
+
+    fn end_job(&self) {
+        self.committing();
+        *self.job() = None;
+    }
+
+    fn applying(&self, slot: usize, offset: u64) {
+        self.offset.store(offset, Ordering::Relaxed);
+        self.projection.store(slot, Ordering::Relaxed);
+    }
+
+    fn committing(&self) {
+        self.projection.store(NOT_APPLYING, Ordering::Relaxed);
+    }
+}
+
 /// Sends batches to the writer thread; cheap to clone.
 #[derive(Clone)]
 pub struct WriterHandle {
     jobs: mpsc::Sender<Job>,
-    /// When the job in progress started; None while the writer waits for work.
-    busy_since: Arc<Mutex<Option<Instant>>>,
+    progress: Arc<Progress>,
 }
 
 /// A batch handed to the writer, whose outcome is awaited later (so the next page can be
@@ -613,10 +671,35 @@ impl WriterHandle {
     /// How long the writer has been on its current job (zero when idle): a writer stuck for
     /// longer than the systemd watchdog interval is reported by no longer pinging it.
     pub fn busy_for(&self) -> Duration {
-        self.busy_since
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .map_or(Duration::ZERO, |since| since.elapsed())
+        self.progress
+            .job()
+            .as_ref()
+            .map_or(Duration::ZERO, |(since, _)| since.elapsed())
+    }
+
+    /// When the writer's job in progress started; None while idle.
+    pub fn job_started(&self) -> Option<Instant> {
+        self.progress.job().as_ref().map(|(since, _)| *since)
+    }
+
+    /// The batch the writer has been on for `at_least` or longer: its feed, and the projection
+    /// and event it is applying (the two read apart from each other: good for a report, which
+    /// matters when the writer stays on one event).
+    pub fn slow_batch(&self, at_least: Duration) -> Option<SlowBatch> {
+        let (since, feed) = self.progress.job().clone()?;
+        let feed = feed?;
+        let elapsed = since.elapsed();
+        if elapsed < at_least {
+            return None;
+        }
+        let slot = self.progress.projection.load(Ordering::Relaxed);
+        let applying = self.progress.names.get(slot);
+        Some(SlowBatch {
+            feed,
+            seconds: elapsed.as_secs(),
+            projection: applying.cloned(),
+            offset: applying.map(|_| self.progress.offset.load(Ordering::Relaxed)),
+        })
     }
 
     pub async fn submit(&self, batch: Batch) -> PendingBatch {

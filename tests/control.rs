@@ -150,28 +150,6 @@ SELECT count(*) FROM forever
 '''
 "#;
 
-/// The CPU time, in clock ticks, that the daemon's thread `name` has used.
-fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
-        })
-        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
-        .map(|stat| {
-            // The fields after the command name, which is in parentheses: utime and stime are
-            // the 14th and 15th of the whole line.
-            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after_name.split_whitespace().collect();
-            let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
-            field(11).unwrap_or(0) + field(12).unwrap_or(0)
-        })
-        .sum()
-}
-
 /// A daemon whose writer is running the endless statement, with `stop_timeout` as given; the
 /// events, and how many of them were committed before the endless batch.
 async fn daemon_stuck_in_a_batch(
@@ -206,14 +184,20 @@ async fn daemon_stuck_in_a_batch(
         .await;
 
     harness.server.append(from_request.to_vec());
-    let pid = daemon.child.id();
-    // Only the endless statement spends seconds of the writer's CPU on 600 events.
-    wait_for(
-        &mut daemon,
-        "the writer to run the endless statement",
-        || thread_cpu_ticks(pid, "projector-write") > 150,
-    )
+    // `status` names the batch the writer has been on for a second or more, and where in it.
+    wait_for(&mut daemon, "status to show the endless statement", || {
+        let slow = &harness.status()["slow_batch"];
+        slow["feed"] == "bank"
+            && slow["projection"] == "endless"
+            && slow["offset"] == first_request as u64
+    })
     .await;
+    let shown = stdout(&harness.ctl(&["status"]));
+    let expected = format!("now projection endless at offset {first_request}");
+    assert!(
+        shown.contains("writer on feed bank's batch for") && shown.contains(&expected),
+        "{shown}"
+    );
     (harness, daemon, events, committed)
 }
 

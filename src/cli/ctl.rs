@@ -126,6 +126,9 @@ pub fn render_status(status: &DaemonStatus) -> String {
     if let Some(at) = &status.reloaded_at {
         let _ = writeln!(out, "reloaded at {at}");
     }
+    if let Some(slow) = &status.slow_batch {
+        let _ = writeln!(out, "writer on {}", slow.describe());
+    }
     for feed in &status.feeds {
         out.push('\n');
         render_feed(&mut out, feed);
