@@ -7,7 +7,7 @@
 //! that its id is the one the checkpoint recorded: if not, the feed was rewritten, and nothing of
 //! the batch is applied.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -142,6 +142,8 @@ pub struct Writer {
     /// The feeds paused when the writer opened.
     paused_feeds: BTreeSet<String>,
     progress: Arc<Progress>,
+    /// Feeds whose last batch had a poison event: their next batch starts with savepoints.
+    poisoned_feeds: HashSet<String>,
 }
 
 impl Writer {
@@ -221,6 +223,7 @@ impl Writer {
             starting_points,
             paused_feeds,
             progress,
+            poisoned_feeds: HashSet::new(),
         })
     }
 
@@ -377,21 +380,36 @@ impl Writer {
     /// Most batches apply cleanly, so the first attempt runs without a savepoint per event
     /// (they cost about a tenth of the writer's time). An event that fails there may leave part
     /// of its writes behind, which only a savepoint undoes: the batch is then rolled back whole
-    /// and applied again with a savepoint around each event.
+    /// and applied again with a savepoint around each event. Poison events tend to come in
+    /// runs, so after such a batch the feed's next batches start with savepoints, until one
+    /// applies without a failure: a feed full of poison events is applied once, not twice.
     pub fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
+        if self.poisoned_feeds.contains(&batch.feed) {
+            let outcome = self.apply_with_savepoints(batch)?;
+            if outcome.halted.is_empty() && outcome.dead_lettered == 0 {
+                self.poisoned_feeds.remove(&batch.feed);
+            }
+            return Ok(outcome);
+        }
         match self.apply_with(batch, Savepoints::Off) {
             Ok(outcome) => Ok(outcome),
             Err(Attempt::Failed(err)) => Err(err),
             Err(Attempt::NeedsSavepoints) => {
-                self.apply_with(batch, Savepoints::On)
-                    .map_err(|attempt| match attempt {
-                        Attempt::Failed(err) => err,
-                        Attempt::NeedsSavepoints => ApplyError::Internal(
-                            "an event failed although it ran in a savepoint".into(),
-                        ),
-                    })
+                let outcome = self.apply_with_savepoints(batch)?;
+                self.poisoned_feeds.insert(batch.feed.clone());
+                Ok(outcome)
             }
         }
+    }
+
+    fn apply_with_savepoints(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
+        self.apply_with(batch, Savepoints::On)
+            .map_err(|attempt| match attempt {
+                Attempt::Failed(err) => err,
+                Attempt::NeedsSavepoints => {
+                    ApplyError::Internal("an event failed although it ran in a savepoint".into())
+                }
+            })
     }
 
     fn apply_with(
@@ -738,7 +756,6 @@ mod tests {
     use super::*;
     use crate::projection::Projection;
     use serde_json::json;
-    use std::collections::HashSet;
 
     /// Sums `amount` into one row per projection; refuses negative amounts.
     struct Summer(&'static str);
@@ -877,6 +894,72 @@ mod tests {
         )?;
         assert_eq!(offset, 1);
         assert!(error.contains("negative"), "{error}");
+        Ok(())
+    }
+
+    /// Rejects negative amounts, counting every call, rolled back or not.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Projection for Counting {
+        fn event_types(&self) -> Vec<String> {
+            vec!["add".into()]
+        }
+        fn setup(&self, _: &Transaction) -> Result<(), ProjectionError> {
+            Ok(())
+        }
+        fn apply(&self, _: &Transaction, event: &Event) -> Result<(), ProjectionError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            #[derive(serde::Deserialize)]
+            struct Add {
+                amount: i64,
+            }
+            match event.decode::<Add>()?.amount {
+                amount if amount < 0 => Err(ProjectionError::Rejected("negative".into())),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_batch_with_a_poison_event_the_next_ones_start_with_savepoints_until_one_is_clean(
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut writer = Writer::open(
+            &dir.path().join("db"),
+            WriterSettings::default(),
+            vec![ConfiguredProjection {
+                name: "counting".into(),
+                feed: "f".into(),
+                on_error: OnError::Skip,
+                event_types: HashSet::from(["add".to_string()]),
+                projection: Box::new(Counting(calls.clone())),
+            }],
+        )?;
+        let mut offset = 0;
+        let mut apply = |amounts: &[i64]| -> anyhow::Result<usize> {
+            let events = amounts
+                .iter()
+                .map(|&amount| {
+                    offset += 1;
+                    event(offset - 1, "add", amount)
+                })
+                .collect();
+            let before = calls.load(Ordering::Relaxed);
+            writer.apply(&Batch {
+                feed: "f".into(),
+                projections: vec!["counting".into()],
+                events,
+            })?;
+            Ok(calls.load(Ordering::Relaxed) - before)
+        };
+        // Up to the poison event without savepoints, then all three with them.
+        assert_eq!(apply(&[1, -1, 1])?, 2 + 3);
+        // With savepoints from the start: once each.
+        assert_eq!(apply(&[1, -1, 1])?, 3);
+        // Still with savepoints; this batch is clean, so the next starts without.
+        assert_eq!(apply(&[1, 1])?, 2);
+        assert_eq!(apply(&[-1, 1])?, 1 + 2);
         Ok(())
     }
 
