@@ -251,7 +251,10 @@ pub fn parse_uri(url: &str) -> Result<Uri, String> {
 }
 
 /// `what`, then each cause of the failure: the causes say what happened.
-fn with_causes(what: &str, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+pub(super) fn with_causes(
+    what: &str,
+    mut cause: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
     let mut text = what.to_string();
     while let Some(err) = cause {
         text.push_str(": ");

@@ -25,6 +25,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::http::with_causes;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Which proxy, if any, each URL goes through.
@@ -166,18 +168,7 @@ impl Service<Uri> for ProxyConnector {
 
 /// Says which proxy a failure happened through; the proxy's URL never carries its credentials.
 fn through(proxy: &Intercept, err: BoxError) -> BoxError {
-    format!("through the proxy {}: {}", proxy.uri(), error_chain(&*err)).into()
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        cause = err.source();
-    }
-    text
+    with_causes(&format!("through the proxy {}", proxy.uri()), Some(&*err)).into()
 }
 
 /// A TCP connection, to the feed or to a proxy. `forwarding` tells hyper to send the whole URL
