@@ -95,7 +95,7 @@ pub struct DaemonStatus {
 }
 
 /// A batch the writer has been on for a while: its feed, and the projection and event being
-/// applied (none while it commits).
+/// applied (none while it takes the write lock or commits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlowBatch {
     pub feed: String,
@@ -116,7 +116,9 @@ impl SlowBatch {
             (Some(projection), Some(offset)) => {
                 text.push_str(&format!(", now projection {projection} at offset {offset}"));
             }
-            _ => text.push_str(", now committing"),
+            _ => {
+                text.push_str(", now outside the projections (taking the write lock or committing)")
+            }
         }
         text
     }
@@ -497,7 +499,10 @@ mod tests {
         );
         slow.projection = None;
         slow.offset = None;
-        assert_eq!(slow.describe(), "feed bank's batch for 45s, now committing");
+        assert_eq!(
+            slow.describe(),
+            "feed bank's batch for 45s, now outside the projections (taking the write lock or committing)"
+        );
 
         let monitor = FeedMonitor::new("bank", [("account_balances".to_string(), 0)]);
         let status = DaemonStatus {
@@ -513,7 +518,8 @@ mod tests {
         };
         let summary = status.summary();
         assert!(
-            summary.starts_with("writer on feed bank's batch for 45s, now committing; bank: "),
+            summary.starts_with("writer on feed bank's batch for 45s, now outside")
+                && summary.contains("committing); bank: "),
             "{summary}"
         );
     }
