@@ -202,6 +202,12 @@ impl FeedServer {
             .route("/events/{id}", get(body))
             .route("/inline", get(inline_page))
             .with_state(shared.clone());
+        // TCP_NODELAY on each connection, as Go's net/http and nginx set it: with Nagle on, a
+        // client that pipelines requests waits for its own delayed ACKs (2.9k requests/s
+        // against 75k or more for wrk eight deep).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, router).await {
                 tracing::error!("feed server stopped: {err}");
