@@ -1,7 +1,8 @@
 //! The control plane, against the real binary: pause and resume by socket and by signal on a
 //! growing feed, stop, status, a pause surviving a restart, SIGHUP reloads, one daemon per
-//! socket, stale sockets, bad control input, systemd notifications and log formats, and a second
-//! SIGTERM while a stop waits on a batch that never ends.
+//! socket, stale sockets, bad control input, systemd notifications and log formats, and a batch
+//! that never ends: shown by `status`, interrupted by a stop after `stop_timeout`, cut short by a
+//! second SIGTERM.
 
 mod common;
 
