@@ -180,9 +180,11 @@ async fn a_feed_is_read_through_the_proxy_the_environment_names() {
     let mut env = vec![
         ("HTTP_PROXY", proxy.as_str()),
         ("http_proxy", proxy.as_str()),
+        // Not a proxy URL: said in the log, and passed over.
+        ("ALL_PROXY", "ftp://not-a-proxy.example"),
     ];
     // Whatever the machine's own settings, nothing else decides.
-    for name in ["NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"] {
+    for name in ["NO_PROXY", "no_proxy", "all_proxy"] {
         env.push((name, ""));
     }
     let mut daemon = Daemon::spawn(&harness.config_path(), harness.dir.path(), &env);
@@ -191,6 +193,10 @@ async fn a_feed_is_read_through_the_proxy_the_environment_names() {
     let log = daemon.log();
     assert!(
         log.contains("reading through a proxy") && log.contains(&proxy),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"ALL_PROXY="ftp://not-a-proxy.example" is not a proxy URL; it is ignored"#),
         "{log}"
     );
     let (status, _) = daemon.terminate().await;

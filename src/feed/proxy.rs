@@ -34,6 +34,39 @@ pub struct Proxies {
     matcher: Matcher,
 }
 
+/// The variables a proxy is named in, in the order the matcher reads them.
+const PROXY_VARIABLES: [&str; 6] = [
+    "ALL_PROXY",
+    "all_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+];
+
+/// The proxy variables set to something the matcher cannot use, which it passes over
+/// silently: e.g. `HTTPS_PROXY=htp://proxy:3128`. Each is described without its credentials.
+pub fn unusable_settings(variable: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let probe = Uri::from_static("http://projector.invalid/");
+    PROXY_VARIABLES
+        .iter()
+        .filter_map(|&name| {
+            let value = variable(name).filter(|value| !value.trim().is_empty())?;
+            // The matcher's own reading of the value: a usable one intercepts every URL.
+            let usable = Matcher::builder()
+                .all(value.clone())
+                .build()
+                .intercept(&probe)
+                .is_some();
+            let shown = match value.rsplit_once('@') {
+                Some((_, host)) => format!("…@{host}"),
+                None => value,
+            };
+            (!usable).then(|| format!("{name}={shown:?} is not a proxy URL; it is ignored"))
+        })
+        .collect()
+}
+
 /// How a connection to a URL is made.
 #[derive(Debug)]
 enum Route {
@@ -286,6 +319,21 @@ mod tests {
         };
         assert_eq!(route(&none, "http://feed.example/events"), "direct");
         assert_eq!(none.describe(&uri("http://feed.example/")), None);
+    }
+
+    #[test]
+    fn proxy_variables_the_matcher_cannot_use_are_named_without_credentials() {
+        let variables = |name: &str| match name {
+            "HTTPS_PROXY" => Some("htp://ann:secret@proxy.example:3128".to_string()),
+            "http_proxy" => Some("proxy.example:3128".to_string()),
+            "ALL_PROXY" => Some("socks5://proxy.example:1080".to_string()),
+            "all_proxy" => Some(" ".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            unusable_settings(variables),
+            vec![r#"HTTPS_PROXY="…@proxy.example:3128" is not a proxy URL; it is ignored"#]
+        );
     }
 
     #[test]
