@@ -197,12 +197,11 @@ impl Supervisor {
         let Some(writer) = self.engine.as_ref().map(|engine| &engine.writer) else {
             return;
         };
-        let Some(slow) = writer.slow_batch(SLOW_BATCH_WARNED) else {
+        let Some((started, slow)) = writer.slow_batch(SLOW_BATCH_WARNED) else {
             return;
         };
-        let started = writer.job_started();
-        if started.is_some() && started != self.slow_batch_warned {
-            self.slow_batch_warned = started;
+        if self.slow_batch_warned != Some(started) {
+            self.slow_batch_warned = Some(started);
             tracing::warn!(
                 "the writer has been on {}: a projection statement that runs this long holds \
                  every feed back (status shows it as slow_batch)",
@@ -255,7 +254,8 @@ impl Supervisor {
             slow_batch: self
                 .engine
                 .as_ref()
-                .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN)),
+                .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN))
+                .map(|(_, slow)| slow),
         }
     }
 

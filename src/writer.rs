@@ -695,15 +695,11 @@ impl WriterHandle {
             .map_or(Duration::ZERO, |(since, _)| since.elapsed())
     }
 
-    /// When the writer's job in progress started; None while idle.
-    pub fn job_started(&self) -> Option<Instant> {
-        self.progress.job().as_ref().map(|(since, _)| *since)
-    }
-
-    /// The batch the writer has been on for `at_least` or longer: its feed, and the projection
-    /// and event it is applying (the two read apart from each other: good for a report, which
-    /// matters when the writer stays on one event).
-    pub fn slow_batch(&self, at_least: Duration) -> Option<SlowBatch> {
+    /// The batch the writer has been on for `at_least` or longer, with when it started (which
+    /// tells one batch from the next): its feed, and the projection and event it is applying
+    /// (the two read apart from each other: good for a report, which matters when the writer
+    /// stays on one event).
+    pub fn slow_batch(&self, at_least: Duration) -> Option<(Instant, SlowBatch)> {
         let (since, feed) = self.progress.job().clone()?;
         let feed = feed?;
         let elapsed = since.elapsed();
@@ -712,12 +708,13 @@ impl WriterHandle {
         }
         let slot = self.progress.projection.load(Ordering::Relaxed);
         let applying = self.progress.names.get(slot);
-        Some(SlowBatch {
+        let slow = SlowBatch {
             feed,
             seconds: elapsed.as_secs(),
             projection: applying.cloned(),
             offset: applying.map(|_| self.progress.offset.load(Ordering::Relaxed)),
-        })
+        };
+        Some((since, slow))
     }
 
     pub async fn submit(&self, batch: Batch) -> PendingBatch {
