@@ -256,6 +256,7 @@ impl Supervisor {
                 .as_ref()
                 .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN))
                 .map(|(_, slow)| slow),
+            log_lines_dropped: crate::logging::lines_dropped(),
         }
     }
 

@@ -10,7 +10,9 @@ fn main() -> ExitCode {
     match projector::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("projector: {err:#}");
+            use std::io::Write as _;
+            // Not eprintln!: a closed stderr must not turn a failure into a panic.
+            let _ = writeln!(std::io::stderr(), "projector: {err:#}");
             if err
                 .downcast_ref::<projector::config::ConfigError>()
                 .is_some()

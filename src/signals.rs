@@ -30,6 +30,7 @@ pub fn forward(daemon: DaemonHandle) -> std::io::Result<JoinHandle<()>> {
             if request == Request::Stop {
                 if stopping {
                     tracing::warn!("{name} received again while stopping: exiting now");
+                    crate::logging::flush();
                     std::process::exit(1);
                 }
                 stopping = true;

@@ -92,6 +92,9 @@ pub struct DaemonStatus {
     /// The batch the writer has been applying for a second or more, if any.
     #[serde(default)]
     pub slow_batch: Option<SlowBatch>,
+    /// Log lines lost since start because stderr was closed or full.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 /// A batch the writer has been on for a while: its feed, and the projection and event being
@@ -515,6 +518,7 @@ mod tests {
             reloaded_at: None,
             feeds: vec![monitor.snapshot("http://feed.example/events", false)],
             slow_batch: Some(slow),
+            log_lines_dropped: 0,
         };
         let summary = status.summary();
         assert!(

@@ -9,7 +9,7 @@ use crate::config::Config;
 pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let projections = crate::projection::build_all(&config)?;
-    println!(
+    say!(
         "{}: ok ({} feed{}, {} projection{})",
         path.display(),
         config.feeds.len(),
@@ -20,7 +20,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     for projection in &projections {
         let mut types: Vec<&str> = projection.event_types.iter().map(String::as_str).collect();
         types.sort_unstable();
-        println!(
+        say!(
             "  {} on feed {}: {}",
             projection.name,
             projection.feed,

@@ -63,37 +63,37 @@ pub fn ctl(
     let (mut client, reply) = match exchange {
         Ok(exchanged) => exchanged,
         Err(err) => {
-            eprintln!("projector: {err}");
+            complain!("projector: {err}");
             return Ok(exit_for(&err));
         }
     };
     if json {
-        println!("{}", serde_json::to_string(&reply)?);
+        say!("{}", serde_json::to_string(&reply)?);
     }
     if !reply.ok {
         let error = reply
             .error
             .as_deref()
             .unwrap_or("the daemon refused without a reason");
-        eprintln!("projector: {error}");
+        complain!("projector: {error}");
         return Ok(ExitCode::FAILURE);
     }
     if !json {
         match &reply.status {
-            Some(status) => print!("{}", render_status(status)),
-            None => println!("{}", describe(&reply)),
+            Some(status) => say_partly!("{}", render_status(status)),
+            None => say!("{}", describe(&reply)),
         }
     }
     if request == Request::Stop {
         if !client.wait_until_closed(STOP_TIMEOUT) {
-            eprintln!(
+            complain!(
                 "projector: asked to stop, but it is still stopping after {}s",
                 STOP_TIMEOUT.as_secs()
             );
             return Ok(ExitCode::FAILURE);
         }
         if !json {
-            println!("stopped");
+            say!("stopped");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -128,6 +128,13 @@ pub fn render_status(status: &DaemonStatus) -> String {
     }
     if let Some(slow) = &status.slow_batch {
         let _ = writeln!(out, "writer on {}", slow.describe());
+    }
+    if status.log_lines_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "log lines dropped: {} (stderr closed or full)",
+            status.log_lines_dropped
+        );
     }
     for feed in &status.feeds {
         out.push('\n');

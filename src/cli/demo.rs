@@ -17,23 +17,6 @@ use crate::bank_feed;
 use crate::config::{Config, FeedFormat};
 use crate::feed_server::FeedServer;
 
-/// println!, except that a reader gone away (`projector demo | head`) is not a panic: the demo
-/// finishes its work without printing.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-
-/// print!, likewise.
-macro_rules! say_partly {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($arg)*);
-    }};
-}
-
 /// The files the demo writes; only these are removed when it starts again.
 const DEMO_FILES: &[&str] = &[
     "consumer.toml",
@@ -62,7 +45,9 @@ pub fn demo(
     prepare_dir(&dir)?;
     // The progress line is the demo's output; warnings and errors still show.
     crate::logging::init("warn", crate::config::LogFormat::Text);
-    super::demo_runtime()?.block_on(run_demo(events, fault_rate, format, &dir))
+    let result = super::demo_runtime()?.block_on(run_demo(events, fault_rate, format, &dir));
+    crate::logging::flush();
+    result
 }
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,33 @@
 //! The command line: clap derive structs whose doc comments are the help text, and one file per
 //! subcommand.
+//!
+//! Output goes through `say!` (stdout) and `complain!` (stderr), never `println!`: a reader that
+//! went away (`projector ctl status | head -1`, a closed log pipe) is not a panic.
+
+/// println!, except that a reader gone away is not a panic: the command finishes its work
+/// without printing.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// print!, likewise.
+macro_rules! say_partly {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// eprintln!, likewise.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod check;
 mod ctl;

@@ -13,10 +13,13 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let projections = crate::projection::build_all(&config)?;
     crate::logging::init("info", config.daemon.log_format);
-    super::daemon_runtime()?.block_on(async {
+    let ran = super::daemon_runtime()?.block_on(async {
         let (control, inbox) = crate::daemon::channel();
         crate::signals::forward(control).context("installing signal handlers")?;
         crate::daemon::run(config, projections, inbox).await
-    })?;
+    });
+    // The last lines before a failure's message, which main writes.
+    crate::logging::flush();
+    ran?;
     Ok(ExitCode::SUCCESS)
 }

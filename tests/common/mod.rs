@@ -260,6 +260,30 @@ impl Daemon {
         Daemon { child, log }
     }
 
+    /// Spawns `projector run` with its stderr a pipe this test holds, instead of a log file
+    /// (`log()` is then empty): the test decides when the pipe is read, left full or closed.
+    pub fn spawn_with_stderr_piped(
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> (Daemon, std::process::ChildStderr) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_projector"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning projector: {e}"));
+        let stderr = child
+            .stderr
+            .take()
+            .unwrap_or_else(|| panic!("no stderr pipe"));
+        let log = config.with_file_name("no-log-file");
+        (Daemon { child, log }, stderr)
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
