@@ -17,6 +17,10 @@
 //! - start-up to the first request, on a warm database (Flux);
 //! - live latency: with `poll_interval = "100ms"`, from an event appearing on the (Flux) feed to
 //!   its checkpoint being visible to a reader, p50 and p99 over 3,000 events.
+//!
+//! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each other: pairs of Flux
+//! catch-ups, one with hyper-util's client and one with reqwest's, the order alternating from
+//! pair to pair, and the medians of events/s and CPU an event for each.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,8 @@ struct Options {
     events: usize,
     runs: usize,
     synchronous: Synchronous,
+    /// Pairs of Flux catch-ups for the HTTP client A/B; 0 for the whole benchmark.
+    http_ab: usize,
 }
 
 fn options() -> Options {
@@ -51,6 +57,7 @@ fn options() -> Options {
         events: 100_000,
         runs: 3,
         synchronous: Synchronous::Normal,
+        http_ab: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -62,6 +69,7 @@ fn options() -> Options {
         match arg.as_str() {
             "--events" => options.events = value(),
             "--runs" => options.runs = value(),
+            "--http-ab" => options.http_ab = value(),
             "--synchronous" => {
                 options.synchronous = match args.next().as_deref() {
                     Some("normal") => Synchronous::Normal,
@@ -96,6 +104,16 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
     let binary = release_binary();
     let sync = options.synchronous;
+    if options.http_ab > 0 {
+        if cfg!(feature = "http-ab") {
+            runtime.block_on(http_ab(&binary, &server, &events, sync, options.http_ab));
+        } else {
+            println!(
+                "--http-ab compares against a reqwest client that only `--features http-ab` builds"
+            );
+        }
+        return;
+    }
     let wrk_installed = Command::new("wrk")
         .arg("--version")
         .stdout(Stdio::null())
@@ -522,10 +540,26 @@ file = {projection:?}
 }
 
 fn spawn(binary: &Path, config: &Path) -> Child {
+    spawn_with(binary, config, ClientKind::Hyper)
+}
+
+/// The HTTP client a daemon run uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ClientKind {
+    Hyper,
+    Reqwest,
+}
+
+fn spawn_with(binary: &Path, config: &Path, client: ClientKind) -> Child {
+    let client = match client {
+        ClientKind::Hyper => "hyper",
+        ClientKind::Reqwest => "reqwest",
+    };
     Command::new(binary)
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
+        .env("PROJECTOR_HTTP_CLIENT", client)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -568,6 +602,94 @@ async fn catch_up(
     events: &[StoredEvent],
     synchronous: Synchronous,
 ) -> (CatchUp, tempfile::TempDir) {
+    catch_up_with(
+        binary,
+        server,
+        setup,
+        events,
+        synchronous,
+        ClientKind::Hyper,
+    )
+    .await
+}
+
+/// Pairs of Flux catch-ups, one per HTTP client, the order alternating; prints each pair and the
+/// medians.
+async fn http_ab(
+    binary: &Path,
+    server: &FeedServer,
+    events: &[StoredEvent],
+    synchronous: Synchronous,
+    pairs: usize,
+) {
+    let flux = Setup {
+        format: FeedFormat::Flux,
+        projections: Projections::Both,
+    };
+    let total = events.len() as f64;
+    println!(
+        "HTTP client A/B: {pairs} pairs of Flux catch-ups of {} events, both shipped projections",
+        events.len()
+    );
+    let mut hyper = Vec::new();
+    let mut reqwest = Vec::new();
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 {
+            [ClientKind::Hyper, ClientKind::Reqwest]
+        } else {
+            [ClientKind::Reqwest, ClientKind::Hyper]
+        };
+        for client in order {
+            let (run, _) = catch_up_with(binary, server, flux, events, synchronous, client).await;
+            match client {
+                ClientKind::Hyper => hyper.push(run),
+                ClientKind::Reqwest => reqwest.push(run),
+            }
+        }
+        let (h, r) = (&hyper[pair], &reqwest[pair]);
+        println!(
+            "  pair {}: hyper {:.0} events/s, {:.1} µs an event; reqwest {:.0} events/s, {:.1} µs an event",
+            pair + 1,
+            h.events_per_second,
+            1e6 * h.cpu_seconds / total,
+            r.events_per_second,
+            1e6 * r.cpu_seconds / total
+        );
+    }
+    let rate = |runs: &[CatchUp]| median_of(runs, |d| d.events_per_second);
+    let cpu = |runs: &[CatchUp]| median_of(runs, |d| 1e6 * d.cpu_seconds / total);
+    let faster = hyper
+        .iter()
+        .zip(&reqwest)
+        .filter(|(h, r)| h.events_per_second > r.events_per_second)
+        .count();
+    println!();
+    println!("| client (median of {pairs}) | events/s | CPU an event |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| hyper-util | {:.0} | {:.1} µs |",
+        rate(&hyper),
+        cpu(&hyper)
+    );
+    println!(
+        "| reqwest | {:.0} | {:.1} µs |",
+        rate(&reqwest),
+        cpu(&reqwest)
+    );
+    println!(
+        "reqwest reads {:.1}% fewer events/s than hyper-util (hyper-util faster in {faster} of {pairs} pairs)",
+        100.0 * (1.0 - rate(&reqwest) / rate(&hyper))
+    );
+}
+
+async fn catch_up_with(
+    binary: &Path,
+    server: &FeedServer,
+    setup: Setup,
+    events: &[StoredEvent],
+    synchronous: Synchronous,
+    client: ClientKind,
+) -> (CatchUp, tempfile::TempDir) {
     let total = events.len();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let url = server.url_in(setup.format);
@@ -575,7 +697,7 @@ async fn catch_up(
     let database = dir.path().join("projector.db");
     let pages_before = server.page_requests();
     let bodies_before = body_requests(server);
-    let mut child = spawn(binary, &config);
+    let mut child = spawn_with(binary, &config, client);
     // From the first request the daemon makes.
     while server.page_requests() == pages_before {
         tokio::time::sleep(Duration::from_micros(200)).await;

@@ -3,9 +3,9 @@
 //! redirects followed, one deadline for all of it.
 //!
 //! Built on hyper's pooled client rather than reqwest: a body request per event makes the
-//! per-request cost count, and reqwest's layers (URL re-parsing, redirect and retry policies,
-//! decompression wrappers) cost 18 of the 68 µs of CPU an event took in the benchmark.
-//! Proxies come from the environment (`proxy.rs`).
+//! per-request cost count, and reqwest's layers cost more than the rest of the request path
+//! (measured in BENCHMARKS.md; `reqwest_http.rs` is the other side of that A/B). Proxies come
+//! from the environment (`proxy.rs`).
 
 use std::borrow::Cow;
 use std::io::Write;

@@ -14,6 +14,8 @@ pub mod flux;
 pub mod http;
 pub mod inline;
 pub mod proxy;
+#[cfg(feature = "http-ab")]
+pub mod reqwest_http;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -45,22 +47,51 @@ pub enum EntryBody {
     Inline(Payload),
 }
 
+/// The HTTP client behind a feed client: hyper-util's, or reqwest's for the A/B.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a few per feed, never moved on the hot path
+enum Http {
+    Hyper(HttpClient),
+    #[cfg(feature = "http-ab")]
+    Reqwest(reqwest_http::ReqwestClient),
+}
+
+impl Http {
+    async fn get(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
+        match self {
+            Http::Hyper(client) => client.get(url).await,
+            #[cfg(feature = "http-ab")]
+            Http::Reqwest(client) => client.get(url).await,
+        }
+    }
+}
+
 /// A client for one feed; cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct FeedClient {
-    http: HttpClient,
+    http: Http,
     feed_url: Url,
     format: FeedFormat,
 }
 
 impl FeedClient {
-    pub fn new(feed: &FeedConfig) -> Result<FeedClient, rustls::Error> {
-        let http = HttpClient::new(HttpSettings {
+    pub fn new(feed: &FeedConfig) -> anyhow::Result<FeedClient> {
+        let settings = HttpSettings {
             connect_timeout: feed.connect_timeout.0,
             request_timeout: feed.request_timeout.0,
             max_response_bytes: feed.max_response_bytes.0,
             idle_connections: feed.body_concurrency.0 + 2,
-        })?;
+        };
+        #[cfg(feature = "http-ab")]
+        if std::env::var("PROJECTOR_HTTP_CLIENT").as_deref() == Ok("reqwest") {
+            let reqwest = reqwest_http::ReqwestClient::new(settings).map_err(anyhow::Error::msg)?;
+            return Ok(FeedClient {
+                http: Http::Reqwest(reqwest),
+                feed_url: feed.url.0.clone(),
+                format: feed.format,
+            });
+        }
+        let http = Http::Hyper(HttpClient::new(settings)?);
         Ok(FeedClient {
             http,
             feed_url: feed.url.0.clone(),
@@ -70,9 +101,14 @@ impl FeedClient {
 
     /// The proxy the feed's pages go through, for the log; `None` when they go directly.
     pub fn proxy(&self) -> Option<String> {
+        #[allow(irrefutable_let_patterns)] // without the http-ab feature
+        let Http::Hyper(http) = &self.http
+        else {
+            return None;
+        };
         parse_uri(self.feed_url.as_str())
             .ok()
-            .and_then(|uri| self.http.proxy_for(&uri))
+            .and_then(|uri| http.proxy_for(&uri))
     }
 
     /// The page of entries starting at `offset`; empty at the head of the feed.
