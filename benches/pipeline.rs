@@ -29,11 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use projector::bank_feed;
 use projector::config::{Config, FeedFormat, Synchronous};
+use projector::demo::bank;
+use projector::demo::consumer_toml::ConsumerToml;
+use projector::demo::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
 use projector::event::{Event, Payload};
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
-use projector::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
 use projector::pipeline::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
 
@@ -95,7 +96,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let events = bank_feed::generate(2026, options.events);
+    let events = bank::generate(2026, options.events);
     let server = runtime
         .block_on(FeedServer::start(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -507,7 +508,6 @@ fn write_config(
         Synchronous::Normal => "normal",
         Synchronous::Full => "full",
     };
-    let format = setup.format.name();
     let projection =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
     let ledger = match setup.projections {
@@ -516,26 +516,15 @@ fn write_config(
         }
         Projections::BalancesOnly => "",
     };
-    let text = format!(
-        r#"[daemon]
-database = "projector.db"
-control_socket = "projector.sock"
-synchronous = "{synchronous}"
-
-[[feed]]
-name = "bank"
-url = "{url}"
-format = "{format}"
-poll_interval = "{poll_interval}"
-
-[[projection]]
-name = "account_balances"
-feed = "bank"
-file = {projection:?}
-{ledger}"#
+    let mut toml = ConsumerToml::new(url, setup.format);
+    toml.poll_interval = poll_interval.into();
+    toml.retry = None;
+    toml.daemon_keys = format!("synchronous = \"{synchronous}\"");
+    toml.projections = format!(
+        "\n[[projection]]\nname = \"account_balances\"\nfeed = \"bank\"\nfile = {projection:?}\n{ledger}"
     );
     let path = dir.join(CONFIG_FILE);
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    toml.write(&path).unwrap_or_else(|e| panic!("{e}"));
     path
 }
 
@@ -724,10 +713,10 @@ async fn catch_up_with(
 
 fn body_requests(server: &FeedServer) -> u64 {
     [
-        bank_feed::CREATED,
-        bank_feed::CREDITED,
-        bank_feed::DEBITED,
-        bank_feed::STATEMENT_REQUESTED,
+        bank::CREATED,
+        bank::CREDITED,
+        bank::DEBITED,
+        bank::STATEMENT_REQUESTED,
     ]
     .iter()
     .map(|t| server.body_requests(t))

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use projector::bank_feed;
-use projector::feed_server::FeedServer;
+use projector::demo::bank;
+use projector::demo::feed_server::FeedServer;
 
 /// A Flux-compatible bank feed on 127.0.0.1.
 #[derive(Parser)]
@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Generate the whole (possibly growing) feed up front so that growth continues the same seed.
     let total = args.events + args.grow_per_second * 3600;
-    let mut events = bank_feed::generate(args.seed, total).into_iter();
+    let mut events = bank::generate(args.seed, total).into_iter();
     let server = FeedServer::start(
         SocketAddr::from(([127, 0, 0, 1], args.port)),
         events.by_ref().take(args.events).collect(),

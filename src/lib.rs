@@ -5,8 +5,6 @@
 //! Data flows one way: feed -> pipeline -> writer (projections, checkpoints) -> commit.
 #![deny(clippy::unwrap_used)]
 
-/// Deterministic bank events and the balances they fold to (demo data, test oracle).
-pub mod bank_feed;
 /// The command-line interface, one file per subcommand.
 pub mod cli;
 /// `consumer.toml`: parsing and validation with file:line:column errors.
@@ -15,12 +13,14 @@ pub mod config;
 pub mod control;
 /// The supervisor: readers and the writer, pause, resume, reload, status, shutdown.
 pub mod daemon;
+/// The embedded bank feed (server, faults, events, config) that `demo`, the tests and the
+/// benchmark run the daemon against; behind the default-on `demo` feature.
+#[cfg(feature = "demo")]
+pub mod demo;
 /// The Event a feed yields.
 pub mod event;
 /// Feed clients (one per format), fetch errors and backoff.
 pub mod feed;
-/// An in-process Flux-compatible feed server with fault injection (demo, tests, benchmarks).
-pub mod feed_server;
 /// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
 pub mod logging;
 /// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.

@@ -11,9 +11,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, wait_for_log, Daemon, Harness, BOTH_PROJECTIONS, DEADLINE};
-use projector::bank_feed;
-use projector::feed_server::{Fault, Target};
+use common::{wait_for, wait_for_log, Daemon, Harness, DEADLINE};
+use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+use projector::demo::faults::{Fault, Target};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -30,7 +31,7 @@ fn stderr(output: &std::process::Output) -> String {
 }
 
 /// While the feed grows by `more`, nothing is requested or written: the read model is frozen.
-async fn assert_frozen(harness: &Harness, more: Vec<projector::feed_server::StoredEvent>) {
+async fn assert_frozen(harness: &Harness, more: Vec<projector::demo::feed_server::StoredEvent>) {
     let checkpoints = harness.checkpoints();
     let balances = harness.balances();
     let pages = harness.server.page_requests();
@@ -47,7 +48,7 @@ async fn assert_frozen(harness: &Harness, more: Vec<projector::feed_server::Stor
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed() {
-    let events = bank_feed::generate(30, 3000);
+    let events = bank::generate(30, 3000);
     let harness = Harness::new(events[..1000].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;
@@ -86,7 +87,7 @@ async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_f
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_feed_backing_off_after_errors_stops_retrying_when_paused() {
-    let events = bank_feed::generate(42, 300);
+    let events = bank::generate(42, 300);
     let harness = Harness::new(events.clone()).await;
     // Failing until the test clears it, however long the test takes to look.
     harness
@@ -116,7 +117,7 @@ async fn a_feed_backing_off_after_errors_stops_retrying_when_paused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket() {
-    let events = bank_feed::generate(31, 400);
+    let events = bank::generate(31, 400);
     let harness = Harness::new(events.clone()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
@@ -158,13 +159,13 @@ async fn daemon_stuck_in_a_batch(
 ) -> (
     Harness,
     Daemon,
-    Vec<projector::feed_server::StoredEvent>,
+    Vec<projector::demo::feed_server::StoredEvent>,
     u64,
 ) {
-    let events = bank_feed::generate(36, 600);
+    let events = bank::generate(36, 600);
     let first_request = events
         .iter()
-        .position(|e| e.event_type == bank_feed::STATEMENT_REQUESTED)
+        .position(|e| e.event_type == bank::STATEMENT_REQUESTED)
         .unwrap_or_else(|| panic!("the feed has no statement request"));
     assert!(first_request > 0, "the committed part must not be empty");
     let (before, from_request) = events.split_at(first_request);
@@ -206,7 +207,7 @@ async fn daemon_stuck_in_a_batch(
 /// applies the rest once.
 async fn assert_nothing_of_the_batch_applied(
     harness: &Harness,
-    events: &[projector::feed_server::StoredEvent],
+    events: &[projector::demo::feed_server::StoredEvent],
     committed: u64,
 ) {
     let checkpoints = harness.checkpoints();
@@ -260,7 +261,7 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error() {
-    let events = bank_feed::generate(32, 600);
+    let events = bank::generate(32, 600);
     let harness = Harness::new(events.clone()).await;
     harness.server.inject(Target::Pages, Fault::Status(500), 3);
     let mut daemon = harness.spawn();
@@ -315,7 +316,7 @@ async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_names_a_halted_projection_and_its_poison_event() {
-    let mut events = bank_feed::generate(33, 200);
+    let mut events = bank::generate(33, 200);
     let poison = common::poison_first_credit(&mut events);
     let harness = Harness::new(events).await;
     let mut daemon = harness.spawn_running().await;
@@ -334,7 +335,7 @@ async fn status_names_a_halted_projection_and_its_poison_event() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pause_survives_a_restart_until_resumed() {
-    let events = bank_feed::generate(34, 1200);
+    let events = bank::generate(34, 1200);
     let harness = Harness::new(events[..400].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
@@ -370,7 +371,7 @@ async fn a_pause_survives_a_restart_until_resumed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs() {
-    let events = bank_feed::generate(35, 1000);
+    let events = bank::generate(35, 1000);
     let harness = Harness::new(events[..600].to_vec()).await;
     let balances_only = r#"
 [[projection]]
@@ -438,7 +439,7 @@ file = "account_balances.toml"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_cannot_start_brings_the_previous_configuration_back() {
-    let events = bank_feed::generate(41, 800);
+    let events = bank::generate(41, 800);
     let harness = Harness::new(events[..300].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
@@ -480,7 +481,7 @@ async fn a_reload_that_cannot_start_brings_the_previous_configuration_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_on_the_same_socket_is_refused_and_a_stale_socket_is_cleaned_up() {
-    let events = bank_feed::generate(36, 300);
+    let events = bank::generate(36, 300);
     let harness = Harness::new(events.clone()).await;
     let mut first = harness.spawn();
     harness.wait_for_checkpoints(&mut first, BOTH, 300).await;
@@ -549,7 +550,7 @@ async fn ctl_says_clearly_when_no_daemon_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_socket_is_owner_only_unless_a_mode_is_configured() {
-    let harness = Harness::new(bank_feed::generate(37, 40)).await;
+    let harness = Harness::new(bank::generate(37, 40)).await;
     let daemon = harness.spawn_running().await;
     let mode = |harness: &Harness| {
         std::fs::metadata(harness.socket())
@@ -624,7 +625,7 @@ fn raw_exchange(socket: &std::path::Path, request: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_control_input_gets_an_error_reply_and_consumption_goes_on() {
-    let events = bank_feed::generate(38, 4000);
+    let events = bank::generate(38, 4000);
     let harness = Harness::new(events[..2000].to_vec()).await;
     let mut daemon = harness.spawn_running().await;
     let socket = harness.socket();
@@ -721,7 +722,7 @@ fn notifications_until(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<Strin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
-    let harness = Harness::new(bank_feed::generate(39, 200)).await;
+    let harness = Harness::new(bank::generate(39, 200)).await;
     let notify_path = harness.dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap_or_else(|e| panic!("{e}"));
     notify
@@ -759,7 +760,7 @@ async fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_suit_journald_and_json_shippers() {
     use std::os::unix::fs::MetadataExt;
-    let harness = Harness::new(bank_feed::generate(40, 100)).await;
+    let harness = Harness::new(bank::generate(40, 100)).await;
 
     // Under systemd, stderr is the stream JOURNAL_STREAM names: no colours, no timestamps.
     let log_path = harness.dir.path().join("journal.log");

@@ -10,8 +10,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_consistent, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed;
+use common::{assert_consistent, Harness};
+use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -30,7 +31,7 @@ async fn sigkill_at_random_moments_of_a_faulty_catch_up_leaves_the_read_model_ex
         "crash test: seed {seed}, {kills} kills (PROJECTOR_CRASH_SEED, PROJECTOR_CRASH_KILLS)"
     );
     let chunk = 300;
-    let all = bank_feed::generate(seed, 3000 + chunk * kills as usize);
+    let all = bank::generate(seed, 3000 + chunk * kills as usize);
     let mut served = 3000;
     let harness = Harness::new(all[..served].to_vec()).await;
     harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");

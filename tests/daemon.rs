@@ -5,17 +5,18 @@ mod common;
 
 use std::net::TcpListener;
 
-use common::{projector, wait_for_log, Daemon, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed::{
+use common::{projector, wait_for_log, Daemon, Harness};
+use projector::demo::bank::{
     self, expected_balances, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED,
 };
-use projector::feed_server::{Fault, Target, TRANSIENT_BODY_FAULTS, TRANSIENT_PAGE_FAULTS};
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+use projector::demo::faults::{Fault, Target, TRANSIENT_BODY_FAULTS, TRANSIENT_PAGE_FAULTS};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn folds_the_feed_exactly_passes_over_unregistered_types_and_stops_on_sigterm() {
-    let events = bank_feed::generate(1, 1500);
+    let events = bank::generate(1, 1500);
     let harness = Harness::new(events.clone()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1500).await;
@@ -33,7 +34,7 @@ async fn folds_the_feed_exactly_passes_over_unregistered_types_and_stops_on_sigt
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_resumes_without_applying_anything_twice() {
-    let events = bank_feed::generate(2, 1300);
+    let events = bank::generate(2, 1300);
     let (first, more) = events.split_at(700);
     let harness = Harness::new(first.to_vec()).await;
     let mut daemon = harness.spawn();
@@ -51,7 +52,7 @@ async fn a_restart_resumes_without_applying_anything_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
-    let events = bank_feed::generate(3, 6000);
+    let events = bank::generate(3, 6000);
     let harness = Harness::new(events.clone()).await;
     // Faults slow the daemon down enough that the kills land mid-way.
     harness.server.random_faults(3, 0.05);
@@ -75,7 +76,7 @@ async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
-    let events = bank_feed::generate(4, 400);
+    let events = bank::generate(4, 400);
     let harness = Harness::new(events.clone()).await;
     // Every transient fault twice, plus a real Retry-After delay and a server that never answers.
     let extra = [
@@ -117,7 +118,7 @@ async fn every_kind_of_feed_failure_is_retried_until_the_read_model_is_exact() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_does_not_come_does_not_hold_up_the_requests_behind_it() {
     // Every event's body is wanted, so every entry is a request.
-    let events: Vec<_> = bank_feed::generate(9, 200)
+    let events: Vec<_> = bank::generate(9, 200)
         .into_iter()
         .filter(|event| event.event_type != STATEMENT_REQUESTED)
         .collect();
@@ -151,14 +152,14 @@ async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         probe.local_addr().unwrap_or_else(|e| panic!("{e}"))
     };
-    let events = bank_feed::generate(5, 300);
+    let events = bank::generate(5, 300);
     // The harness's own server is elsewhere; point the daemon at the closed port first.
     let harness = Harness::new(Vec::new()).await;
     let url = format!("http://{addr}/events");
     harness.write_config(&url, BOTH_PROJECTIONS, "");
     let mut daemon = harness.spawn();
     wait_for_log(&mut daemon, "could not connect").await;
-    let late = projector::feed_server::FeedServer::start(addr, events.clone())
+    let late = projector::demo::feed_server::FeedServer::start(addr, events.clone())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
@@ -170,7 +171,7 @@ async fn a_feed_that_refuses_connections_is_read_once_it_comes_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_feed_is_read_through_the_proxy_the_environment_names() {
-    let events = bank_feed::generate(21, 300);
+    let events = bank::generate(21, 300);
     let harness = Harness::new(events.clone()).await;
     // feed.invalid does not resolve: the daemon reaches it only by asking the proxy, which is the
     // feed server itself (it answers requests that carry the whole URL). Its pages name their
@@ -205,7 +206,7 @@ async fn a_feed_is_read_through_the_proxy_the_environment_names() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_event_halts_a_stop_projection_and_is_dead_lettered_by_a_skip_one() {
-    let mut events = bank_feed::generate(6, 300);
+    let mut events = bank::generate(6, 300);
     let poison = common::poison_first_credit(&mut events);
     let harness = Harness::new(events.clone()).await;
     let projections = BOTH_PROJECTIONS.replace(
@@ -236,14 +237,14 @@ async fn a_poison_event_halts_a_stop_projection_and_is_dead_lettered_by_a_skip_o
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rewritten_feed_halts_instead_of_applying_the_wrong_events() {
-    let events = bank_feed::generate(7, 200);
+    let events = bank::generate(7, 200);
     let harness = Harness::new(events.clone()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 
-    harness.server.replace(bank_feed::generate(8, 400));
+    harness.server.replace(bank::generate(8, 400));
     let mut daemon = harness.spawn();
     wait_for_log(&mut daemon, "the feed was rewritten").await;
     harness.assert_exact(&events);
@@ -254,7 +255,7 @@ async fn a_rewritten_feed_halts_instead_of_applying_the_wrong_events() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_projection_builds_from_zero_while_the_other_goes_on() {
-    let events = bank_feed::generate(9, 900);
+    let events = bank::generate(9, 900);
     let harness = Harness::new(events[..500].to_vec()).await;
     let balances_only = BOTH_PROJECTIONS
         .split("[[projection]]")
@@ -349,7 +350,7 @@ async fn config_errors_name_file_line_and_column_and_exit_2() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_response_is_refused_and_retried_not_applied() {
-    let events = bank_feed::generate(10, 100);
+    let events = bank::generate(10, 100);
     let harness = Harness::new(events).await;
     // A page of 20 entries is about 5 KiB: over this limit.
     harness.write_config(
@@ -409,7 +410,7 @@ fn the_demo_runs_the_pipeline_and_checks_its_result() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reader_holding_a_transaction_open_does_not_block_the_daemon() {
-    let events = bank_feed::generate(11, 1000);
+    let events = bank::generate(11, 1000);
     let harness = Harness::new(events[..200].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
@@ -441,7 +442,7 @@ async fn a_reader_holding_a_transaction_open_does_not_block_the_daemon() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_on_the_same_database_refuses_to_start() {
-    let events = bank_feed::generate(12, 100);
+    let events = bank::generate(12, 100);
     let harness = Harness::new(events.clone()).await;
     let mut first = harness.spawn();
     harness.wait_for_checkpoints(&mut first, BOTH, 100).await;

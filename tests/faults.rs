@@ -5,16 +5,17 @@
 
 mod common;
 
-use common::{assert_consistent, wait_for, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed;
-use projector::feed_server::{Fault, Target};
+use common::{assert_consistent, wait_for, Harness};
+use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+use projector::demo::faults::{Fault, Target};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 const EVENTS: usize = 200;
 
 /// `fault` on the next `times` requests of `target`; `feed_extra` adds feed keys.
 async fn recovers_from(target: Target, fault: Fault, times: usize, feed_extra: &str) {
-    let events = bank_feed::generate(60, EVENTS);
+    let events = bank::generate(60, EVENTS);
     let harness = Harness::new(events.clone()).await;
     harness.server.inject(target, fault, times);
     let extra = format!("request_timeout = \"500ms\"\n{feed_extra}");
@@ -111,7 +112,7 @@ async fn a_gzip_bomb_is_refused_while_it_inflates() {
 /// if it read them before checking their size.
 #[tokio::test(flavor = "multi_thread")]
 async fn refusing_huge_responses_keeps_memory_small() {
-    let events = bank_feed::generate(61, EVENTS);
+    let events = bank::generate(61, EVENTS);
     let harness = Harness::new(events.clone()).await;
     harness.server.inject(Target::Pages, Fault::Oversized, 3);
     harness.server.inject(Target::Bodies, Fault::GzipBomb, 3);
@@ -135,7 +136,7 @@ async fn refusing_huge_responses_keeps_memory_small() {
 /// and goes on once the body is served.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_404s_for_ever_holds_the_feed_at_that_event_until_it_is_served() {
-    let events = bank_feed::generate(62, EVENTS);
+    let events = bank::generate(62, EVENTS);
     let harness = Harness::new(events.clone()).await;
     harness
         .server
@@ -160,7 +161,7 @@ async fn a_body_that_404s_for_ever_holds_the_feed_at_that_event_until_it_is_serv
 /// nothing until its events are back, then goes on by itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_feed_that_shrinks_below_a_checkpoint_waits_until_its_events_are_back() {
-    let events = bank_feed::generate(63, 400);
+    let events = bank::generate(63, 400);
     let harness = Harness::new(events[..200].to_vec()).await;
     let mut daemon = harness.spawn_running().await;
     harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
@@ -183,12 +184,12 @@ async fn a_feed_that_shrinks_below_a_checkpoint_waits_until_its_events_are_back(
 /// feed, with both event ids, before anything of the new events is applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_feed_rewritten_under_a_running_daemon_halts_at_once() {
-    let events = bank_feed::generate(64, 200);
+    let events = bank::generate(64, 200);
     let harness = Harness::new(events.clone()).await;
     let mut daemon = harness.spawn_running().await;
     harness.wait_for_checkpoints(&mut daemon, BOTH, 200).await;
 
-    harness.server.replace(bank_feed::generate(65, 300));
+    harness.server.replace(bank::generate(65, 300));
     wait_for(&mut daemon, "the feed to halt", || {
         harness.feed_status("bank")["state"] == "halted"
     })

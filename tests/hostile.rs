@@ -6,8 +6,9 @@
 mod common;
 
 use common::{assert_consistent, Harness};
-use projector::bank_feed;
-use projector::feed_server::{Fault, StoredEvent, Target};
+use projector::demo::bank;
+use projector::demo::faults::{Fault, Target};
+use projector::demo::feed_server::StoredEvent;
 use serde_json::Value;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
@@ -39,14 +40,14 @@ fn with_meta(event: &mut StoredEvent, meta: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sql_huge_strings_and_deep_nesting_are_stored_as_data_never_executed() {
-    let mut events = bank_feed::generate(70, 400);
+    let mut events = bank::generate(70, 400);
     let sql = "x'); DROP TABLE account_balances; DELETE FROM projector_checkpoints; --";
     let first = first_account(&events);
     rename_account(&mut events, &first, sql);
     let second = events
         .iter()
         .skip(1)
-        .find(|e| e.event_type == bank_feed::CREATED)
+        .find(|e| e.event_type == bank::CREATED)
         .map(|e| {
             let body: Value = serde_json::from_str(&e.body).unwrap_or_default();
             body["account_id"].as_str().unwrap_or_default().to_string()
@@ -74,11 +75,11 @@ async fn sql_huge_strings_and_deep_nesting_are_stored_as_data_never_executed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_payload_nested_past_the_parser_limit_is_refused_and_the_feed_waits_at_it() {
-    let events = bank_feed::generate(71, 300);
+    let events = bank::generate(71, 300);
     let mut hostile = events.clone();
     // A credit, whose body a projection needs (a passed-over type's body is never fetched).
     let at = (40..)
-        .find(|&i| events[i].event_type == bank_feed::CREDITED)
+        .find(|&i| events[i].event_type == bank::CREDITED)
         .unwrap_or(40);
     with_meta(&mut hostile[at], &nested(100_000));
     let harness = Harness::new(hostile).await;
@@ -100,7 +101,7 @@ async fn a_payload_nested_past_the_parser_limit_is_refused_and_the_feed_waits_at
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_payload_that_is_not_utf8_is_refused_and_the_feed_waits_at_it() {
-    let events = bank_feed::generate(72, 300);
+    let events = bank::generate(72, 300);
     let harness = Harness::new(events.clone()).await;
     harness
         .server

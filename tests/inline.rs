@@ -6,9 +6,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{wait_for_log, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed::{self, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED};
-use projector::feed_server::{Fault, Target, TRANSIENT_PAGE_FAULTS};
+use common::{wait_for_log, Harness};
+use projector::demo::bank::{self, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED};
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+use projector::demo::faults::{Fault, Target, TRANSIENT_PAGE_FAULTS};
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -21,7 +22,7 @@ fn body_requests(harness: &Harness) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_inline_feed_is_folded_exactly_page_by_page_without_body_requests() {
-    let events = bank_feed::generate(21, 2600);
+    let events = bank::generate(21, 2600);
     let (first, more) = events.split_at(1900);
     let harness = Harness::new(first.to_vec()).await;
     harness.server.set_inline_page_size(300);
@@ -48,7 +49,7 @@ async fn an_inline_feed_is_folded_exactly_page_by_page_without_body_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_on_inline_pages_are_retried_until_the_read_model_is_exact() {
-    let events = bank_feed::generate(22, 900);
+    let events = bank::generate(22, 900);
     let harness = Harness::new(events.clone()).await;
     harness.server.set_inline_page_size(100);
     for &fault in TRANSIENT_PAGE_FAULTS.iter().chain(&[
@@ -69,7 +70,7 @@ async fn faults_on_inline_pages_are_retried_until_the_read_model_is_exact() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_without_its_payload_holds_the_feed_at_itself_until_the_feed_has_it() {
-    let events = bank_feed::generate(23, 300);
+    let events = bank::generate(23, 300);
     let mut broken = events.clone();
     // Served as `"data": null`.
     broken[120].body = "not JSON".into();
@@ -94,7 +95,7 @@ async fn an_event_without_its_payload_holds_the_feed_at_itself_until_the_feed_ha
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_declarative_projection_reads_the_aggregate_id_an_inline_feed_sends() {
-    let events = bank_feed::generate(24, 700);
+    let events = bank::generate(24, 700);
     let harness = Harness::new(events.clone()).await;
     let projection = r#"
 schema = "CREATE TABLE IF NOT EXISTS account_events (account_id TEXT PRIMARY KEY, events INTEGER NOT NULL)"

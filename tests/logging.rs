@@ -7,13 +7,13 @@ mod common;
 use std::io::BufRead;
 
 use common::{wait_for, Daemon, Harness};
-use projector::bank_feed;
+use projector::demo::bank;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_log_pipe_drops_lines_while_the_daemon_reads_commits_and_stops() {
-    let events = bank_feed::generate(61, 3000);
+    let events = bank::generate(61, 3000);
     let harness = Harness::new(events.clone()).await;
     // Failing requests make the daemon log warnings after the pipe has closed.
     harness.server.random_faults(61, 0.05);
@@ -42,7 +42,7 @@ async fn a_closed_log_pipe_drops_lines_while_the_daemon_reads_commits_and_stops(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_log_pipe_nobody_reads_never_holds_the_daemon_up() {
-    let events = bank_feed::generate(62, 3000);
+    let events = bank::generate(62, 3000);
     let harness = Harness::new(events.clone()).await;
     harness.server.random_faults(62, 0.05);
     // Trace level fills the pipe's buffer within the first requests; nothing reads it.

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_consistent, Harness};
-use projector::bank_feed;
+use projector::demo::bank;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -26,7 +26,7 @@ async fn a_long_faulty_catch_up_is_exact_and_leaks_no_descriptor_or_memory() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(10_000);
-    let events = bank_feed::generate(80, total);
+    let events = bank::generate(80, total);
     let harness = Harness::new(events.clone()).await;
     harness.server.random_faults(80, 0.05);
     let mut daemon = harness.spawn();

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_consistent, wait_for, wait_for_log, Harness, BOTH_PROJECTIONS};
-use projector::bank_feed;
+use common::{assert_consistent, wait_for, wait_for_log, Harness};
+use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
 
@@ -18,7 +19,7 @@ const BOTH: &[&str] = &["account_balances", "account_ledger"];
 /// the cap).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_database_stops_writes_intact_and_they_resume_once_there_is_room() {
-    let events = bank_feed::generate(50, 3000);
+    let events = bank::generate(50, 3000);
     let harness = Harness::new(events.clone()).await;
     let url = harness.server.url();
     harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "max_database_bytes = 196608");
@@ -67,7 +68,7 @@ fn mount_small_file_system(dir: &Path, bytes: u64) -> Option<SmallFileSystem<'_>
 /// space comes back when a filler file is deleted).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_full_file_system_stops_writes_intact_and_they_resume_when_space_is_freed() {
-    let events = bank_feed::generate(51, 6000);
+    let events = bank::generate(51, 6000);
     let harness = Harness::new(events.clone()).await;
     let dir = harness.dir.path();
     let Some(_mounted) = mount_small_file_system(dir, 8 << 20) else {
@@ -108,7 +109,7 @@ async fn a_real_full_file_system_stops_writes_intact_and_they_resume_when_space_
 async fn long_readers_never_block_the_daemon_and_the_wal_stays_bounded() {
     const TOTAL: u64 = 16_000;
     const CHUNK: usize = 200;
-    let events = bank_feed::generate(52, TOTAL as usize);
+    let events = bank::generate(52, TOTAL as usize);
     let harness = Harness::new(events[..2000].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 2000).await;
@@ -205,7 +206,7 @@ async fn the_sqlite3_shell_and_a_long_query_read_while_the_daemon_writes() {
         eprintln!("no sqlite3 shell: the long readers are covered by the rusqlite test only");
         return;
     }
-    let events = bank_feed::generate(53, 6000);
+    let events = bank::generate(53, 6000);
     let harness = Harness::new(events[..1000].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::bank_feed;
 use crate::config::{Config, FeedFormat};
-use crate::feed_server::FeedServer;
+use crate::demo::bank;
+use crate::demo::consumer_toml::ConsumerToml;
+use crate::demo::feed_server::FeedServer;
 
 /// The files the demo writes; only these are removed when it starts again.
 const DEMO_FILES: &[&str] = &[
@@ -73,8 +74,8 @@ async fn run_demo(
     format: FeedFormat,
     dir: &Path,
 ) -> anyhow::Result<ExitCode> {
-    let feed = bank_feed::generate(42, events);
-    let expected = bank_feed::expected_balances(&feed);
+    let feed = bank::generate(42, events);
+    let expected = bank::expected_balances(&feed);
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), feed)
         .await
         .context("starting the embedded feed")?;
@@ -83,7 +84,12 @@ async fn run_demo(
     }
     let config_path = dir.join("consumer.toml");
     let url = server.url_in(format);
-    std::fs::write(&config_path, demo_config(&url, format))
+    let mut toml = ConsumerToml::new(&url, format);
+    toml.comment = Some(
+        "Written by `projector demo`. Rerun the daemon on it with: projector run --config <this file>"
+            .into(),
+    );
+    toml.write(&config_path)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
     let projections = crate::projection::build_all(&config)?;
@@ -200,33 +206,4 @@ fn slowest_checkpoint(database: &Path) -> Option<u64> {
     let conn = crate::store::open_reader(database).ok()?;
     let checkpoints = crate::store::read_checkpoints(&conn).ok()?;
     checkpoints.iter().map(|(_, c)| c.next_offset).min()
-}
-
-fn demo_config(feed_url: &str, format: FeedFormat) -> String {
-    let format = format.name();
-    format!(
-        r#"# Written by `projector demo`. Rerun the daemon on it with: projector run --config <this file>
-[daemon]
-database = "projector.db"
-control_socket = "projector.sock"
-
-[[feed]]
-name = "bank"
-url = "{feed_url}"
-format = "{format}"
-poll_interval = "100ms"
-retry_initial = "10ms"
-retry_max = "1s"
-
-[[projection]]
-name = "account_balances"
-feed = "bank"
-file = "account_balances.toml"
-
-[[projection]]
-name = "account_ledger"
-feed = "bank"
-module = "account_ledger"
-"#
-    )
 }

@@ -31,6 +31,7 @@ macro_rules! complain {
 
 mod check;
 mod ctl;
+#[cfg(feature = "demo")]
 mod demo;
 mod query;
 mod run;
@@ -38,7 +39,6 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::FeedFormat;
 use clap::{Parser, Subcommand};
 
 /// Projector: folds event feeds into SQLite read models, exactly once.
@@ -101,6 +101,7 @@ pub enum Command {
         json: bool,
     },
     /// Start an embedded bank feed, run the real daemon pipeline over it, and show the result.
+    #[cfg(feature = "demo")]
     Demo {
         /// How many events the embedded feed holds.
         #[arg(long, default_value_t = 5000)]
@@ -110,7 +111,7 @@ pub enum Command {
         fault_rate: f64,
         /// The feed format the embedded feed is read in.
         #[arg(long, value_enum, default_value = "flux")]
-        format: FeedFormat,
+        format: crate::config::FeedFormat,
         /// Where to put the demo's config and database (it is emptied first).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -134,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             database,
             json,
         } => query::query(&sql, &config, database.as_deref(), json),
+        #[cfg(feature = "demo")]
         Command::Demo {
             events,
             fault_rate,
@@ -157,6 +159,7 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The demo's runtime serves the feed as well as reading it, so it has a thread per core.
+#[cfg(feature = "demo")]
 fn demo_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -11,7 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use projector::feed_server::{FeedServer, StoredEvent};
+use projector::config::FeedFormat;
+use projector::demo::consumer_toml::{ConsumerToml, BOTH_PROJECTIONS};
+use projector::demo::feed_server::{FeedServer, StoredEvent};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -58,44 +60,32 @@ impl Harness {
         feed_extra: &str,
         daemon_extra: &str,
     ) {
-        self.write_config_in_format("flux", url, projections, feed_extra, daemon_extra);
+        self.write_config_in_format(FeedFormat::Flux, url, projections, feed_extra, daemon_extra);
     }
 
     /// As `write_config`, for the same feed served in the inline format.
     pub fn write_inline_config(&self, projections: &str, feed_extra: &str) {
         let url = self.server.inline_url();
-        self.write_config_in_format("inline", &url, projections, feed_extra, "");
+        self.write_config_in_format(FeedFormat::Inline, &url, projections, feed_extra, "");
     }
 
     fn write_config_in_format(
         &self,
-        format: &str,
+        format: FeedFormat,
         url: &str,
         projections: &str,
         feed_extra: &str,
         daemon_extra: &str,
     ) {
-        // Without extra keys the file is line for line what the location tests expect.
-        let daemon_extra = match daemon_extra {
-            "" => String::new(),
-            keys => format!("{keys}\n"),
-        };
-        let text = format!(
-            r#"[daemon]
-database = "projector.db"
-control_socket = "projector.sock"
-{daemon_extra}
-[[feed]]
-name = "bank"
-url = "{url}"
-format = "{format}"
-poll_interval = "50ms"
-retry_initial = "10ms"
-retry_max = "200ms"
-{feed_extra}
-{projections}"#
-        );
-        std::fs::write(self.config_path(), text).unwrap_or_else(|e| panic!("{e}"));
+        let mut toml = ConsumerToml::new(url, format);
+        toml.poll_interval = "50ms".into();
+        toml.retry = Some(("10ms".into(), "200ms".into()));
+        toml.daemon_keys = daemon_extra.into();
+        // Always a line, even empty: the location tests count on it.
+        toml.feed_keys = format!("{feed_extra}\n");
+        toml.projections = projections.into();
+        toml.write(&self.config_path())
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn spawn(&self) -> Daemon {
@@ -176,7 +166,7 @@ retry_max = "200ms"
     pub fn assert_exact(&self, events: &[StoredEvent]) {
         assert_eq!(
             self.balances(),
-            projector::bank_feed::expected_balances(events)
+            projector::demo::bank::expected_balances(events)
         );
         assert_eq!(
             self.count("SELECT count(*) FROM account_ledger_entries"),
@@ -196,18 +186,6 @@ retry_max = "200ms"
         .await;
     }
 }
-
-pub const BOTH_PROJECTIONS: &str = r#"
-[[projection]]
-name = "account_balances"
-feed = "bank"
-file = "account_balances.toml"
-
-[[projection]]
-name = "account_ledger"
-feed = "bank"
-module = "account_ledger"
-"#;
 
 fn balances_in(conn: &rusqlite::Connection) -> BTreeMap<String, i64> {
     let mut statement = conn
@@ -406,7 +384,7 @@ pub fn assert_consistent(harness: &Harness, events: &[StoredEvent], context: &st
         match projection.as_str() {
             "account_balances" => assert_eq!(
                 balances_in(&snapshot),
-                projector::bank_feed::expected_balances(prefix),
+                projector::demo::bank::expected_balances(prefix),
                 "{context}: balances at offset {applied}"
             ),
             "account_ledger" => {
@@ -449,7 +427,7 @@ pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
 pub fn poison_first_credit(events: &mut [StoredEvent]) -> usize {
     let poison = events
         .iter()
-        .position(|e| e.event_type == projector::bank_feed::CREDITED)
+        .position(|e| e.event_type == projector::demo::bank::CREDITED)
         .unwrap_or_else(|| panic!("no credit in the feed"));
     events[poison].body = r#"{"account_id":"x","transaction_id":"y","amount":"lots"}"#.into();
     poison
@@ -459,8 +437,8 @@ pub fn credits_and_debits(events: &[StoredEvent]) -> i64 {
     events
         .iter()
         .filter(|e| {
-            e.event_type == projector::bank_feed::CREDITED
-                || e.event_type == projector::bank_feed::DEBITED
+            e.event_type == projector::demo::bank::CREDITED
+                || e.event_type == projector::demo::bank::DEBITED
         })
         .count() as i64
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use crate::feed_server::StoredEvent;
+use crate::demo::feed_server::StoredEvent;
 
 pub const CREATED: &str = "account.AccountCreated";
 pub const CREDITED: &str = "account.AccountCredited";
