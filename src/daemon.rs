@@ -12,16 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::control::{ControlSocket, Reply, Request};
+use crate::control::handle::Inbox;
+use crate::control::protocol::{DaemonStatus, Reply, Request};
+use crate::control::server::ControlSocket;
 use crate::feed::{Backoff, FeedClient};
+use crate::monitor::FeedMonitor;
 use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
-use crate::status::{DaemonStatus, FeedMonitor};
 use crate::store;
 use crate::writer::{Writer, WriterHandle, WriterSettings, WriterThread};
 
@@ -35,61 +37,6 @@ const SLOW_BATCH_SHOWN: Duration = Duration::from_secs(1);
 const SLOW_BATCH_WARNED: Duration = Duration::from_secs(30);
 /// How often a stop past its timeout interrupts the writer again.
 const INTERRUPT_REPEAT: Duration = Duration::from_millis(100);
-
-/// A request and where its reply goes.
-struct Command {
-    request: Request,
-    reply: oneshot::Sender<Reply>,
-}
-
-/// Sends requests to a running daemon; cheap to clone. Signals, the control socket and the demo
-/// steer the daemon through it.
-#[derive(Clone)]
-pub struct DaemonHandle {
-    commands: mpsc::Sender<Command>,
-}
-
-impl DaemonHandle {
-    pub async fn request(&self, request: Request) -> Reply {
-        self.submit(request).await.await
-    }
-
-    /// Queues a request (requests are handled in the order queued) and returns its reply
-    /// to await.
-    pub async fn submit(&self, request: Request) -> impl std::future::Future<Output = Reply> {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.commands.send(Command { request, reply }).await.is_ok();
-        async move {
-            if !sent {
-                return Reply::error("the daemon has stopped");
-            }
-            answer
-                .await
-                .unwrap_or_else(|_| Reply::error("the daemon stopped before answering"))
-        }
-    }
-
-    /// Resolves once the daemon has finished (its supervisor has returned).
-    pub async fn finished(&self) {
-        self.commands.closed().await
-    }
-}
-
-/// The supervisor's end of the channel.
-pub struct Inbox {
-    commands: mpsc::Receiver<Command>,
-    handle: DaemonHandle,
-}
-
-pub fn channel() -> (DaemonHandle, Inbox) {
-    let (commands, receiver) = mpsc::channel(64);
-    let handle = DaemonHandle { commands };
-    let inbox = Inbox {
-        commands: receiver,
-        handle: handle.clone(),
-    };
-    (handle, inbox)
-}
 
 /// Runs until a `stop` request, then lets every batch in flight commit or roll back whole and
 /// returns. A failing feed never ends it; only a database that cannot be opened does.
@@ -119,7 +66,7 @@ pub async fn run(
         slow_batch_warned: None,
     };
     let stop_serving = CancellationToken::new();
-    let server = tokio::spawn(socket.serve(inbox.handle.clone(), stop_serving.clone()));
+    let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));
     tracing::info!(
         database = %supervisor.config.daemon.database.display(),
         socket = %socket_path.display(),
@@ -127,7 +74,7 @@ pub async fn run(
     );
     crate::notify::ready(&supervisor.status().summary());
 
-    let result = supervisor.serve(&mut inbox.commands).await;
+    let result = supervisor.serve(&mut inbox).await;
 
     crate::notify::stopping();
     tracing::info!("stopping: letting the batches in flight finish");
@@ -158,7 +105,7 @@ struct Supervisor {
 impl Supervisor {
     /// Answers requests until `stop`. An error means the daemon cannot go on (a reload that
     /// could start neither the new configuration nor the old one).
-    async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> anyhow::Result<()> {
+    async fn serve(&mut self, inbox: &mut Inbox) -> anyhow::Result<()> {
         let watchdog = crate::notify::watchdog_interval();
         let mut refresh = tokio::time::interval(match watchdog {
             // systemd recommends pinging at half the watchdog interval.
@@ -168,12 +115,12 @@ impl Supervisor {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = commands.recv() => {
+                command = inbox.next() => {
                     // Every handle lives in this process; the inbox keeps one, so this is Some.
-                    let Some(Command { request, reply }) = command else { return Ok(()) };
-                    let stop = request == Request::Stop;
-                    let answer = self.handle(request).await?;
-                    let _ = reply.send(answer);
+                    let Some(command) = command else { return Ok(()) };
+                    let stop = command.request == Request::Stop;
+                    let answer = self.handle(command.request.clone()).await?;
+                    command.answer(answer);
                     if stop {
                         return Ok(());
                     }

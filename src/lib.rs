@@ -9,7 +9,8 @@
 pub mod cli;
 /// `consumer.toml`: parsing and validation with file:line:column errors.
 pub mod config;
-/// The control socket: its JSON-lines protocol, the server and the client `ctl` uses.
+/// The control socket: its JSON-lines protocol, the server, the client `ctl` uses, and the
+/// handle every request reaches the daemon through.
 pub mod control;
 /// The supervisor: readers and the writer, pause, resume, reload, status, shutdown.
 pub mod daemon;
@@ -23,6 +24,8 @@ pub mod event;
 pub mod feed;
 /// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
 pub mod logging;
+/// The live status of each feed: reader phases, head, lag, rate, errors.
+pub mod monitor;
 /// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 pub mod notify;
 /// One feed's read loop: page, bodies, batch, commit.
@@ -34,8 +37,6 @@ pub mod projection;
 pub mod projections;
 /// Unix signals turned into the same requests the control socket takes.
 pub mod signals;
-/// What each feed is doing: reader phases, head, lag, rate, errors (for `status`).
-pub mod status;
 /// The SQLite database: pragmas, migrations, checkpoints, dead letters, paused feeds.
 pub mod store;
 /// The single database writer thread: one transaction per batch.

@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::event::{Event, Payload};
 use crate::feed::{Backoff, EntryBody, FeedClient, FetchError, PageEntry};
-use crate::status::{FeedMonitor, ReaderPhase};
+use crate::monitor::{FeedMonitor, ReaderPhase};
 use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
 
 /// The most events committed in one transaction. Larger transactions write each page of the

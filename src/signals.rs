@@ -6,8 +6,8 @@
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
-use crate::control::{Reply, Request};
-use crate::daemon::DaemonHandle;
+use crate::control::handle::DaemonHandle;
+use crate::control::protocol::{Reply, Request};
 
 /// Installs the handlers (so a signal sent from now on is never lost) and forwards signals to
 /// the daemon from a task.

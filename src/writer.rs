@@ -19,9 +19,9 @@ use rusqlite::{Connection, InterruptHandle, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{OnError, Synchronous};
+use crate::control::protocol::SlowBatch;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
-use crate::status::SlowBatch;
 use crate::store::{self, Checkpoint, DeadLetter};
 
 /// Events of one feed, in offset order, for some of its projections.

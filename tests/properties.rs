@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use url::Url;
 
 use projector::config::Config;
-use projector::control::Request;
+use projector::control::protocol::Request;
 use projector::feed::flux::parse_page;
 use projector::feed::{inline, EntryBody};
 use projector::projection::sql::SqlProjection;

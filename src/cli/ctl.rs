@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::control::{ClientError, ControlClient, Reply, Request};
-use crate::status::{DaemonStatus, FeedStatus};
+use crate::control::client::{ClientError, ControlClient};
+use crate::control::protocol::{DaemonStatus, FeedStatus, Reply, Request};
 
 /// How long a reply may take: a pause waits for the batch in flight, a reload restarts the
 /// readers.

@@ -109,7 +109,7 @@ async fn run_demo(
     say!("Config: {}", config_path.display());
     say!("Running the daemon with projections account_balances (declarative SQL) and account_ledger (Rust)...");
 
-    let (control, inbox) = crate::daemon::channel();
+    let (control, inbox) = crate::control::handle::channel();
     let started = Instant::now();
     let mut daemon = tokio::spawn(crate::daemon::run(config, projections, inbox));
     let target = events as u64;
@@ -143,7 +143,9 @@ async fn run_demo(
         }
     }
     let elapsed = started.elapsed();
-    let stopping = control.request(crate::control::Request::Stop).await;
+    let stopping = control
+        .request(crate::control::protocol::Request::Stop)
+        .await;
     if let Some(error) = stopping.error {
         bail!("stopping the daemon: {error}");
     }

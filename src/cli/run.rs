@@ -14,7 +14,7 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let projections = crate::projection::build_all(&config)?;
     crate::logging::init("info", config.daemon.log_format);
     let ran = super::daemon_runtime()?.block_on(async {
-        let (control, inbox) = crate::daemon::channel();
+        let (control, inbox) = crate::control::handle::channel();
         crate::signals::forward(control).context("installing signal handlers")?;
         crate::daemon::run(config, projections, inbox).await
     });

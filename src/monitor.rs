@@ -1,4 +1,4 @@
-//! What each feed is doing, for `status`, the systemd STATUS line and the pause handshake.
+//! The live status of a feed, for `status`, the systemd STATUS line and the pause handshake.
 //!
 //! A feed's readers report into one [`FeedMonitor`] (a `watch` channel, so that the supervisor
 //! can wait for a condition such as "every reader has parked"); the supervisor turns it into a
@@ -8,9 +8,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
 use crate::feed::FetchError;
 use crate::store::Checkpoint;
 use crate::writer::Halt;
@@ -37,162 +37,6 @@ impl ReaderPhase {
             ReaderPhase::Paused | ReaderPhase::Halted(_) | ReaderPhase::Stopped
         )
     }
-}
-
-/// A feed's state as `status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FeedState {
-    /// No projection reads the feed, so it is not polled.
-    Idle,
-    Starting,
-    CatchingUp,
-    Live,
-    /// Asked to pause; the batch in flight is finishing.
-    Pausing,
-    Paused,
-    /// Requests are failing and being retried with backoff.
-    BackingOff,
-    /// Batches are not committing (the database is full, read-only or failing): retried
-    /// with backoff.
-    CommitFailing,
-    /// Every reader stopped: a poison event under `on_error = "stop"`, or a rewritten feed.
-    Halted,
-}
-
-impl FeedState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeedState::Idle => "idle",
-            FeedState::Starting => "starting",
-            FeedState::CatchingUp => "catching up",
-            FeedState::Live => "live",
-            FeedState::Pausing => "pausing",
-            FeedState::Paused => "paused",
-            FeedState::BackingOff => "backing off",
-            FeedState::CommitFailing => "commit failing",
-            FeedState::Halted => "halted",
-        }
-    }
-}
-
-/// The whole daemon, as the `status` command reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DaemonStatus {
-    pub pid: u32,
-    pub version: String,
-    pub config: String,
-    pub database: String,
-    /// RFC 3339, UTC.
-    pub started_at: String,
-    pub uptime_seconds: u64,
-    /// The time of the last configuration reload (SIGHUP or `reload`), if any.
-    pub reloaded_at: Option<String>,
-    pub feeds: Vec<FeedStatus>,
-    /// The batch the writer has been applying for a second or more, if any.
-    #[serde(default)]
-    pub slow_batch: Option<SlowBatch>,
-    /// Log lines lost since start because stderr was closed or full.
-    #[serde(default)]
-    pub log_lines_dropped: u64,
-}
-
-/// A batch the writer has been on for a while: its feed, and the projection and event being
-/// applied (none while it takes the write lock or commits).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlowBatch {
-    pub feed: String,
-    pub seconds: u64,
-    pub projection: Option<String>,
-    pub offset: Option<u64>,
-}
-
-impl SlowBatch {
-    /// E.g. `feed bank's batch for 45s, now projection endless at offset 13`.
-    pub fn describe(&self) -> String {
-        let mut text = format!(
-            "feed {}'s batch for {}",
-            self.feed,
-            humantime::format_duration(Duration::from_secs(self.seconds))
-        );
-        match (&self.projection, self.offset) {
-            (Some(projection), Some(offset)) => {
-                text.push_str(&format!(", now projection {projection} at offset {offset}"));
-            }
-            _ => {
-                text.push_str(", now outside the projections (taking the write lock or committing)")
-            }
-        }
-        text
-    }
-}
-
-impl DaemonStatus {
-    /// One line for systemd's STATUS=, e.g. `bank: live, lag 0, 312 ev/s; audit: paused`.
-    pub fn summary(&self) -> String {
-        if self.feeds.is_empty() {
-            return "no feeds".into();
-        }
-        let feeds: Vec<String> = self
-            .feeds
-            .iter()
-            .map(|feed| {
-                let mut line = format!("{}: {}", feed.name, feed.state.as_str());
-                if let Some(lag) = feed.lag.filter(|_| !feed.paused) {
-                    line.push_str(&format!(", lag {lag}"));
-                }
-                if feed.events_per_second >= 0.5 {
-                    line.push_str(&format!(", {:.0} ev/s", feed.events_per_second));
-                }
-                line
-            })
-            .collect();
-        match &self.slow_batch {
-            Some(slow) => format!("writer on {}; {}", slow.describe(), feeds.join("; ")),
-            None => feeds.join("; "),
-        }
-    }
-}
-
-/// One feed, as the `status` command reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FeedStatus {
-    pub name: String,
-    pub url: String,
-    pub state: FeedState,
-    pub paused: bool,
-    /// Why the feed halted, when it did.
-    pub halted_reason: Option<String>,
-    /// The end of the feed as last seen: the offset after the last event read. While catching up
-    /// it is a lower bound (Flux pages do not say where the head is).
-    pub head: Option<u64>,
-    /// Events between the head and the projection furthest behind.
-    pub lag: Option<u64>,
-    /// Events read per second over the last ten seconds.
-    pub events_per_second: f64,
-    /// Events read since the daemon started.
-    pub events_read: u64,
-    /// Failed requests (and batches the database refused) retried since start.
-    pub retries: u64,
-    pub last_error: Option<LastError>,
-    pub projections: Vec<ProjectionStatus>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LastError {
-    pub message: String,
-    /// RFC 3339, UTC.
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProjectionStatus {
-    pub name: String,
-    /// The offset of the next event this projection applies (= events applied or passed).
-    pub checkpoint: u64,
-    pub lag: Option<u64>,
-    /// The poison event and error that halted it, when it is halted.
-    pub halted: Option<String>,
 }
 
 /// The readers of one feed report here; the supervisor reads it.
@@ -486,46 +330,6 @@ mod tests {
             next_offset,
             last_event_id: Some(format!("e{}", next_offset - 1)),
         }
-    }
-
-    #[test]
-    fn a_slow_batch_says_where_the_writer_is_and_leads_the_systemd_status() {
-        let mut slow = SlowBatch {
-            feed: "bank".into(),
-            seconds: 45,
-            projection: Some("endless".into()),
-            offset: Some(13),
-        };
-        assert_eq!(
-            slow.describe(),
-            "feed bank's batch for 45s, now projection endless at offset 13"
-        );
-        slow.projection = None;
-        slow.offset = None;
-        assert_eq!(
-            slow.describe(),
-            "feed bank's batch for 45s, now outside the projections (taking the write lock or committing)"
-        );
-
-        let monitor = FeedMonitor::new("bank", [("account_balances".to_string(), 0)]);
-        let status = DaemonStatus {
-            pid: 1,
-            version: "0".into(),
-            config: "c".into(),
-            database: "d".into(),
-            started_at: "s".into(),
-            uptime_seconds: 0,
-            reloaded_at: None,
-            feeds: vec![monitor.snapshot("http://feed.example/events", false)],
-            slow_batch: Some(slow),
-            log_lines_dropped: 0,
-        };
-        let summary = status.summary();
-        assert!(
-            summary.starts_with("writer on feed bank's batch for 45s, now outside")
-                && summary.contains("committing); bank: "),
-            "{summary}"
-        );
     }
 
     #[test]

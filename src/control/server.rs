@@ -1,5 +1,4 @@
-//! The control socket: a Unix socket speaking one JSON request per line and answering one JSON
-//! reply per line, so that `projector ctl`, `socat` or any language can steer the daemon.
+//! The control socket's server: it accepts clients and carries their requests to the daemon.
 //!
 //! The socket is the daemon's front door, so bad input must never hurt it: a request line has a
 //! size limit, a client that says nothing is dropped after a timeout, and the number of clients
@@ -8,22 +7,20 @@
 //! chmod-ed, then linked into place), and a stale one left by a crash is replaced only after a
 //! probe finds nobody listening.
 
-use std::io::{BufRead, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::handle::DaemonHandle;
+use super::protocol::{Reply, Request};
 use crate::config::SocketMode;
-use crate::daemon::DaemonHandle;
-use crate::status::DaemonStatus;
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -31,125 +28,6 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const MAX_CLIENTS: usize = 128;
 /// How long a client may take to send a complete request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One request: `{"command": "status"}`, `{"command": "pause", "feed": "bank"}`, ...
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "RequestLine", into = "RequestLine")]
-pub enum Request {
-    /// Every feed's state, checkpoints, head, lag, rate and last error.
-    Status,
-    /// Pause one feed, or all of them without `feed`. The reply comes once it has taken effect.
-    Pause { feed: Option<String> },
-    /// Resume one feed, or all of them without `feed`.
-    Resume { feed: Option<String> },
-    /// Reload the configuration file, as SIGHUP does, and say whether it was taken.
-    Reload,
-    /// Stop gracefully. The reply comes first; the connection closes when the daemon has exited.
-    Stop,
-}
-
-/// A request as written on the wire; [`Request`] is what it must mean.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestLine {
-    command: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    feed: Option<String>,
-}
-
-const COMMANDS: &str = "status, pause, resume, reload, stop";
-
-impl TryFrom<RequestLine> for Request {
-    type Error = String;
-
-    fn try_from(line: RequestLine) -> Result<Request, String> {
-        let request = match line.command.as_str() {
-            "status" => Request::Status,
-            "pause" => return Ok(Request::Pause { feed: line.feed }),
-            "resume" => return Ok(Request::Resume { feed: line.feed }),
-            "reload" => Request::Reload,
-            "stop" => Request::Stop,
-            other => return Err(format!("unknown command {other:?} (commands: {COMMANDS})")),
-        };
-        match line.feed {
-            Some(_) => Err(format!("{:?} takes no feed", line.command)),
-            None => Ok(request),
-        }
-    }
-}
-
-impl From<Request> for RequestLine {
-    fn from(request: Request) -> RequestLine {
-        let (command, feed) = match request {
-            Request::Status => ("status", None),
-            Request::Pause { feed } => ("pause", feed),
-            Request::Resume { feed } => ("resume", feed),
-            Request::Reload => ("reload", None),
-            Request::Stop => ("stop", None),
-        };
-        RequestLine {
-            command: command.to_string(),
-            feed,
-        }
-    }
-}
-
-impl Request {
-    /// Parses one request line; the error says what was wrong, for the reply.
-    pub fn parse(line: &[u8]) -> Result<Request, String> {
-        let bad = |err: String| {
-            format!("bad request: {err}; send one JSON object per line, like {{\"command\":\"status\"}}")
-        };
-        let text = std::str::from_utf8(line).map_err(|_| bad("the request is not UTF-8".into()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(text.trim()).map_err(|err| bad(err.to_string()))?;
-        if !value.is_object() {
-            return Err(bad("the request is not a JSON object".into()));
-        }
-        serde_json::from_value(value).map_err(|err| bad(err.to_string()))
-    }
-}
-
-/// One reply: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// What was done, for people.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// The feeds a pause or resume applied to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feeds: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<DaemonStatus>,
-}
-
-impl Reply {
-    pub fn done(message: impl Into<String>) -> Reply {
-        Reply {
-            ok: true,
-            message: Some(message.into()),
-            ..Reply::default()
-        }
-    }
-
-    pub fn error(error: impl Into<String>) -> Reply {
-        Reply {
-            ok: false,
-            error: Some(error.into()),
-            ..Reply::default()
-        }
-    }
-
-    fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self)
-            .unwrap_or_else(|_| br#"{"ok":false,"error":"reply not serialisable"}"#.to_vec());
-        line.push(b'\n');
-        line
-    }
-}
 
 /// The bound control socket. Dropping it removes the socket file, if it is still this one's.
 pub struct ControlSocket {
@@ -353,173 +231,9 @@ async fn serve_client(stream: UnixStream, daemon: DaemonHandle, timeout: Duratio
     }
 }
 
-/// A connection to a running daemon's control socket, for `projector ctl` and tests.
-pub struct ControlClient {
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
-    path: PathBuf,
-}
-
-/// Why a request could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("projector is not running: there is no control socket at {0}")]
-    NoSocket(PathBuf),
-    #[error("projector is not running: nothing listens on the control socket {0} (it was left by a daemon that did not stop cleanly)")]
-    Refused(PathBuf),
-    #[error("permission denied on the control socket {0}: run as the daemon's user or a member of its group")]
-    PermissionDenied(PathBuf),
-    #[error("control socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("control socket {path}: the daemon closed the connection without a reply")]
-    NoReply { path: PathBuf },
-    #[error("control socket {path}: unreadable reply {reply:?}: {error}")]
-    BadReply {
-        path: PathBuf,
-        reply: String,
-        error: String,
-    },
-}
-
-impl ClientError {
-    /// True when the daemon is simply not running (for the exit status).
-    pub fn is_not_running(&self) -> bool {
-        matches!(self, ClientError::NoSocket(_) | ClientError::Refused(_))
-    }
-}
-
-impl ControlClient {
-    /// Connects, waiting at most `timeout` for each reply.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<ControlClient, ClientError> {
-        use std::io::ErrorKind;
-        let stream =
-            std::os::unix::net::UnixStream::connect(path).map_err(|err| match err.kind() {
-                ErrorKind::NotFound => ClientError::NoSocket(path.to_path_buf()),
-                ErrorKind::ConnectionRefused => ClientError::Refused(path.to_path_buf()),
-                ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.to_path_buf()),
-                _ => ClientError::Io {
-                    path: path.to_path_buf(),
-                    source: err,
-                },
-            })?;
-        let io = |source| ClientError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(timeout)).map_err(io)?;
-        Ok(ControlClient {
-            reader: std::io::BufReader::new(stream),
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Sends a request and reads its reply.
-    pub fn send(&mut self, request: &Request) -> Result<Reply, ClientError> {
-        let mut line = serde_json::to_vec(request).map_err(|err| self.io(err.into()))?;
-        line.push(b'\n');
-        self.reader
-            .get_mut()
-            .write_all(&line)
-            .map_err(|err| self.io(err))?;
-        let mut reply = String::new();
-        let read = self
-            .reader
-            .read_line(&mut reply)
-            .map_err(|err| self.io(err))?;
-        if read == 0 {
-            return Err(ClientError::NoReply {
-                path: self.path.clone(),
-            });
-        }
-        serde_json::from_str(&reply).map_err(|err| ClientError::BadReply {
-            path: self.path.clone(),
-            reply: reply.trim_end().to_string(),
-            error: err.to_string(),
-        })
-    }
-
-    /// After `stop`: waits until the daemon closes the connection (it has exited), for at most
-    /// `timeout`. True if it did.
-    pub fn wait_until_closed(&mut self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut rest = Vec::new();
-        while std::time::Instant::now() < deadline {
-            match self.reader.read_until(b'\n', &mut rest) {
-                Ok(0) => return true,
-                Ok(_) => rest.clear(),
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return true,
-            }
-        }
-        false
-    }
-
-    fn io(&self, source: std::io::Error) -> ClientError {
-        ClientError::Io {
-            path: self.path.clone(),
-            source,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(
-            Request::parse(br#"{"command":"status"}"#),
-            Ok(Request::Status)
-        );
-        assert_eq!(
-            Request::parse(b"{\"command\": \"pause\", \"feed\": \"bank\"}\n"),
-            Ok(Request::Pause {
-                feed: Some("bank".into())
-            })
-        );
-        assert_eq!(
-            Request::parse(br#"{"command":"resume"}"#),
-            Ok(Request::Resume { feed: None })
-        );
-        for (bad, says) in [
-            (&b"not json"[..], "bad request"),
-            (
-                br#"{"command":"explode"}"#,
-                "unknown command \"explode\" (commands: status",
-            ),
-            (br#"{"feed":"bank"}"#, "command"),
-            (br#"{"command":"stop","now":true}"#, "unknown field"),
-            (br#"{"command":"stop","feed":"bank"}"#, "takes no feed"),
-            (br#"["status"]"#, "bad request"),
-            (br#"{"command":"pause","feed":7}"#, "invalid type"),
-            (b"\xff\xfe", "UTF-8"),
-            (b"", "bad request"),
-        ] {
-            let err = Request::parse(bad).err().unwrap_or_default();
-            assert!(err.contains(says), "{bad:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn requests_round_trip_as_documented() -> anyhow::Result<()> {
-        let pause = serde_json::to_string(&Request::Pause {
-            feed: Some("bank".into()),
-        })?;
-        assert_eq!(pause, r#"{"command":"pause","feed":"bank"}"#);
-        assert_eq!(
-            serde_json::to_string(&Request::Stop)?,
-            r#"{"command":"stop"}"#
-        );
-        Ok(())
-    }
 
     #[test]
     fn a_stale_socket_is_replaced_and_a_live_one_refused() -> anyhow::Result<()> {
@@ -554,7 +268,7 @@ mod tests {
         let mut socket = ControlSocket::bind(&dir.path().join("ctl.sock"), SocketMode(0o600))?;
         socket.request_timeout = Duration::from_millis(100);
         let path = socket.path().to_path_buf();
-        let (daemon, _inbox) = crate::daemon::channel();
+        let (daemon, _inbox) = crate::control::handle::channel();
         let stop = CancellationToken::new();
         let server = tokio::spawn(socket.serve(daemon, stop.clone()));
         let mut silent = tokio::net::UnixStream::connect(&path).await?;
@@ -564,18 +278,6 @@ mod tests {
         assert!(reply.contains("no complete request within"), "{reply}");
         stop.cancel();
         server.await?;
-        Ok(())
-    }
-
-    #[test]
-    fn client_errors_say_the_daemon_is_not_running() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("ctl.sock");
-        let err = ControlClient::connect(&path, Duration::from_secs(1)).err();
-        assert!(err.is_some_and(|e| e.is_not_running() && e.to_string().contains("not running")));
-        drop(std::os::unix::net::UnixListener::bind(&path)?);
-        let err = ControlClient::connect(&path, Duration::from_secs(1)).err();
-        assert!(err.is_some_and(|e| matches!(e, ClientError::Refused(_))));
         Ok(())
     }
 }

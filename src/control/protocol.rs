@@ -1,0 +1,388 @@
+//! The control protocol: one JSON request per line in, one JSON reply per line out, and the
+//! status a reply carries. These are the types `projector ctl`, the daemon and any other client
+//! share, so they import nothing of the daemon's.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One request: `{"command": "status"}`, `{"command": "pause", "feed": "bank"}`, ...
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RequestLine", into = "RequestLine")]
+pub enum Request {
+    /// Every feed's state, checkpoints, head, lag, rate and last error.
+    Status,
+    /// Pause one feed, or all of them without `feed`. The reply comes once it has taken effect.
+    Pause { feed: Option<String> },
+    /// Resume one feed, or all of them without `feed`.
+    Resume { feed: Option<String> },
+    /// Reload the configuration file, as SIGHUP does, and say whether it was taken.
+    Reload,
+    /// Stop gracefully. The reply comes first; the connection closes when the daemon has exited.
+    Stop,
+}
+
+/// A request as written on the wire; [`Request`] is what it must mean.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine {
+    command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    feed: Option<String>,
+}
+
+const COMMANDS: &str = "status, pause, resume, reload, stop";
+
+impl TryFrom<RequestLine> for Request {
+    type Error = String;
+
+    fn try_from(line: RequestLine) -> Result<Request, String> {
+        let request = match line.command.as_str() {
+            "status" => Request::Status,
+            "pause" => return Ok(Request::Pause { feed: line.feed }),
+            "resume" => return Ok(Request::Resume { feed: line.feed }),
+            "reload" => Request::Reload,
+            "stop" => Request::Stop,
+            other => return Err(format!("unknown command {other:?} (commands: {COMMANDS})")),
+        };
+        match line.feed {
+            Some(_) => Err(format!("{:?} takes no feed", line.command)),
+            None => Ok(request),
+        }
+    }
+}
+
+impl From<Request> for RequestLine {
+    fn from(request: Request) -> RequestLine {
+        let (command, feed) = match request {
+            Request::Status => ("status", None),
+            Request::Pause { feed } => ("pause", feed),
+            Request::Resume { feed } => ("resume", feed),
+            Request::Reload => ("reload", None),
+            Request::Stop => ("stop", None),
+        };
+        RequestLine {
+            command: command.to_string(),
+            feed,
+        }
+    }
+}
+
+impl Request {
+    /// Parses one request line; the error says what was wrong, for the reply.
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        let bad = |err: String| {
+            format!("bad request: {err}; send one JSON object per line, like {{\"command\":\"status\"}}")
+        };
+        let text = std::str::from_utf8(line).map_err(|_| bad("the request is not UTF-8".into()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text.trim()).map_err(|err| bad(err.to_string()))?;
+        if !value.is_object() {
+            return Err(bad("the request is not a JSON object".into()));
+        }
+        serde_json::from_value(value).map_err(|err| bad(err.to_string()))
+    }
+}
+
+/// One reply: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What was done, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The feeds a pause or resume applied to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feeds: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DaemonStatus>,
+}
+
+impl Reply {
+    pub fn done(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: true,
+            message: Some(message.into()),
+            ..Reply::default()
+        }
+    }
+
+    pub fn error(error: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(error.into()),
+            ..Reply::default()
+        }
+    }
+
+    /// The reply as one line of the protocol.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self)
+            .unwrap_or_else(|_| br#"{"ok":false,"error":"reply not serialisable"}"#.to_vec());
+        line.push(b'\n');
+        line
+    }
+}
+
+/// A feed's state as `status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No projection reads the feed, so it is not polled.
+    Idle,
+    Starting,
+    CatchingUp,
+    Live,
+    /// Asked to pause; the batch in flight is finishing.
+    Pausing,
+    Paused,
+    /// Requests are failing and being retried with backoff.
+    BackingOff,
+    /// Batches are not committing (the database is full, read-only or failing): retried
+    /// with backoff.
+    CommitFailing,
+    /// Every reader stopped: a poison event under `on_error = "stop"`, or a rewritten feed.
+    Halted,
+}
+
+impl FeedState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedState::Idle => "idle",
+            FeedState::Starting => "starting",
+            FeedState::CatchingUp => "catching up",
+            FeedState::Live => "live",
+            FeedState::Pausing => "pausing",
+            FeedState::Paused => "paused",
+            FeedState::BackingOff => "backing off",
+            FeedState::CommitFailing => "commit failing",
+            FeedState::Halted => "halted",
+        }
+    }
+}
+
+/// The whole daemon, as the `status` command reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub config: String,
+    pub database: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub uptime_seconds: u64,
+    /// The time of the last configuration reload (SIGHUP or `reload`), if any.
+    pub reloaded_at: Option<String>,
+    pub feeds: Vec<FeedStatus>,
+    /// The batch the writer has been applying for a second or more, if any.
+    #[serde(default)]
+    pub slow_batch: Option<SlowBatch>,
+    /// Log lines lost since start because stderr was closed or full.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
+}
+
+/// A batch the writer has been on for a while: its feed, and the projection and event being
+/// applied (none while it takes the write lock or commits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlowBatch {
+    pub feed: String,
+    pub seconds: u64,
+    pub projection: Option<String>,
+    pub offset: Option<u64>,
+}
+
+impl SlowBatch {
+    /// E.g. `feed bank's batch for 45s, now projection endless at offset 13`.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "feed {}'s batch for {}",
+            self.feed,
+            humantime::format_duration(Duration::from_secs(self.seconds))
+        );
+        match (&self.projection, self.offset) {
+            (Some(projection), Some(offset)) => {
+                text.push_str(&format!(", now projection {projection} at offset {offset}"));
+            }
+            _ => {
+                text.push_str(", now outside the projections (taking the write lock or committing)")
+            }
+        }
+        text
+    }
+}
+
+impl DaemonStatus {
+    /// One line for systemd's STATUS=, e.g. `bank: live, lag 0, 312 ev/s; audit: paused`.
+    pub fn summary(&self) -> String {
+        if self.feeds.is_empty() {
+            return "no feeds".into();
+        }
+        let feeds: Vec<String> = self
+            .feeds
+            .iter()
+            .map(|feed| {
+                let mut line = format!("{}: {}", feed.name, feed.state.as_str());
+                if let Some(lag) = feed.lag.filter(|_| !feed.paused) {
+                    line.push_str(&format!(", lag {lag}"));
+                }
+                if feed.events_per_second >= 0.5 {
+                    line.push_str(&format!(", {:.0} ev/s", feed.events_per_second));
+                }
+                line
+            })
+            .collect();
+        match &self.slow_batch {
+            Some(slow) => format!("writer on {}; {}", slow.describe(), feeds.join("; ")),
+            None => feeds.join("; "),
+        }
+    }
+}
+
+/// One feed, as the `status` command reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeedStatus {
+    pub name: String,
+    pub url: String,
+    pub state: FeedState,
+    pub paused: bool,
+    /// Why the feed halted, when it did.
+    pub halted_reason: Option<String>,
+    /// The end of the feed as last seen: the offset after the last event read. While catching up
+    /// it is a lower bound (Flux pages do not say where the head is).
+    pub head: Option<u64>,
+    /// Events between the head and the projection furthest behind.
+    pub lag: Option<u64>,
+    /// Events read per second over the last ten seconds.
+    pub events_per_second: f64,
+    /// Events read since the daemon started.
+    pub events_read: u64,
+    /// Failed requests (and batches the database refused) retried since start.
+    pub retries: u64,
+    pub last_error: Option<LastError>,
+    pub projections: Vec<ProjectionStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastError {
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    /// The offset of the next event this projection applies (= events applied or passed).
+    pub checkpoint: u64,
+    pub lag: Option<u64>,
+    /// The poison event and error that halted it, when it is halted.
+    pub halted: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            Request::parse(br#"{"command":"status"}"#),
+            Ok(Request::Status)
+        );
+        assert_eq!(
+            Request::parse(b"{\"command\": \"pause\", \"feed\": \"bank\"}\n"),
+            Ok(Request::Pause {
+                feed: Some("bank".into())
+            })
+        );
+        assert_eq!(
+            Request::parse(br#"{"command":"resume"}"#),
+            Ok(Request::Resume { feed: None })
+        );
+        for (bad, says) in [
+            (&b"not json"[..], "bad request"),
+            (
+                br#"{"command":"explode"}"#,
+                "unknown command \"explode\" (commands: status",
+            ),
+            (br#"{"feed":"bank"}"#, "command"),
+            (br#"{"command":"stop","now":true}"#, "unknown field"),
+            (br#"{"command":"stop","feed":"bank"}"#, "takes no feed"),
+            (br#"["status"]"#, "bad request"),
+            (br#"{"command":"pause","feed":7}"#, "invalid type"),
+            (b"\xff\xfe", "UTF-8"),
+            (b"", "bad request"),
+        ] {
+            let err = Request::parse(bad).err().unwrap_or_default();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_as_documented() -> anyhow::Result<()> {
+        let pause = serde_json::to_string(&Request::Pause {
+            feed: Some("bank".into()),
+        })?;
+        assert_eq!(pause, r#"{"command":"pause","feed":"bank"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Stop)?,
+            r#"{"command":"stop"}"#
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_slow_batch_says_where_the_writer_is_and_leads_the_systemd_status() {
+        let mut slow = SlowBatch {
+            feed: "bank".into(),
+            seconds: 45,
+            projection: Some("endless".into()),
+            offset: Some(13),
+        };
+        assert_eq!(
+            slow.describe(),
+            "feed bank's batch for 45s, now projection endless at offset 13"
+        );
+        slow.projection = None;
+        slow.offset = None;
+        assert_eq!(
+            slow.describe(),
+            "feed bank's batch for 45s, now outside the projections (taking the write lock or committing)"
+        );
+
+        let status = DaemonStatus {
+            pid: 1,
+            version: "0".into(),
+            config: "c".into(),
+            database: "d".into(),
+            started_at: "s".into(),
+            uptime_seconds: 0,
+            reloaded_at: None,
+            feeds: vec![FeedStatus {
+                name: "bank".into(),
+                url: "http://feed.example/events".into(),
+                state: FeedState::CatchingUp,
+                paused: false,
+                halted_reason: None,
+                head: None,
+                lag: None,
+                events_per_second: 0.0,
+                events_read: 0,
+                retries: 0,
+                last_error: None,
+                projections: Vec::new(),
+            }],
+            slow_batch: Some(slow),
+            log_lines_dropped: 0,
+        };
+        let summary = status.summary();
+        assert!(
+            summary.starts_with("writer on feed bank's batch for 45s, now outside")
+                && summary.contains("committing); bank: "),
+            "{summary}"
+        );
+    }
+}
