@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hyper::Uri;
+use projector::feed::flux;
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
-use projector::feed::{flux, EntryBody};
+use projector::feed::page::EntryBody;
 
 #[derive(Parser)]
 struct Args {
@@ -100,7 +101,7 @@ async fn body_urls(client: &HttpClient, feed: &str, pages: usize) -> anyhow::Res
         let bytes = client
             .get(&page_url)
             .await
-            .map_err(|err| anyhow::anyhow!("page {page}: {}", err.reason))?;
+            .map_err(|err| anyhow::anyhow!("page {page}: {err}"))?;
         let entries = flux::parse_page(&bytes, &feed_url).map_err(anyhow::Error::msg)?;
         if entries.is_empty() {
             break;

@@ -53,7 +53,7 @@ pub async fn run(
         config.daemon.control_socket_mode,
     )?;
     let socket_path = socket.path().to_path_buf();
-    for setting in crate::feed::proxy::unusable_settings(|name| std::env::var(name).ok()) {
+    for setting in crate::feed::http::proxy::unusable_settings(|name| std::env::var(name).ok()) {
         tracing::warn!("{setting}");
     }
     let engine = Engine::start(&config, projections, &History::new()).await?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
-use crate::feed::FetchError;
+use crate::feed::error::FetchError;
 use crate::store::Checkpoint;
 use crate::writer::Halt;
 
@@ -345,11 +345,13 @@ mod tests {
         monitor.set_phase(first, ReaderPhase::Live);
         assert_eq!(monitor.snapshot("u", false).state, FeedState::Live);
 
-        monitor.failed(&FetchError {
-            what: "page at offset 0".into(),
-            reason: "HTTP 500".into(),
-            retry_after: None,
-        });
+        monitor.failed(
+            &crate::feed::error::FetchErrorKind::Status {
+                status: hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                retry_after: None,
+            }
+            .fetching("page at offset 0".into()),
+        );
         let status = monitor.snapshot("u", false);
         assert_eq!(status.state, FeedState::BackingOff);
         assert_eq!(status.retries, 1);

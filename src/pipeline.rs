@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::event::{Event, Payload};
-use crate::feed::{Backoff, EntryBody, FeedClient, FetchError, PageEntry};
+use crate::feed::error::{FetchError, FetchErrorKind};
+use crate::feed::page::{EntryBody, PageEntry};
+use crate::feed::{Backoff, FeedClient};
 use crate::monitor::{FeedMonitor, ReaderPhase};
 use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
 
@@ -569,7 +571,7 @@ where
             Ok(value) => return value,
             Err(err) => {
                 monitor.failed(&err);
-                let delay = backoff.delay(attempt, err.retry_after);
+                let delay = backoff.delay(attempt, err.kind.retry_after());
                 attempt = attempt.saturating_add(1);
                 tokio::time::sleep(delay).await;
             }
@@ -618,14 +620,11 @@ impl PageReader {
             if entries.is_empty() && fetch_at < self.known_end {
                 // Perhaps a feed server restarted and not yet reloaded: wait for the events to
                 // come back. If others come back instead, the rewrite check halts.
-                let shrank = FetchError {
-                    what: format!("page at offset {fetch_at}"),
-                    reason: format!(
-                        "the feed shrank: its head is at offset {fetch_at}, but it had events up to offset {}; nothing is applied until they are back",
-                        self.known_end - 1
-                    ),
-                    retry_after: None,
-                };
+                let shrank = FetchErrorKind::Shrunk {
+                    head: fetch_at,
+                    last_known: self.known_end - 1,
+                }
+                .fetching(format!("page at offset {fetch_at}"));
                 self.monitor.failed(&shrank);
                 let delay = self.policy.backoff.delay(self.shrunk_polls, None);
                 self.shrunk_polls = self.shrunk_polls.saturating_add(1);

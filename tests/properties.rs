@@ -12,7 +12,8 @@ use url::Url;
 use projector::config::Config;
 use projector::control::protocol::Request;
 use projector::feed::flux::parse_page;
-use projector::feed::{inline, EntryBody};
+use projector::feed::inline;
+use projector::feed::page::EntryBody;
 use projector::projection::sql::SqlProjection;
 
 fn feed_url() -> Url {

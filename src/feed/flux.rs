@@ -10,7 +10,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::http::parse_uri;
-use super::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
 
 #[derive(Deserialize)]
 struct RawPage {

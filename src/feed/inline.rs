@@ -17,7 +17,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
 use crate::event::Payload;
 
 #[derive(Deserialize)]

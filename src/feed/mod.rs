@@ -1,23 +1,21 @@
-//! Feed clients, one page format per module, and what they share: the page request, the body
-//! request, the fetch error and the retry policy.
+//! The feed client: the page request and the body request of every format, over `http/`, each
+//! page parsed by its format's module (`flux.rs`, `inline.rs`) into `page.rs`'s entries.
 //!
 //! Every format is read the same way: `GET {feed}?offset=N` answers a page of entries starting at
 //! that position. A Flux entry says where its payload is (one more request each); an inline entry
-//! carries it. The pipeline sees only `PageEntry`, so a format is a page parser and one
+//! carries it. The reader sees only `PageEntry`, so a format is a page parser and one
 //! `FeedFormat` variant.
 //!
-//! Every fetch error is transient: the feed may come back, so the daemon retries with capped,
-//! jittered exponential backoff and never advances past an event it has not applied. What makes a
-//! feed halt for good (a rewritten or shrunk feed) is found by the pipeline, not here.
+//! A fetch error says what failed and how ([`error::FetchErrorKind`]); the reader decides from
+//! the kind whether to retry or halt. A shrunk or rewritten feed is found by the reader, which
+//! compares pages with what it applied.
 
+pub mod error;
 pub mod flux;
 pub mod http;
 pub mod inline;
-pub mod proxy;
-#[cfg(feature = "http-ab")]
-pub mod reqwest_http;
+pub mod page;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use hyper::Uri;
@@ -25,27 +23,9 @@ use url::Url;
 
 use crate::config::{FeedConfig, FeedFormat};
 use crate::event::Payload;
-use http::{parse_uri, GetError, HttpClient, HttpSettings};
-
-/// One entry of a feed page: an event's metadata, and its payload or where it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PageEntry {
-    pub event_id: String,
-    pub event_type: String,
-    pub aggregate_id: String,
-    pub aggregate_name: String,
-    pub aggregate_version: i64,
-    pub created: String,
-    pub body: EntryBody,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum EntryBody {
-    /// Fetched with a request of its own, only if a projection needs it (Flux).
-    At(Uri),
-    /// Sent in the page (inline feeds).
-    Inline(Payload),
-}
+use error::{FetchError, FetchErrorKind};
+use http::{parse_uri, HttpClient, HttpSettings};
+use page::PageEntry;
 
 /// The HTTP client behind a feed client: hyper-util's, or reqwest's for the A/B.
 #[derive(Clone)]
@@ -53,11 +33,11 @@ pub enum EntryBody {
 enum Http {
     Hyper(HttpClient),
     #[cfg(feature = "http-ab")]
-    Reqwest(reqwest_http::ReqwestClient),
+    Reqwest(http::reqwest_client::ReqwestClient),
 }
 
 impl Http {
-    async fn get(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
+    async fn get(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
         match self {
             Http::Hyper(client) => client.get(url).await,
             #[cfg(feature = "http-ab")]
@@ -84,7 +64,8 @@ impl FeedClient {
         };
         #[cfg(feature = "http-ab")]
         if std::env::var("PROJECTOR_HTTP_CLIENT").as_deref() == Ok("reqwest") {
-            let reqwest = reqwest_http::ReqwestClient::new(settings).map_err(anyhow::Error::msg)?;
+            let reqwest =
+                http::reqwest_client::ReqwestClient::new(settings).map_err(anyhow::Error::msg)?;
             return Ok(FeedClient {
                 http: Http::Reqwest(reqwest),
                 feed_url: feed.url.0.clone(),
@@ -117,18 +98,18 @@ impl FeedClient {
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
         let what = || format!("page at offset {offset} ({url})");
-        let uri =
-            parse_uri(url.as_str()).map_err(|reason| failed(what(), GetError::new(reason)))?;
+        let uri = parse_uri(url.as_str())
+            .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))?;
         let bytes = self
             .http
             .get(&uri)
             .await
-            .map_err(|err| failed(what(), err))?;
+            .map_err(|kind| kind.fetching(what()))?;
         match self.format {
             FeedFormat::Flux => flux::parse_page(&bytes, &self.feed_url),
             FeedFormat::Inline => inline::parse_page(&bytes),
         }
-        .map_err(|reason| failed(what(), GetError::new(reason)))
+        .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))
     }
 
     /// The payload of an entry whose body is `At(url)`, and the size of the body in bytes.
@@ -143,65 +124,12 @@ impl FeedClient {
             .http
             .get(url)
             .await
-            .map_err(|err| failed(what(), err))?;
+            .map_err(|kind| kind.fetching(what()))?;
         let size = bytes.len();
         Payload::from_json(bytes)
             .map(|payload| (payload, size))
-            .map_err(|reason| failed(what(), GetError::new(reason)))
+            .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))
     }
-}
-
-/// Why `bytes` is not a page of the `format` named: the parser's reason, and how the body starts.
-fn not_a_page(format: &str, bytes: &[u8], err: serde_json::Error) -> String {
-    let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-    format!("the page is not {format} page ({err}); it starts with {start:?}")
-}
-
-/// Refuses a page that lists an event id twice: which of the two is the event is unknown.
-fn check_unique_ids<'a>(ids: impl ExactSizeIterator<Item = &'a str>) -> Result<(), String> {
-    let mut seen = HashSet::with_capacity(ids.len());
-    for id in ids {
-        if !seen.insert(id) {
-            return Err(format!("the page lists event id {id} twice"));
-        }
-    }
-    Ok(())
-}
-
-/// A page's entries up to the first one that cannot be read, or why the first one cannot. The
-/// events before a bad entry are applied; the next page starts at the bad one, which is then
-/// refused, reported and retried on its own.
-fn readable_prefix(
-    entries: impl Iterator<Item = Result<PageEntry, String>>,
-) -> Result<Vec<PageEntry>, String> {
-    let mut readable = Vec::with_capacity(entries.size_hint().0);
-    for entry in entries {
-        match entry {
-            Ok(entry) => readable.push(entry),
-            Err(reason) if readable.is_empty() => return Err(reason),
-            Err(_) => break,
-        }
-    }
-    Ok(readable)
-}
-
-fn failed(what: String, err: GetError) -> FetchError {
-    FetchError {
-        what,
-        reason: err.reason,
-        retry_after: err.retry_after,
-    }
-}
-
-/// Why one request to a feed failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{what}: {reason}")]
-pub struct FetchError {
-    /// What was being fetched, e.g. `page at offset 40 (http://…)`.
-    pub what: String,
-    pub reason: String,
-    /// A delay the server asked for (429 or 503 with `Retry-After: <seconds>`).
-    pub retry_after: Option<Duration>,
 }
 
 /// Capped exponential backoff with jitter.

@@ -4,15 +4,19 @@
 //!
 //! Built on hyper's pooled client rather than reqwest: a body request per event makes the
 //! per-request cost count, and reqwest's layers cost more than the rest of the request path
-//! (measured in BENCHMARKS.md; `reqwest_http.rs` is the other side of that A/B). Proxies come
-//! from the environment (`proxy.rs`).
+//! (measured in BENCHMARKS.md; `reqwest_client.rs` is the other side of that A/B). Proxies come
+//! from the environment (`proxy.rs`), the answer's bytes are read under the size limit by
+//! `body.rs`.
+
+mod body;
+pub mod proxy;
+#[cfg(feature = "http-ab")]
+pub mod reqwest_client;
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flate2::write::GzDecoder;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
@@ -23,7 +27,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
-use super::proxy::{Proxies, ProxyConnector};
+use super::error::{with_causes, FetchErrorKind};
+use body::LimitedBody;
+use proxy::{Proxies, ProxyConnector};
 
 /// Redirects followed for one request, as browsers and reqwest do.
 const MAX_REDIRECTS: usize = 10;
@@ -49,23 +55,6 @@ pub struct HttpClient {
     client: Client<HttpsConnector<ProxyConnector>, Empty<Bytes>>,
     settings: HttpSettings,
     proxies: Arc<Proxies>,
-}
-
-/// Why a GET failed.
-#[derive(Debug)]
-pub struct GetError {
-    pub reason: String,
-    /// A delay the server asked for (429 or 503 with `Retry-After: <seconds>`).
-    pub retry_after: Option<Duration>,
-}
-
-impl GetError {
-    pub fn new(reason: impl Into<String>) -> GetError {
-        GetError {
-            reason: reason.into(),
-            retry_after: None,
-        }
-    }
 }
 
 impl HttpClient {
@@ -110,14 +99,18 @@ impl HttpClient {
     }
 
     /// GETs `url` and returns the whole body of a 2xx answer, inflated if it was gzipped.
-    pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
+    pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
         let timeout = self.settings.request_timeout;
         tokio::time::timeout(timeout, self.get_following_redirects(url))
             .await
-            .unwrap_or_else(|_| Err(GetError::new(format!("timed out after {timeout:?}"))))
+            .unwrap_or_else(|_| {
+                Err(FetchErrorKind::Transfer(format!(
+                    "timed out after {timeout:?}"
+                )))
+            })
     }
 
-    async fn get_following_redirects(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
+    async fn get_following_redirects(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
         let mut url = Cow::Borrowed(url);
         for _ in 0..=MAX_REDIRECTS {
             let response = self.send(&url).await?;
@@ -138,43 +131,43 @@ impl HttpClient {
                         .map(Duration::from_secs),
                     _ => None,
                 };
-                return Err(GetError {
-                    reason: format!("HTTP {status}"),
+                return Err(FetchErrorKind::Status {
+                    status,
                     retry_after,
                 });
             }
             return self.read_body(response).await;
         }
-        Err(GetError::new(format!(
+        Err(FetchErrorKind::Transfer(format!(
             "too many redirects (more than {MAX_REDIRECTS})"
         )))
     }
 
-    async fn send(&self, url: &Uri) -> Result<Response<Incoming>, GetError> {
+    async fn send(&self, url: &Uri) -> Result<Response<Incoming>, FetchErrorKind> {
         let mut request = Request::get(url.clone())
             .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
             .header(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"))
             .body(Empty::new())
-            .map_err(|err| GetError::new(format!("the request is not valid: {err}")))?;
+            .map_err(|err| FetchErrorKind::Transfer(format!("the request is not valid: {err}")))?;
         if let Some(authorization) = self.proxies.forward_authorization(url) {
             request
                 .headers_mut()
                 .insert(header::PROXY_AUTHORIZATION, authorization);
         }
         self.client.request(request).await.map_err(|err| {
-            let what = if err.is_connect() {
-                "could not connect"
-            } else {
-                "the request failed"
-            };
             // The client's own message ("client error (Connect)") says less than its causes.
-            GetError::new(with_causes(what, std::error::Error::source(&err)))
+            let causes = std::error::Error::source(&err);
+            if err.is_connect() {
+                FetchErrorKind::Connect(with_causes("", causes).trim_start_matches(": ").into())
+            } else {
+                FetchErrorKind::Transfer(with_causes("the request failed", causes))
+            }
         })
     }
 
     /// Reads the answer, refusing to read past the limit: a declared length over it fails at
     /// once, and bytes are counted as they arrive and as they inflate.
-    async fn read_body(&self, response: Response<Incoming>) -> Result<Vec<u8>, GetError> {
+    async fn read_body(&self, response: Response<Incoming>) -> Result<Vec<u8>, FetchErrorKind> {
         let limit = self.settings.max_response_bytes;
         let declared = response
             .headers()
@@ -182,7 +175,7 @@ impl HttpClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
         if let Some(length) = declared.filter(|&length| length > limit as u64) {
-            return Err(GetError::new(format!(
+            return Err(FetchErrorKind::TooLarge(format!(
                 "the response is {length} bytes, over the limit of {limit} (max_response_bytes)"
             )));
         }
@@ -191,18 +184,18 @@ impl HttpClient {
             .get(header::CONTENT_ENCODING)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let mut body = response.into_body();
-        let mut answer = Answer::new(gzipped, limit);
+        let mut answer = LimitedBody::new(gzipped, limit);
         let mut received = 0;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|err| {
-                GetError::new(with_causes("reading the response failed", Some(&err)))
+                FetchErrorKind::Transfer(with_causes("reading the response failed", Some(&err)))
             })?;
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
             received += data.len();
             if received > limit {
-                return Err(GetError::new(format!(
+                return Err(FetchErrorKind::TooLarge(format!(
                     "the response grew over the limit of {limit} bytes (max_response_bytes)"
                 )));
             }
@@ -224,9 +217,10 @@ fn is_followed_redirect(status: StatusCode) -> bool {
 }
 
 /// Where a redirect leads: `Location` may be relative to the URL that answered.
-fn redirect_target(from: &Uri, location: &HeaderValue) -> Result<Uri, GetError> {
-    let bad =
-        |reason: String| GetError::new(format!("a redirect from {from} is unusable: {reason}"));
+fn redirect_target(from: &Uri, location: &HeaderValue) -> Result<Uri, FetchErrorKind> {
+    let bad = |reason: String| {
+        FetchErrorKind::Unreadable(format!("a redirect from {from} is unusable: {reason}"))
+    };
     let location = location
         .to_str()
         .map_err(|_| bad("its Location is not text".into()))?;
@@ -250,130 +244,10 @@ pub fn parse_uri(url: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// `what`, then each cause of the failure: the causes say what happened.
-pub(super) fn with_causes(
-    what: &str,
-    mut cause: Option<&(dyn std::error::Error + 'static)>,
-) -> String {
-    let mut text = what.to_string();
-    while let Some(err) = cause {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        cause = err.source();
-    }
-    text
-}
-
-/// The body of an answer as it arrives, inflated if it is gzipped.
-enum Answer {
-    Plain(Vec<u8>),
-    Gzipped(Box<GzDecoder<LimitedBuffer>>),
-}
-
-impl Answer {
-    fn new(gzipped: bool, limit: usize) -> Answer {
-        if gzipped {
-            Answer::Gzipped(Box::new(GzDecoder::new(LimitedBuffer {
-                bytes: Vec::new(),
-                limit,
-            })))
-        } else {
-            Answer::Plain(Vec::new())
-        }
-    }
-
-    fn push(&mut self, data: &[u8]) -> Result<(), GetError> {
-        match self {
-            Answer::Plain(bytes) => bytes.extend_from_slice(data),
-            Answer::Gzipped(decoder) => decoder.write_all(data).map_err(inflate_error)?,
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Vec<u8>, GetError> {
-        match self {
-            Answer::Plain(bytes) => Ok(bytes),
-            Answer::Gzipped(decoder) => Ok(decoder.finish().map_err(inflate_error)?.bytes),
-        }
-    }
-}
-
-fn inflate_error(err: std::io::Error) -> GetError {
-    match err
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<OverLimit>())
-    {
-        Some(OverLimit(limit)) => GetError::new(format!(
-            "the response inflates to over the limit of {limit} bytes (max_response_bytes)"
-        )),
-        None => GetError::new(format!("the gzipped response does not inflate: {err}")),
-    }
-}
-
-/// Inflated bytes, refused past the limit.
-struct LimitedBuffer {
-    bytes: Vec<u8>,
-    limit: usize,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("over the limit of {0} bytes")]
-struct OverLimit(usize);
-
-impl Write for LimitedBuffer {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + data.len() > self.limit {
-            return Err(std::io::Error::other(OverLimit(self.limit)));
-        }
-        self.bytes.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flate2::write::GzEncoder;
-    use flate2::Compression;
-
-    fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
-        encoder.write_all(data).unwrap_or_else(|e| panic!("{e}"));
-        encoder.finish().unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn gzip_inflates_in_pieces_and_is_refused_past_the_limit() {
-        let text = br#"{"account_id":"a","amount":5}"#.repeat(100);
-        let compressed = gzip(&text);
-        let mut answer = Answer::new(true, text.len());
-        for piece in compressed.chunks(7) {
-            answer
-                .push(piece)
-                .unwrap_or_else(|e| panic!("{}", e.reason));
-        }
-        assert_eq!(answer.finish().map_err(|e| e.reason), Ok(text.clone()));
-
-        let mut answer = Answer::new(true, text.len() - 1);
-        let refused = answer
-            .push(&compressed)
-            .and_then(|()| answer.finish().map(|_| ()));
-        let reason = refused.map_err(|e| e.reason);
-        assert!(
-            matches!(&reason, Err(r) if r.contains("inflates to over the limit")),
-            "{reason:?}"
-        );
-
-        let mut answer = Answer::new(true, 1 << 20);
-        let garbage = answer
-            .push(b"this is not gzip at all")
-            .and_then(|()| answer.finish().map(|_| ()));
-        assert!(garbage.is_err());
-    }
+    use body::tests::gzip;
 
     #[test]
     fn redirects_resolve_against_the_url_that_answered() {
@@ -385,7 +259,7 @@ mod tests {
                 &HeaderValue::from_str(location).unwrap_or_else(|e| panic!("{e}")),
             )
             .map(|url| url.to_string())
-            .map_err(|e| e.reason)
+            .map_err(|e| e.to_string())
         };
         assert_eq!(
             to("/v2/events?offset=20"),
@@ -439,7 +313,7 @@ mod tests {
         let get = |path: &str| {
             let url = parse_uri(&format!("{base}{path}")).unwrap_or_else(|e| panic!("{e}"));
             let client = client.clone();
-            async move { client.get(&url).await.map_err(|e| e.reason) }
+            async move { client.get(&url).await.map_err(|e| e.to_string()) }
         };
         assert_eq!(get("/event").await, Ok(br#"{"amount":5}"#.to_vec()));
         assert_eq!(get("/moved").await, Ok(br#"{"amount":5}"#.to_vec()));
@@ -466,7 +340,11 @@ mod tests {
             .replacen("http://", "https://", 1);
         let client = client();
         let url = parse_uri(&url).unwrap_or_else(|e| panic!("{e}"));
-        let err = client.get(&url).await.map(|_| ()).map_err(|e| e.reason);
+        let err = client
+            .get(&url)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         assert!(
             matches!(&err, Err(r) if r.starts_with("could not connect")),
             "{err:?}"

@@ -1,4 +1,4 @@
-//! The same GETs as `http.rs`, made with reqwest: pooled client, whole-request timeout,
+//! The same GETs as `mod.rs`, made with reqwest: pooled client, whole-request timeout,
 //! redirects, gzip and proxies from the environment are reqwest's; the size cap, Retry-After and
 //! the loopback bypass are kept. Chosen with `PROJECTOR_HTTP_CLIENT=reqwest`, for the A/B in
 //! `cargo bench -- --http-ab`.
@@ -8,7 +8,8 @@ use std::time::Duration;
 use hyper::header;
 use hyper::{StatusCode, Uri};
 
-use super::http::{with_causes, GetError, HttpSettings};
+use super::HttpSettings;
+use crate::feed::error::{with_causes, FetchErrorKind};
 
 const MAX_REDIRECTS: usize = 10;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -47,7 +48,7 @@ impl ReqwestClient {
         Ok(ReqwestClient { client, settings })
     }
 
-    pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, GetError> {
+    pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
         let limit = self.settings.max_response_bytes;
         let mut response = self
             .client
@@ -66,20 +67,20 @@ impl ReqwestClient {
                     .map(Duration::from_secs),
                 _ => None,
             };
-            return Err(GetError {
-                reason: format!("HTTP {status}"),
+            return Err(FetchErrorKind::Status {
+                status,
                 retry_after,
             });
         }
         if let Some(length) = response.content_length().filter(|&l| l > limit as u64) {
-            return Err(GetError::new(format!(
+            return Err(FetchErrorKind::TooLarge(format!(
                 "the response is {length} bytes, over the limit of {limit} (max_response_bytes)"
             )));
         }
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(describe)? {
             if body.len() + chunk.len() > limit {
-                return Err(GetError::new(format!(
+                return Err(FetchErrorKind::TooLarge(format!(
                     "the response grew over the limit of {limit} bytes (max_response_bytes)"
                 )));
             }
@@ -89,17 +90,19 @@ impl ReqwestClient {
     }
 }
 
-fn describe(err: reqwest::Error) -> GetError {
+fn describe(err: reqwest::Error) -> FetchErrorKind {
+    let causes = std::error::Error::source(&err);
+    if err.is_connect() {
+        return FetchErrorKind::Connect(with_causes("", causes).trim_start_matches(": ").into());
+    }
     let what = if err.is_timeout() {
         "timed out"
-    } else if err.is_connect() {
-        "could not connect"
     } else if err.is_redirect() {
         "too many redirects"
     } else {
         "the request failed"
     };
-    GetError::new(with_causes(what, std::error::Error::source(&err)))
+    FetchErrorKind::Transfer(with_causes(what, causes))
 }
 
 /// The proxies the environment names, as curl reads them, with loopback always direct.

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::http::with_causes;
+use crate::feed::error::with_causes;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -413,7 +413,10 @@ mod tests {
         let client = client(proxies(&format!("http://ann:secret@{address}"), "", ""));
         // feed.invalid cannot resolve: only the proxy can answer for it.
         let body = client.get(&uri("http://feed.invalid/events/1")).await;
-        assert_eq!(body.map_err(|e| e.reason), Ok(br#"{"amount":5}"#.to_vec()));
+        assert_eq!(
+            body.map_err(|e| e.to_string()),
+            Ok(br#"{"amount":5}"#.to_vec())
+        );
         let seen = seen.lock().map(|seen| seen.clone()).unwrap_or_default();
         assert_eq!(
             seen,
@@ -450,7 +453,7 @@ mod tests {
 
         let tunneling = client(proxies("", &format!("http://ann:secret@{address}"), ""));
         let refused = tunneling.get(&uri("https://feed.invalid/events")).await;
-        let reason = refused.map(|_| ()).map_err(|e| e.reason);
+        let reason = refused.map(|_| ()).map_err(|e| e.to_string());
         let head = asked.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(
             head.starts_with("CONNECT feed.invalid:443 HTTP/1.1\r\n"),
@@ -468,7 +471,7 @@ mod tests {
 
         let socks = client(proxies("socks5://127.0.0.1:1", "", ""));
         let refused = socks.get(&uri("http://feed.invalid/events")).await;
-        let reason = refused.map(|_| ()).map_err(|e| e.reason);
+        let reason = refused.map(|_| ()).map_err(|e| e.to_string());
         assert!(
             matches!(&reason, Err(r) if r.contains("the proxy socks5://127.0.0.1:1/ is not supported")),
             "{reason:?}"
