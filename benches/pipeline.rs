@@ -35,7 +35,7 @@ use projector::demo::consumer_toml::ConsumerToml;
 use projector::demo::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
 use projector::event::{Event, Payload};
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
-use projector::pipeline::MAX_BATCH_EVENTS;
+use projector::reader::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
 
 const CONNECTIONS: usize = 16;

@@ -20,10 +20,11 @@ use crate::config::Config;
 use crate::control::handle::Inbox;
 use crate::control::protocol::{DaemonStatus, Reply, Request};
 use crate::control::server::ControlSocket;
-use crate::feed::{Backoff, FeedClient};
+use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
-use crate::pipeline::{Member, Pipeline, ReadPolicy, Steering};
 use crate::projection::ConfiguredProjection;
+use crate::reader::retry::Backoff;
+use crate::reader::{FeedReader, Member, ReadPolicy, Steering};
 use crate::store;
 use crate::writer::{Writer, WriterHandle, WriterSettings, WriterThread};
 
@@ -445,7 +446,7 @@ impl Engine {
                         projections = names(members.iter().map(|m| m.projection.as_str())),
                         "reading feed"
                     );
-                    let pipeline = Pipeline::new(
+                    let reader = FeedReader::new(
                         feed.name().to_string(),
                         client.clone(),
                         policy.clone(),
@@ -457,7 +458,7 @@ impl Engine {
                             shutdown: stop_readers.clone(),
                         },
                     );
-                    readers.spawn(pipeline.run());
+                    readers.spawn(reader.run());
                 }
             }
             feeds.insert(

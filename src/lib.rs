@@ -28,13 +28,13 @@ pub mod logging;
 pub mod monitor;
 /// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 pub mod notify;
-/// One feed's read loop: page, bodies, batch, commit.
-pub mod pipeline;
 /// The projection contract, declarative SQL projections, building projections from the config.
 pub mod projection;
 /// The projection modules that ship (declarative files and Rust modules).
 #[path = "../projections/mod.rs"]
 pub mod projections;
+/// One feed's reader: pages, bodies, batches handed to the writer, retries.
+pub mod reader;
 /// Unix signals turned into the same requests the control socket takes.
 pub mod signals;
 /// The SQLite database: pragmas, migrations, checkpoints, dead letters, paused feeds.
