@@ -1,0 +1,268 @@
+//! The one thread that writes the database. It owns the connection and every projection, and
+//! applies each batch of events in one transaction together with the checkpoints it moves
+//! (`apply.rs`, where "exactly once" lives), on a thread of its own (`thread.rs`), keeping the
+//! write-ahead log bounded (`wal.rs`) and saying what it is on (`activity.rs`).
+
+mod activity;
+mod apply;
+mod thread;
+mod wal;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+pub use thread::{PendingBatch, WriterHandle, WriterThread};
+
+use crate::config::Synchronous;
+use crate::event::Event;
+use crate::projection::ConfiguredProjection;
+use crate::store::{self, Checkpoint};
+use activity::WriterActivity;
+use wal::WalPolicy;
+
+/// Events of one feed, in offset order, for some of its projections.
+#[derive(Debug)]
+pub struct Batch {
+    pub feed: String,
+    pub projections: Vec<String>,
+    pub events: Vec<Event>,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// The batch's projections and where they stand now.
+    pub checkpoints: Vec<(String, Checkpoint)>,
+    /// Projections halted by a poison event (`on_error = "stop"`).
+    pub halted: Vec<Halt>,
+    /// The events in the batch.
+    pub events: usize,
+    /// Event applications (an event applied to two projections counts twice).
+    pub applied: usize,
+    pub dead_lettered: usize,
+}
+
+/// A projection stopped at an event it could not apply.
+#[derive(Debug, Clone)]
+pub struct Halt {
+    pub projection: String,
+    pub offset: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub error: String,
+}
+
+/// Why a batch was not committed. Nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the database failed: {0}")]
+    Storage(String),
+    #[error("the database failed: {0}: the database's disk is full, or it reached [daemon] max_database_bytes; writes resume once there is room")]
+    Full(String),
+    #[error(
+        "the feed was rewritten: projection {projection:?} applied event {expected} at offset {offset}, but the feed now has {found} there"
+    )]
+    FeedRewritten {
+        projection: String,
+        offset: u64,
+        expected: String,
+        found: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApplyError {
+    /// The database failed; a full one says where the space went.
+    fn storage(err: rusqlite::Error) -> ApplyError {
+        if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            ApplyError::Full(err.to_string())
+        } else {
+            ApplyError::Storage(err.to_string())
+        }
+    }
+}
+
+/// A projection as the writer holds it.
+struct Slot {
+    projection: ConfiguredProjection,
+    halted: bool,
+}
+
+/// Where one projection starts, as read when the writer opened.
+#[derive(Debug, Clone)]
+pub struct StartingPoint {
+    pub projection: String,
+    pub feed: String,
+    pub event_types: Vec<String>,
+    pub checkpoint: Checkpoint,
+}
+
+/// How the writer treats the database file ([daemon] settings).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriterSettings {
+    /// `max_database_bytes`.
+    pub max_bytes: Option<u64>,
+    pub synchronous: Synchronous,
+    /// `page_cache_bytes`; SQLite's default (2 MiB) if none.
+    pub page_cache_bytes: Option<u64>,
+}
+
+pub struct Writer {
+    conn: Connection,
+    wal: WalPolicy,
+    slots: Vec<Slot>,
+    by_name: HashMap<String, usize>,
+    /// The checkpoints read at open. After that the database is the only record of them.
+    starting_points: Vec<StartingPoint>,
+    /// The feeds paused when the writer opened.
+    paused_feeds: BTreeSet<String>,
+    activity: Arc<WriterActivity>,
+    /// Feeds whose last batch had a poison event: their next batch starts with savepoints.
+    poisoned_feeds: HashSet<String>,
+}
+
+impl Writer {
+    /// Opens the database, sets up every projection's tables and reads their checkpoints and the
+    /// paused feeds, all in one transaction. The caller holds the instance lock
+    /// ([`store::lock_instance`]).
+    pub fn open(
+        path: &Path,
+        settings: WriterSettings,
+        projections: Vec<ConfiguredProjection>,
+    ) -> anyhow::Result<Writer> {
+        use anyhow::Context;
+        let mut conn = store::open_writer(path, settings.synchronous)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        if let Some(bytes) = settings.page_cache_bytes {
+            store::set_page_cache(&conn, bytes)
+                .with_context(|| format!("sizing the page cache of {}", path.display()))?;
+        }
+        if let Some(max_bytes) = settings.max_bytes {
+            store::limit_size(&conn, max_bytes)
+                .with_context(|| format!("limiting the size of {}", path.display()))?;
+        }
+        let mut slots = Vec::with_capacity(projections.len());
+        let mut starting_points = Vec::with_capacity(projections.len());
+        let paused_feeds;
+        {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for projection in projections {
+                projection
+                    .projection
+                    .setup(&tx)
+                    .with_context(|| format!("setting up projection {:?}", projection.name))?;
+                let checkpoint = match store::load_checkpoint(&tx, &projection.name)? {
+                    Some(checkpoint) => checkpoint,
+                    None => {
+                        let fresh = Checkpoint::default();
+                        store::save_checkpoint(&tx, &projection.name, &projection.feed, &fresh)?;
+                        fresh
+                    }
+                };
+                starting_points.push(StartingPoint {
+                    projection: projection.name.clone(),
+                    feed: projection.feed.clone(),
+                    event_types: projection.event_types.iter().cloned().collect(),
+                    checkpoint,
+                });
+                slots.push(Slot {
+                    projection,
+                    halted: false,
+                });
+            }
+            paused_feeds = store::paused_feeds(&tx)?;
+            tx.commit()?;
+        }
+        let by_name = slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| (slot.projection.name.clone(), index))
+            .collect();
+        let activity = Arc::new(WriterActivity::new(
+            slots
+                .iter()
+                .map(|slot| slot.projection.name.clone())
+                .collect(),
+        ));
+        Ok(Writer {
+            conn,
+            wal: WalPolicy::new(path),
+            slots,
+            by_name,
+            starting_points,
+            paused_feeds,
+            activity,
+            poisoned_feeds: HashSet::new(),
+        })
+    }
+
+    pub fn starting_points(&self) -> Vec<StartingPoint> {
+        self.starting_points.clone()
+    }
+
+    pub fn paused_feeds(&self) -> BTreeSet<String> {
+        self.paused_feeds.clone()
+    }
+
+    /// Records feeds as paused or resumed, in one transaction.
+    fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError> {
+        let storage = ApplyError::storage;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(storage)?;
+        for feed in feeds {
+            store::set_paused(&tx, feed, paused).map_err(storage)?;
+        }
+        tx.commit().map_err(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(path: &Path) -> Writer {
+        Writer::open(path, WriterSettings::default(), Vec::new())
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    #[test]
+    fn synchronous_is_normal_unless_full_is_asked_for() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("db");
+        let synchronous = |writer: &Writer| -> rusqlite::Result<i64> {
+            writer
+                .conn
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+        };
+        // SQLite's numbers: 1 is NORMAL, 2 is FULL.
+        assert_eq!(synchronous(&open(&path))?, 1);
+        let full = WriterSettings {
+            synchronous: Synchronous::Full,
+            ..WriterSettings::default()
+        };
+        assert_eq!(synchronous(&Writer::open(&path, full, Vec::new())?)?, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn the_page_cache_is_sized_as_configured() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let settings = WriterSettings {
+            page_cache_bytes: Some(12 << 20),
+            ..WriterSettings::default()
+        };
+        let writer = Writer::open(&dir.path().join("db"), settings, Vec::new())?;
+        let cache_size: i64 = writer
+            .conn
+            .query_row("PRAGMA cache_size", [], |row| row.get(0))?;
+        // Negative: KiB.
+        assert_eq!(cache_size, -12 * 1024);
+        Ok(())
+    }
+}
