@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use rusqlite::Transaction;
 
-use crate::config::{Config, ConfigError, OnError, ProjectionConfig};
+use crate::config::{Config, ConfigError, OnError, ProjectionConfig, ProjectionSource};
 use crate::event::{DecodeError, Event};
 
 /// A read model fed by the events of one feed.
@@ -65,8 +65,8 @@ fn build(
     config: &Config,
     projection: &ProjectionConfig,
 ) -> Result<ConfiguredProjection, ConfigError> {
-    let built: Box<dyn Projection> = match (&projection.file, &projection.module) {
-        (Some(file), _) => {
+    let built: Box<dyn Projection> = match projection.source() {
+        Some(ProjectionSource::File(file)) => {
             let text = std::fs::read_to_string(file.get_ref()).map_err(|err| {
                 ConfigError::new(
                     config.source.locate(file),
@@ -78,19 +78,28 @@ fn build(
             })?;
             Box::new(sql::SqlProjection::parse(file.get_ref(), &text)?)
         }
-        (None, Some(module)) => match crate::projections::find(module.get_ref()) {
-            Some(module) => (module.build)(),
-            None => {
-                return Err(ConfigError::new(
-                    config.source.locate(module),
-                    format!("no Rust projection module named {:?}", module.get_ref()),
-                ))
+        Some(ProjectionSource::Module(module)) => {
+            match crate::projections::find(module.get_ref()) {
+                Some(module) => (module.build)(),
+                None => {
+                    let known: Vec<&str> =
+                        crate::projections::all().iter().map(|m| m.name).collect();
+                    return Err(ConfigError::new(
+                        config.source.locate(module),
+                        format!(
+                            "no Rust projection module named {:?} (this build has: {})",
+                            module.get_ref(),
+                            known.join(", ")
+                        ),
+                    ));
+                }
             }
-        },
-        (None, None) => {
+        }
+        // `Config::load` refuses a projection with neither or both.
+        None => {
             return Err(ConfigError::new(
                 config.source.locate(&projection.name),
-                "a projection needs `file` or `module`",
+                "a projection needs `file` or `module`, not both",
             ))
         }
     };
@@ -101,4 +110,40 @@ fn build(
         event_types: built.event_types().into_iter().collect(),
         projection: built,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn an_unknown_module_is_located_and_the_known_ones_named() -> Result<(), ConfigError> {
+        let text = r#"
+[daemon]
+database = "projector.db"
+control_socket = "projector.sock"
+
+[[feed]]
+name = "bank"
+url = "http://127.0.0.1:3000/events"
+format = "flux"
+
+[[projection]]
+name = "ledger"
+feed = "bank"
+module = "nope"
+"#;
+        let config = Config::parse(Path::new("/etc/projector/consumer.toml"), text.into())?;
+        let err = build_all(&config)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("/etc/projector/consumer.toml:14:10:")
+                && err.contains("account_ledger"),
+            "{err}"
+        );
+        Ok(())
+    }
 }
