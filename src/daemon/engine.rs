@@ -1,0 +1,258 @@
+//! The writer and the feed readers of one configuration: started together from the committed
+//! checkpoints, stopped together once the batches in flight have committed or rolled back.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, FeedConfig};
+use crate::feed::FeedClient;
+use crate::monitor::FeedMonitor;
+use crate::projection::ConfiguredProjection;
+use crate::reader::retry::Backoff;
+use crate::reader::{FeedReader, Member, ReadPolicy, Steering};
+use crate::writer::{StartingPoint, Writer, WriterHandle, WriterSettings, WriterThread};
+
+/// How often a stop past its timeout interrupts the writer again.
+const INTERRUPT_REPEAT: Duration = Duration::from_millis(100);
+
+/// The writer and the feed readers of one configuration.
+pub(super) struct Engine {
+    pub(super) writer: WriterHandle,
+    writer_thread: WriterThread,
+    /// How long a stop waits for the batches in flight before interrupting them.
+    stop_timeout: Duration,
+    readers: TaskTracker,
+    stop_readers: CancellationToken,
+    /// By feed name, in name order.
+    pub(super) feeds: BTreeMap<String, FeedRuntime>,
+}
+
+/// The monitors of a stopped engine, by feed name with its URL, so that a reload keeps each
+/// feed's counters.
+pub(super) type CarriedMonitors = BTreeMap<String, (String, Arc<FeedMonitor>)>;
+
+/// What the supervisor holds of a running feed.
+pub(super) struct FeedRuntime {
+    pub(super) url: String,
+    pub(super) paused: watch::Sender<bool>,
+    pub(super) monitor: Arc<FeedMonitor>,
+}
+
+impl Engine {
+    /// Opens the database (setting up new projections), then starts a reader for each group of
+    /// a feed's projections that stand at the same checkpoint. A projection that stands
+    /// elsewhere (new, or halted last time) gets a reader of its own, so it rebuilds from its
+    /// own offset while the others go on.
+    pub(super) async fn start(
+        config: &Config,
+        projections: Vec<ConfiguredProjection>,
+        carried: &CarriedMonitors,
+    ) -> anyhow::Result<Engine> {
+        let opened = open_writer(config, projections).await?;
+        let starting_points = opened.starting_points();
+        let paused_feeds = opened.paused_feeds();
+        let (writer, writer_thread) = opened.spawn().context("starting the writer thread")?;
+        let mut readers = Readers {
+            writer: writer.clone(),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        };
+        let mut feeds = BTreeMap::new();
+        for feed in &config.feeds {
+            let points: Vec<&StartingPoint> = starting_points
+                .iter()
+                .filter(|p| p.feed == feed.name())
+                .collect();
+            let paused = paused_feeds.contains(feed.name());
+            let runtime = readers.start_feed(feed, &points, paused, carried.get(feed.name()))?;
+            feeds.insert(feed.name().to_string(), runtime);
+        }
+        readers.tasks.close();
+        Ok(Engine {
+            writer,
+            writer_thread,
+            stop_timeout: config.daemon.stop_timeout.0,
+            readers: readers.tasks,
+            stop_readers: readers.stop,
+            feeds,
+        })
+    }
+
+    /// The feeds' monitors, to carry over to the next engine.
+    pub(super) fn carried_monitors(&self) -> CarriedMonitors {
+        self.feeds
+            .iter()
+            .map(|(name, feed)| (name.clone(), (feed.url.clone(), feed.monitor.clone())))
+            .collect()
+    }
+
+    /// The writer thread runs and is not stuck on one job for `limit` or longer (the runtime
+    /// is evidently alive, since this is asked from it).
+    pub(super) fn is_healthy(&self, limit: Duration) -> bool {
+        !self.writer_thread.join.is_finished() && self.writer.busy_for() < limit
+    }
+
+    /// Stops the readers, lets the writer finish what it was sent, and waits for both. A batch
+    /// that has not committed after `stop_timeout` (a projection's statement that does not end)
+    /// is interrupted: it rolls back whole and is read again at the next start.
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
+        self.stop_readers.cancel();
+        // The readers wait for the outcome of their batch in flight.
+        if tokio::time::timeout(self.stop_timeout, self.readers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a batch in flight has not committed after {} (stop_timeout): interrupting it; \
+                 it rolls back and is read again at the next start",
+                humantime::format_duration(self.stop_timeout)
+            );
+            // An interrupt stops only the statement running at that moment: repeated until
+            // the readers have their outcomes.
+            loop {
+                self.writer_thread.interrupt();
+                if tokio::time::timeout(INTERRUPT_REPEAT, self.readers.wait())
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+        // The readers held the other writer handles; dropping the last one ends the writer
+        // thread once it has finished what it was sent.
+        drop(self.writer);
+        let writer_thread = self.writer_thread.join;
+        tokio::task::spawn_blocking(move || writer_thread.join())
+            .await
+            .context("waiting for the writer thread")?
+            .map_err(|_| anyhow::anyhow!("the database writer thread panicked"))
+    }
+}
+
+/// Opens the database off the runtime's thread: opening runs every projection's setup.
+async fn open_writer(
+    config: &Config,
+    projections: Vec<ConfiguredProjection>,
+) -> anyhow::Result<Writer> {
+    let database = config.daemon.database.clone();
+    let settings = WriterSettings {
+        max_bytes: config.daemon.max_database_bytes.map(|limit| limit.0 as u64),
+        synchronous: config.daemon.synchronous,
+        page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
+    };
+    tokio::task::spawn_blocking(move || Writer::open(&database, settings, projections))
+        .await
+        .context("the database opener panicked")?
+}
+
+/// What starting a feed's readers needs of the engine.
+struct Readers {
+    writer: WriterHandle,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Readers {
+    /// Starts the readers of `feed`, whose projections stand at `points`: its monitor (with
+    /// the counters of the one it replaces, if any), its pause switch, and a reader per group.
+    fn start_feed(
+        &mut self,
+        feed: &FeedConfig,
+        points: &[&StartingPoint],
+        is_paused: bool,
+        carried: Option<&(String, Arc<FeedMonitor>)>,
+    ) -> anyhow::Result<FeedRuntime> {
+        let monitor = Arc::new(FeedMonitor::new(
+            feed.name(),
+            points
+                .iter()
+                .map(|p| (p.projection.clone(), p.checkpoint.next_offset)),
+        ));
+        if let Some((url, previous)) = carried {
+            monitor.carry_over(previous, *url == feed.url.0.to_string());
+        }
+        let (paused, _) = watch::channel(is_paused);
+        if is_paused {
+            tracing::warn!(
+                feed = feed.name(),
+                "feed is paused (recorded in the database); `projector ctl resume {}` resumes it",
+                feed.name()
+            );
+        }
+        let groups = groups_by_checkpoint(points);
+        if groups.is_empty() {
+            tracing::warn!(
+                feed = feed.name(),
+                "no projection reads this feed; it is not polled"
+            );
+        } else {
+            let client = FeedClient::new(feed)
+                .with_context(|| format!("building the HTTP client of feed {:?}", feed.name()))?;
+            if let Some(proxy) = client.proxy() {
+                tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
+            }
+            let policy = read_policy(feed);
+            for (next_offset, members) in groups {
+                tracing::info!(
+                    feed = feed.name(),
+                    url = %feed.url.0,
+                    next_offset,
+                    projections = super::names(members.iter().map(|m| m.projection.as_str())),
+                    "reading feed"
+                );
+                let reader = FeedReader::new(
+                    feed.name().to_string(),
+                    client.clone(),
+                    policy.clone(),
+                    self.writer.clone(),
+                    members,
+                    Steering {
+                        paused: paused.subscribe(),
+                        monitor: monitor.clone(),
+                        shutdown: self.stop.clone(),
+                    },
+                );
+                self.tasks.spawn(reader.run());
+            }
+        }
+        Ok(FeedRuntime {
+            url: feed.url.0.to_string(),
+            paused,
+            monitor,
+        })
+    }
+}
+
+/// A feed's projections grouped by where they stand, in offset order (a stable log order).
+fn groups_by_checkpoint(points: &[&StartingPoint]) -> BTreeMap<u64, Vec<Member>> {
+    let mut groups: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
+    for point in points {
+        groups
+            .entry(point.checkpoint.next_offset)
+            .or_default()
+            .push(Member {
+                projection: point.projection.clone(),
+                event_types: point.event_types.iter().cloned().collect::<HashSet<_>>(),
+                next_offset: point.checkpoint.next_offset,
+            });
+    }
+    groups
+}
+
+fn read_policy(feed: &FeedConfig) -> ReadPolicy {
+    ReadPolicy {
+        poll_interval: feed.poll_interval.0,
+        body_concurrency: feed.body_concurrency.0,
+        backoff: Backoff {
+            initial: feed.retry_initial.0,
+            max: feed.retry_max.0,
+        },
+    }
+}

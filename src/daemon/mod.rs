@@ -1,0 +1,71 @@
+//! The daemon: it holds the instance lock and the control socket for the life of the process,
+//! runs an [`Engine`](engine) (the writer and the feed readers of one configuration), and turns
+//! every request, from the socket or from a signal, into the same code path (`supervisor.rs`).
+//!
+//! A reload stops the running engine (its batches in flight commit or roll back whole) and
+//! starts one from the new configuration at the committed checkpoints; if the new one cannot
+//! start, the previous configuration is started again. Pauses live in the database, so they
+//! survive both a reload and a restart.
+
+mod engine;
+mod supervisor;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::handle::Inbox;
+use crate::control::server::ControlSocket;
+use crate::projection::ConfiguredProjection;
+use crate::store;
+use engine::{CarriedMonitors, Engine};
+use supervisor::Supervisor;
+
+/// Runs until a `stop` request, then lets every batch in flight commit or roll back whole and
+/// returns. A failing feed never ends it; only a database that cannot be opened does.
+pub async fn run(
+    config: Config,
+    projections: Vec<ConfiguredProjection>,
+    // A parameter, so that it is dropped after every local, the instance lock included.
+    mut inbox: Inbox,
+) -> anyhow::Result<()> {
+    // Held until the process exits: one daemon per database. The kernel drops it even on kill -9.
+    let _instance_lock = store::lock_instance(&config.daemon.database)?;
+    let socket = ControlSocket::bind(
+        &config.daemon.control_socket,
+        config.daemon.control_socket_mode,
+    )?;
+    let socket_path = socket.path().to_path_buf();
+    for setting in crate::feed::http::proxy::unusable_settings(|name| std::env::var(name).ok()) {
+        tracing::warn!("{setting}");
+    }
+    let engine = Engine::start(&config, projections, &CarriedMonitors::new()).await?;
+    let mut supervisor = Supervisor::new(config, engine);
+    let stop_serving = CancellationToken::new();
+    let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));
+    tracing::info!(
+        database = %supervisor.config.daemon.database.display(),
+        socket = %socket_path.display(),
+        "projector is running"
+    );
+    crate::notify::ready(&supervisor.status().summary());
+
+    let result = supervisor.serve(&mut inbox).await;
+
+    crate::notify::stopping();
+    tracing::info!("stopping: letting the batches in flight finish");
+    stop_serving.cancel();
+    // The socket file goes when the server does, so a new daemon can start at once.
+    let _ = server.await;
+    let stopped = match supervisor.engine.take() {
+        Some(engine) => engine.stop().await,
+        None => Ok(()),
+    };
+    result.and(stopped)?;
+    tracing::info!("stopped");
+    // Dropping the inbox, last, tells a waiting `ctl stop` that the daemon has finished.
+    Ok(())
+}
+
+fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,269 @@
+//! The supervisor: it answers every request, from the socket or from a signal, with one code
+//! path each (status, pause, resume, reload, stop), and keeps systemd's status line and watchdog
+//! current.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+
+use super::engine::{CarriedMonitors, Engine};
+use crate::config::Config;
+use crate::control::handle::Inbox;
+use crate::control::protocol::{DaemonStatus, Reply, Request};
+
+/// How long a pause waits for the feed's batch in flight before replying anyway.
+const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the systemd STATUS line is refreshed.
+const STATUS_REFRESH: Duration = Duration::from_secs(2);
+/// `status` shows the writer's batch once it has been on it this long.
+const SLOW_BATCH_SHOWN: Duration = Duration::from_secs(1);
+/// The log says so once the writer has been on one batch this long.
+const SLOW_BATCH_WARNED: Duration = Duration::from_secs(30);
+
+pub(super) struct Supervisor {
+    pub(super) config: Config,
+    /// None only while a reload swaps engines.
+    pub(super) engine: Option<Engine>,
+    started_at: SystemTime,
+    started: Instant,
+    reloaded_at: Option<SystemTime>,
+    /// When the writer's job that was last warned about as slow started.
+    slow_batch_warned: Option<Instant>,
+}
+
+impl Supervisor {
+    pub(super) fn new(config: Config, engine: Engine) -> Supervisor {
+        Supervisor {
+            config,
+            engine: Some(engine),
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            reloaded_at: None,
+            slow_batch_warned: None,
+        }
+    }
+
+    /// Answers requests until `stop`. An error means the daemon cannot go on (a reload that
+    /// could start neither the new configuration nor the old one).
+    pub(super) async fn serve(&mut self, inbox: &mut Inbox) -> anyhow::Result<()> {
+        let watchdog = crate::notify::watchdog_interval();
+        let mut refresh = tokio::time::interval(match watchdog {
+            // systemd recommends pinging at half the watchdog interval.
+            Some(interval) => (interval / 2).min(STATUS_REFRESH),
+            None => STATUS_REFRESH,
+        });
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = inbox.next() => {
+                    // Every handle lives in this process; the inbox keeps one, so this is Some.
+                    let Some(command) = command else { return Ok(()) };
+                    let stop = command.request == Request::Stop;
+                    let answer = self.handle(command.request.clone()).await?;
+                    command.answer(answer);
+                    if stop {
+                        return Ok(());
+                    }
+                }
+                _ = refresh.tick() => {
+                    self.warn_of_a_slow_batch();
+                    if let Some(interval) = watchdog {
+                        if self.engine.as_ref().is_some_and(|e| e.is_healthy(interval)) {
+                            crate::notify::watchdog();
+                        }
+                    }
+                    crate::notify::status(&self.status().summary());
+                }
+            }
+        }
+    }
+
+    /// Says once per batch, in the log, when the writer has been on one for SLOW_BATCH_WARNED:
+    /// which feed, projection and event (under systemd, the watchdog may stop it soon after).
+    fn warn_of_a_slow_batch(&mut self) {
+        let Some(writer) = self.engine.as_ref().map(|engine| &engine.writer) else {
+            return;
+        };
+        let Some((started, slow)) = writer.slow_batch(SLOW_BATCH_WARNED) else {
+            return;
+        };
+        if self.slow_batch_warned != Some(started) {
+            self.slow_batch_warned = Some(started);
+            tracing::warn!(
+                "the writer has been on {}: a projection statement that runs this long holds \
+                 every feed back (status shows it as slow_batch)",
+                slow.describe()
+            );
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
+        let reply = match request {
+            Request::Status => Reply {
+                ok: true,
+                status: Some(self.status()),
+                ..Reply::default()
+            },
+            Request::Pause { feed } => self.set_paused(feed.as_deref(), true).await,
+            Request::Resume { feed } => self.set_paused(feed.as_deref(), false).await,
+            Request::Reload => self.reload().await?,
+            Request::Stop => {
+                tracing::info!("stop requested");
+                Reply::done("stopping")
+            }
+        };
+        Ok(reply)
+    }
+
+    pub(super) fn status(&self) -> DaemonStatus {
+        let feeds = self
+            .engine
+            .as_ref()
+            .map(|engine| {
+                engine
+                    .feeds
+                    .values()
+                    .map(|feed| feed.monitor.snapshot(&feed.url, *feed.paused.borrow()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config.source.path.display().to_string(),
+            database: self.config.daemon.database.display().to_string(),
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            reloaded_at: self
+                .reloaded_at
+                .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+            feeds,
+            slow_batch: self
+                .engine
+                .as_ref()
+                .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN))
+                .map(|(_, slow)| slow),
+            log_lines_dropped: crate::logging::lines_dropped(),
+        }
+    }
+
+    /// Pauses or resumes one feed (or all): recorded in the database first, so that a crash
+    /// right after cannot forget it, then applied. A pause replies once the feed's readers
+    /// have parked.
+    async fn set_paused(&self, feed: Option<&str>, paused: bool) -> Reply {
+        let verb = if paused { "paused" } else { "resumed" };
+        let Some(engine) = self.engine.as_ref() else {
+            return Reply::error("internal error: no engine is running");
+        };
+        let names: Vec<String> = match feed {
+            Some(name) if engine.feeds.contains_key(name) => vec![name.to_string()],
+            Some(name) => {
+                let known: Vec<&str> = engine.feeds.keys().map(String::as_str).collect();
+                return Reply::error(format!(
+                    "no feed named {name:?} (feeds: {})",
+                    known.join(", ")
+                ));
+            }
+            None => engine.feeds.keys().cloned().collect(),
+        };
+        if let Err(err) = engine.writer.set_paused(names.clone(), paused).await {
+            tracing::error!("could not record feeds as {verb}: {err}");
+            return Reply::error(format!("could not record the feeds as {verb}: {err}"));
+        }
+        let mut changed = Vec::new();
+        for name in &names {
+            if let Some(runtime) = engine.feeds.get(name) {
+                if runtime.paused.send_replace(paused) != paused {
+                    changed.push(name.as_str());
+                }
+            }
+        }
+        if !changed.is_empty() {
+            tracing::info!(feeds = changed.join(", "), "{verb}");
+        }
+        let mut message = format!("{verb} {}", names.join(", "));
+        if paused {
+            let parked = futures_util::future::join_all(
+                names
+                    .iter()
+                    .filter_map(|name| engine.feeds.get(name))
+                    .map(|runtime| runtime.monitor.parked()),
+            );
+            if tokio::time::timeout(PAUSE_SETTLE_TIMEOUT, parked)
+                .await
+                .is_err()
+            {
+                message.push_str(
+                    " (recorded; a batch in flight is still finishing, `status` shows when it has)",
+                );
+            }
+        }
+        Reply {
+            ok: true,
+            message: Some(message),
+            feeds: Some(names),
+            ..Reply::default()
+        }
+    }
+
+    /// Reloads the configuration file. A configuration that does not validate is refused and
+    /// the running one goes on; one that validates replaces it.
+    async fn reload(&mut self) -> anyhow::Result<Reply> {
+        let path = self.config.source.path.clone();
+        tracing::info!(config = %path.display(), "reloading the configuration");
+        let refuse = |reason: String| {
+            tracing::error!("reload refused, the running configuration stays: {reason}");
+            Ok(Reply::error(format!(
+                "reload refused, the running configuration stays: {reason}"
+            )))
+        };
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(err) => return refuse(err.to_string()),
+        };
+        if let Some(setting) = self.config.fixed_setting_changed(&config) {
+            return refuse(format!(
+                "{setting} cannot change while projector runs; restart it to change that"
+            ));
+        }
+        let projections = match crate::projection::build_all(&config) {
+            Ok(projections) => projections,
+            Err(err) => return refuse(format!("{err:#}")),
+        };
+        crate::notify::reloading();
+        let mut carried = CarriedMonitors::new();
+        if let Some(engine) = self.engine.take() {
+            carried = engine.carried_monitors();
+            engine.stop().await?;
+        }
+        let reply = match Engine::start(&config, projections, &carried).await {
+            Ok(engine) => {
+                self.engine = Some(engine);
+                self.config = config;
+                self.reloaded_at = Some(SystemTime::now());
+                tracing::info!(
+                    feeds = super::names(self.config.feeds.iter().map(|f| f.name())),
+                    projections = super::names(self.config.projections.iter().map(|p| p.name())),
+                    "configuration reloaded"
+                );
+                Reply::done("configuration reloaded")
+            }
+            Err(err) => {
+                let reason = format!("{err:#}");
+                tracing::error!("the new configuration could not start ({reason}); starting the previous one again");
+                let projections = crate::projection::build_all(&self.config)
+                    .context("rebuilding the previous configuration's projections")?;
+                self.engine = Some(
+                    Engine::start(&self.config, projections, &carried)
+                        .await
+                        .context("restarting the previous configuration")?,
+                );
+                Reply::error(format!(
+                    "the new configuration could not start, the previous one runs again: {reason}"
+                ))
+            }
+        };
+        crate::notify::ready(&self.status().summary());
+        Ok(reply)
+    }
+}
