@@ -33,7 +33,7 @@ use projector::config::{Config, FeedFormat, Synchronous};
 use projector::demo::bank;
 use projector::demo::consumer_toml::ConsumerToml;
 use projector::demo::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
-use projector::event::{Event, Payload};
+use projector::event::{Event, EventMeta, Payload};
 use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
 use projector::reader::MAX_BATCH_EVENTS;
 use projector::writer::{Batch, Writer, WriterSettings};
@@ -453,12 +453,14 @@ fn storage_limit(
         .enumerate()
         .map(|(offset, e)| Event {
             offset: offset as u64,
-            event_id: e.id.clone(),
-            event_type: e.event_type.clone(),
-            aggregate_id: e.aggregate_id.clone(),
-            aggregate_name: e.aggregate_name.clone(),
-            aggregate_version: e.aggregate_version,
-            created: e.created.clone(),
+            meta: EventMeta {
+                event_id: e.id.clone(),
+                event_type: e.event_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                aggregate_name: e.aggregate_name.clone(),
+                aggregate_version: e.aggregate_version,
+                created: e.created.clone(),
+            },
             payload: Payload::from_json(e.body.clone().into_bytes()).ok(),
         })
         .collect();

@@ -54,7 +54,7 @@ impl AccountLedger {
             change.transaction_id,
             kind,
             change.amount,
-            event.created
+            event.meta.created
         ])?;
         let (credit, debit) = if kind == "credit" {
             (change.amount, 0)
@@ -74,7 +74,7 @@ impl AccountLedger {
                 credit,
                 debit,
                 crate::store::offset_to_sql(event.offset),
-                event.created
+                event.meta.created
             ])?;
         if updated != 1 {
             return Err(ProjectionError::Rejected(format!(
@@ -119,7 +119,7 @@ impl Projection for AccountLedger {
     }
 
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
-        match event.event_type.as_str() {
+        match event.meta.event_type.as_str() {
             CREATED => {
                 let created: AccountCreated = event.decode()?;
                 let offset = crate::store::offset_to_sql(event.offset);
@@ -132,7 +132,7 @@ impl Projection for AccountLedger {
                     created.account_id,
                     created.balance,
                     offset,
-                    event.created
+                    event.meta.created
                 ])?;
                 Ok(())
             }
@@ -146,18 +146,21 @@ impl Projection for AccountLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventMeta;
     use rusqlite::Connection;
     use serde_json::json;
 
     fn event(offset: u64, event_type: &str, payload: serde_json::Value) -> Event {
         Event {
             offset,
-            event_id: format!("id-{offset}"),
-            event_type: event_type.into(),
-            aggregate_id: String::new(),
-            aggregate_name: "*account.Account".into(),
-            aggregate_version: 0,
-            created: format!("t{offset}"),
+            meta: EventMeta {
+                event_id: format!("id-{offset}"),
+                event_type: event_type.into(),
+                aggregate_id: String::new(),
+                aggregate_name: "*account.Account".into(),
+                aggregate_version: 0,
+                created: format!("t{offset}"),
+            },
             payload: Some(payload.into()),
         }
     }

@@ -14,6 +14,14 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub offset: u64,
+    pub meta: EventMeta,
+    /// `None` when no projection on the feed handles this type: its body is never fetched.
+    pub payload: Option<Payload>,
+}
+
+/// What a feed's page says of an event besides its payload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventMeta {
     pub event_id: String,
     pub event_type: String,
     /// The aggregate the event belongs to, when the feed says (inline feeds); empty for Flux,
@@ -23,8 +31,6 @@ pub struct Event {
     pub aggregate_version: i64,
     /// As the feed wrote it (Flux: Go's ANSIC layout, server-local time, no zone).
     pub created: String,
-    /// `None` when no projection on the feed handles this type: its body is never fetched.
-    pub payload: Option<Payload>,
 }
 
 /// An event's payload as the feed sent it: JSON text, checked when it was read, parsed again
@@ -142,11 +148,11 @@ impl Event {
     /// Decodes the payload into a projection's own serde type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         let payload = self.payload.as_ref().ok_or_else(|| DecodeError {
-            event_type: self.event_type.clone(),
+            event_type: self.meta.event_type.clone(),
             reason: "the event has no payload".to_string(),
         })?;
         serde_json::from_str(payload.as_str()).map_err(|err| DecodeError {
-            event_type: self.event_type.clone(),
+            event_type: self.meta.event_type.clone(),
             reason: err.to_string(),
         })
     }
@@ -165,12 +171,14 @@ mod tests {
     fn event(payload: Option<Payload>) -> Event {
         Event {
             offset: 3,
-            event_id: "e".into(),
-            event_type: "account.AccountCredited".into(),
-            aggregate_id: String::new(),
-            aggregate_name: "*account.Account".into(),
-            aggregate_version: 1,
-            created: String::new(),
+            meta: EventMeta {
+                event_id: "e".into(),
+                event_type: "account.AccountCredited".into(),
+                aggregate_id: String::new(),
+                aggregate_name: "*account.Account".into(),
+                aggregate_version: 1,
+                created: String::new(),
+            },
             payload,
         }
     }

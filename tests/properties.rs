@@ -135,11 +135,11 @@ proptest! {
         let parsed = parsed.unwrap_or_default();
         prop_assert_eq!(parsed.len(), entries.len());
         for (entry, (id, event_type, aggregate, version, created)) in parsed.iter().zip(&entries) {
-            prop_assert_eq!(&entry.event_id, id);
-            prop_assert_eq!(&entry.event_type, event_type);
-            prop_assert_eq!(&entry.aggregate_name, aggregate);
-            prop_assert_eq!(entry.aggregate_version, *version);
-            prop_assert_eq!(&entry.created, created);
+            prop_assert_eq!(&entry.meta.event_id, id);
+            prop_assert_eq!(&entry.meta.event_type, event_type);
+            prop_assert_eq!(&entry.meta.aggregate_name, aggregate);
+            prop_assert_eq!(entry.meta.aggregate_version, *version);
+            prop_assert_eq!(&entry.meta.created, created);
         }
     }
 
@@ -181,12 +181,12 @@ proptest! {
         let parsed = parsed.unwrap_or_default();
         prop_assert_eq!(parsed.len(), events.len());
         for (entry, (id, event_type, aggregate, version, created, aggregate_id, data)) in parsed.iter().zip(&events) {
-            prop_assert_eq!(&entry.event_id, id);
-            prop_assert_eq!(&entry.event_type, event_type);
-            prop_assert_eq!(&entry.aggregate_id, aggregate_id);
-            prop_assert_eq!(&entry.aggregate_name, aggregate);
-            prop_assert_eq!(entry.aggregate_version, *version);
-            prop_assert_eq!(&entry.created, created);
+            prop_assert_eq!(&entry.meta.event_id, id);
+            prop_assert_eq!(&entry.meta.event_type, event_type);
+            prop_assert_eq!(&entry.meta.aggregate_id, aggregate_id);
+            prop_assert_eq!(&entry.meta.aggregate_name, aggregate);
+            prop_assert_eq!(entry.meta.aggregate_version, *version);
+            prop_assert_eq!(&entry.meta.created, created);
             let text = match &entry.body {
                 EntryBody::Inline(payload) => payload.as_str().to_string(),
                 EntryBody::At(url) => format!("a URL: {url}"),

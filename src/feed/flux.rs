@@ -11,6 +11,7 @@ use url::Url;
 
 use super::http::parse_uri;
 use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use crate::event::EventMeta;
 
 #[derive(Deserialize)]
 struct RawPage {
@@ -43,13 +44,15 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String
         let url = entry_uri(feed_url, &raw.url)
             .map_err(|err| format!("entry {} has a bad url: {err}", raw.event_id))?;
         Ok(PageEntry {
-            event_id: raw.event_id,
-            event_type: raw.event_type,
-            // Flux's pages do not say; payloads usually carry their aggregate's id.
-            aggregate_id: String::new(),
-            aggregate_name: raw.aggregate_name,
-            aggregate_version: raw.aggregate_version,
-            created: raw.created,
+            meta: EventMeta {
+                event_id: raw.event_id,
+                event_type: raw.event_type,
+                // Flux's pages do not say; payloads usually carry their aggregate's id.
+                aggregate_id: String::new(),
+                aggregate_name: raw.aggregate_name,
+                aggregate_version: raw.aggregate_version,
+                created: raw.created,
+            },
             body: EntryBody::At(url),
         })
     }))
@@ -87,8 +90,8 @@ mod tests {
         let body = br#"{"description":"event feed","events":[{"event_id":"5ce38b3b-e9c6-4e95-b9e5-baf4fd603320","url":"http://127.0.0.1:3900/events/5ce38b3b-e9c6-4e95-b9e5-baf4fd603320","aggregate_name":"*account.Account","aggregate_version":0,"event_type":"account.AccountCreated","created":"Sun Nov 22 19:04:21 2026"}]}"#;
         let entries = parse_page(body, &feed_url())?;
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].event_type, "account.AccountCreated");
-        assert_eq!(entries[0].created, "Sun Nov 22 19:04:21 2026");
+        assert_eq!(entries[0].meta.event_type, "account.AccountCreated");
+        assert_eq!(entries[0].meta.created, "Sun Nov 22 19:04:21 2026");
         assert_eq!(
             body_url(&entries[0]),
             "http://127.0.0.1:3900/events/5ce38b3b-e9c6-4e95-b9e5-baf4fd603320"
@@ -131,7 +134,7 @@ mod tests {
         let behind = br#"{"events":[{"event_id":"z","url":"/events/z","event_type":"t"},{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
         let entries = parse_page(behind, &feed_url())?;
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].event_id, "z");
+        assert_eq!(entries[0].meta.event_id, "z");
         Ok(())
     }
 }

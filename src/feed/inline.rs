@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use crate::event::EventMeta;
 use crate::event::Payload;
 
 #[derive(Deserialize)]
@@ -93,12 +94,14 @@ pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
         let payload = Payload::from_raw(data)
             .map_err(|err| format!("event {} has unreadable data: {err}", raw.id))?;
         Ok(PageEntry {
-            event_id: raw.id,
-            event_type: raw.event_type,
-            aggregate_id: raw.aggregate_id,
-            aggregate_name: raw.aggregate_type,
-            aggregate_version: raw.version,
-            created: raw.created,
+            meta: EventMeta {
+                event_id: raw.id,
+                event_type: raw.event_type,
+                aggregate_id: raw.aggregate_id,
+                aggregate_name: raw.aggregate_type,
+                aggregate_version: raw.version,
+                created: raw.created,
+            },
             body: EntryBody::Inline(payload),
         })
     }))
@@ -127,12 +130,12 @@ mod tests {
             let entry = &entries[0];
             assert_eq!(
                 (
-                    entry.event_id.as_str(),
-                    entry.event_type.as_str(),
-                    entry.aggregate_id.as_str(),
-                    entry.aggregate_name.as_str(),
-                    entry.aggregate_version,
-                    entry.created.as_str()
+                    entry.meta.event_id.as_str(),
+                    entry.meta.event_type.as_str(),
+                    entry.meta.aggregate_id.as_str(),
+                    entry.meta.aggregate_name.as_str(),
+                    entry.meta.aggregate_version,
+                    entry.meta.created.as_str()
                 ),
                 ("e1", "AccountCreated", "a1", "Account", 1, "")
             );
@@ -153,13 +156,13 @@ mod tests {
         let entries = parse_page(body)?;
         assert_eq!(
             (
-                entries[0].event_id.as_str(),
-                entries[0].aggregate_id.as_str(),
-                entries[0].created.as_str()
+                entries[0].meta.event_id.as_str(),
+                entries[0].meta.aggregate_id.as_str(),
+                entries[0].meta.created.as_str()
             ),
             ("42", "7", "1795374261")
         );
-        assert_eq!(entries[1].event_id, u64::MAX.to_string());
+        assert_eq!(entries[1].meta.event_id, u64::MAX.to_string());
         let err = parse_page(br#"[{"id":1.5,"type":"t","data":{}}]"#).err();
         assert!(err.is_some_and(|e| e.contains("not an inline feed page")));
         Ok(())
@@ -169,7 +172,7 @@ mod tests {
     fn a_page_ends_before_its_first_unreadable_event() -> Result<(), String> {
         let body = br#"[{"id":"a","type":"t","data":1},{"id":"b","type":"t","data":2},{"id":"c","type":"t"},{"id":"d","type":"t","data":4}]"#;
         let entries = parse_page(body)?;
-        let ids: Vec<&str> = entries.iter().map(|e| e.event_id.as_str()).collect();
+        let ids: Vec<&str> = entries.iter().map(|e| e.meta.event_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
         // The next page starts at the bad event: refused, with the reason.
         let next = br#"[{"id":"c","type":"t"},{"id":"d","type":"t","data":4}]"#;
@@ -182,10 +185,10 @@ mod tests {
     fn reads_flux_names_too() -> Result<(), String> {
         let body = br#"{"events":[{"event_id":"e","event_type":"account.AccountCredited","aggregate_name":"*account.Account","aggregate_version":3,"created":"Sun Nov 22 19:04:21 2026","payload":{"amount":1}}]}"#;
         let entries = parse_page(body)?;
-        assert_eq!(entries[0].event_id, "e");
-        assert_eq!(entries[0].aggregate_name, "*account.Account");
-        assert_eq!(entries[0].aggregate_version, 3);
-        assert_eq!(entries[0].created, "Sun Nov 22 19:04:21 2026");
+        assert_eq!(entries[0].meta.event_id, "e");
+        assert_eq!(entries[0].meta.aggregate_name, "*account.Account");
+        assert_eq!(entries[0].meta.aggregate_version, 3);
+        assert_eq!(entries[0].meta.created, "Sun Nov 22 19:04:21 2026");
         assert_eq!(payload(&entries[0]), r#"{"amount":1}"#);
         Ok(())
     }

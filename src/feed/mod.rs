@@ -117,7 +117,12 @@ impl FeedClient {
         url: &Uri,
     ) -> Result<(Payload, usize), FetchError> {
         // Described only on failure: formatting it for every body cost about as much as parsing it.
-        let what = || format!("body of {} {} ({url})", entry.event_type, entry.event_id);
+        let what = || {
+            format!(
+                "body of {} {} ({url})",
+                entry.meta.event_type, entry.meta.event_id
+            )
+        };
         let bytes = self
             .http
             .get(url)

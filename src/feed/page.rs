@@ -5,17 +5,12 @@ use std::collections::HashSet;
 
 use hyper::Uri;
 
-use crate::event::Payload;
+use crate::event::{EventMeta, Payload};
 
 /// One entry of a feed page: an event's metadata, and its payload or where it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageEntry {
-    pub event_id: String,
-    pub event_type: String,
-    pub aggregate_id: String,
-    pub aggregate_name: String,
-    pub aggregate_version: i64,
-    pub created: String,
+    pub meta: EventMeta,
     pub body: EntryBody,
 }
 

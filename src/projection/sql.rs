@@ -87,21 +87,21 @@ impl ParamSource {
         fields: Option<&'e Value>,
     ) -> Result<ToSqlOutput<'e>, DecodeError> {
         let decode_error = |reason: String| DecodeError {
-            event_type: event.event_type.clone(),
+            event_type: event.meta.event_type.clone(),
             reason,
         };
         Ok(match self {
             ParamSource::Offset => {
                 ToSqlOutput::Owned(SqlValue::Integer(crate::store::offset_to_sql(event.offset)))
             }
-            ParamSource::EventId => text(&event.event_id),
-            ParamSource::EventType => text(&event.event_type),
-            ParamSource::AggregateId => text(&event.aggregate_id),
-            ParamSource::AggregateName => text(&event.aggregate_name),
+            ParamSource::EventId => text(&event.meta.event_id),
+            ParamSource::EventType => text(&event.meta.event_type),
+            ParamSource::AggregateId => text(&event.meta.aggregate_id),
+            ParamSource::AggregateName => text(&event.meta.aggregate_name),
             ParamSource::AggregateVersion => {
-                ToSqlOutput::Owned(SqlValue::Integer(event.aggregate_version))
+                ToSqlOutput::Owned(SqlValue::Integer(event.meta.aggregate_version))
             }
-            ParamSource::Created => text(&event.created),
+            ParamSource::Created => text(&event.meta.created),
             ParamSource::Payload => match &event.payload {
                 Some(payload) => text(payload.as_str()),
                 None => return Err(decode_error("the event has no payload".into())),
@@ -302,7 +302,7 @@ impl Projection for SqlProjection {
     }
 
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
-        let Some(handler) = self.handlers.get(&event.event_type) else {
+        let Some(handler) = self.handlers.get(&event.meta.event_type) else {
             return Ok(());
         };
         // Parsed once for all the statement's fields.
@@ -319,7 +319,7 @@ impl Projection for SqlProjection {
         match handler.expect_rows {
             Some(expected) if expected != changed => Err(ProjectionError::Rejected(format!(
                 "the SQL for {} changed {changed} rows where {expected} were expected",
-                event.event_type
+                event.meta.event_type
             ))),
             _ => Ok(()),
         }
@@ -329,6 +329,7 @@ impl Projection for SqlProjection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventMeta;
     use serde_json::json;
 
     const BALANCES: &str = include_str!("../../projections/account_balances.toml");
@@ -336,12 +337,14 @@ mod tests {
     fn event(offset: u64, event_type: &str, payload: Value) -> Event {
         Event {
             offset,
-            event_id: format!("id-{offset}"),
-            event_type: event_type.into(),
-            aggregate_id: String::new(),
-            aggregate_name: "*account.Account".into(),
-            aggregate_version: 0,
-            created: "Sun Nov 22 19:04:21 2026".into(),
+            meta: EventMeta {
+                event_id: format!("id-{offset}"),
+                event_type: event_type.into(),
+                aggregate_id: String::new(),
+                aggregate_name: "*account.Account".into(),
+                aggregate_version: 0,
+                created: "Sun Nov 22 19:04:21 2026".into(),
+            },
             payload: Some(payload.into()),
         }
     }

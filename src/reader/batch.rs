@@ -67,17 +67,20 @@ impl Gathering {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventMeta;
 
     fn fetched(offset: u64, body_bytes: usize) -> Fetched {
         Fetched {
             event: Event {
                 offset,
-                event_id: format!("e{offset}"),
-                event_type: "t".into(),
-                aggregate_id: String::new(),
-                aggregate_name: String::new(),
-                aggregate_version: 0,
-                created: String::new(),
+                meta: EventMeta {
+                    event_id: format!("e{offset}"),
+                    event_type: "t".into(),
+                    aggregate_id: String::new(),
+                    aggregate_name: String::new(),
+                    aggregate_version: 0,
+                    created: String::new(),
+                },
                 payload: None,
             },
             body_bytes,

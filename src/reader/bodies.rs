@@ -140,7 +140,7 @@ pub(super) struct BodyReader {
 impl BodyReader {
     fn wanted(&self, offset: u64, entry: &PageEntry) -> bool {
         self.members.iter().any(|member| {
-            offset >= member.next_offset && member.event_types.contains(&entry.event_type)
+            offset >= member.next_offset && member.event_types.contains(&entry.meta.event_type)
         })
     }
 
@@ -173,15 +173,7 @@ fn into_fetched(
     fetched: Option<(Payload, usize)>,
     wanted: bool,
 ) -> Fetched {
-    let PageEntry {
-        event_id,
-        event_type,
-        aggregate_id,
-        aggregate_name,
-        aggregate_version,
-        created,
-        body,
-    } = entry;
+    let PageEntry { meta, body } = entry;
     let (payload, body_bytes) = match (fetched, body) {
         (Some((payload, bytes)), _) => (Some(payload), bytes),
         (None, EntryBody::Inline(payload)) if wanted => {
@@ -193,12 +185,7 @@ fn into_fetched(
     Fetched {
         event: Event {
             offset,
-            event_id,
-            event_type,
-            aggregate_id,
-            aggregate_name,
-            aggregate_version,
-            created,
+            meta,
             payload,
         },
         body_bytes,
@@ -214,15 +201,18 @@ pub(super) struct Fetched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventMeta;
 
     fn entry(event_type: &str, body: EntryBody) -> PageEntry {
         PageEntry {
-            event_id: format!("id-{event_type}"),
-            event_type: event_type.into(),
-            aggregate_id: String::new(),
-            aggregate_name: String::new(),
-            aggregate_version: 0,
-            created: String::new(),
+            meta: EventMeta {
+                event_id: format!("id-{event_type}"),
+                event_type: event_type.into(),
+                aggregate_id: String::new(),
+                aggregate_name: String::new(),
+                aggregate_version: 0,
+                created: String::new(),
+            },
             body,
         }
     }
@@ -242,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_page_is_read_in_steps_that_fetch_only_what_is_needed() {
-        let wanted = |_: u64, entry: &PageEntry| entry.event_type == "wanted";
+        let wanted = |_: u64, entry: &PageEntry| entry.meta.event_type == "wanted";
         let at = || EntryBody::At(hyper::Uri::from_static("http://127.0.0.1/e"));
         let inline = || EntryBody::Inline(serde_json::json!({"a": 1}).into());
         // An inline page is one step, wanted or not.

@@ -314,7 +314,7 @@ impl FeedReader {
         let handled = self
             .members
             .iter()
-            .any(|m| m.event_types.contains(&event.event_type));
+            .any(|m| m.event_types.contains(&event.meta.event_type));
         if !handled && first_new.is_some_and(|first| event.offset >= first) {
             self.passed_over += 1;
         }

@@ -102,11 +102,11 @@ impl PageReader {
             let mut first_offset = fetch_at;
             if let Some((verified_offset, verified_id)) = &verify {
                 match entries.first() {
-                    Some(first) if first.event_id != *verified_id => {
+                    Some(first) if first.meta.event_id != *verified_id => {
                         return Err(FetchErrorKind::Rewritten {
                             offset: *verified_offset,
                             expected: verified_id.clone(),
-                            found: first.event_id.clone(),
+                            found: first.meta.event_id.clone(),
                         }
                         .fetching(format!("page at offset {verified_offset}")));
                     }
@@ -131,7 +131,7 @@ impl PageReader {
             self.idle = false;
             self.offset = first_offset + entries.len() as u64;
             self.known_end = self.known_end.max(self.offset);
-            self.last_read = Some((self.offset - 1, last.event_id.clone()));
+            self.last_read = Some((self.offset - 1, last.meta.event_id.clone()));
             self.monitor.saw_feed_up_to(self.offset);
             if self.reported_head {
                 // New events after the head: reading them counts as catching up.

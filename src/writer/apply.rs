@@ -111,7 +111,7 @@ impl Writer {
                     }
                 }
                 checkpoints[k].next_offset = event.offset + 1;
-                checkpoints[k].last_event_id = Some(event.event_id.clone());
+                checkpoints[k].last_event_id = Some(event.meta.event_id.clone());
             }
         }
         self.activity.committing();
@@ -157,13 +157,13 @@ fn position(
 ) -> Result<Position, ApplyError> {
     if event.offset < checkpoint.next_offset {
         if event.offset + 1 == checkpoint.next_offset
-            && checkpoint.last_event_id.as_deref() != Some(event.event_id.as_str())
+            && checkpoint.last_event_id.as_deref() != Some(event.meta.event_id.as_str())
         {
             return Err(ApplyError::FeedRewritten {
                 projection: projection.to_string(),
                 offset: event.offset,
                 expected: checkpoint.last_event_id.clone().unwrap_or_default(),
-                found: event.event_id.clone(),
+                found: event.meta.event_id.clone(),
             });
         }
         return Ok(Position::Applied);
@@ -203,7 +203,7 @@ impl Step<'_> {
     /// A failure of the database itself fails the batch; a failure without a savepoint asks for
     /// the batch again with them.
     fn fate(&self, projection: &ConfiguredProjection, event: &Event) -> Result<Fate, Attempt> {
-        if !projection.handles(&event.event_type) {
+        if !projection.handles(&event.meta.event_type) {
             return Ok(Fate::PassedOver);
         }
         self.activity.applying(self.slot, event.offset);
@@ -221,8 +221,8 @@ impl Step<'_> {
             OnError::Stop => Ok(Fate::Halted(Halt {
                 projection: projection.name.clone(),
                 offset: event.offset,
-                event_id: event.event_id.clone(),
-                event_type: event.event_type.clone(),
+                event_id: event.meta.event_id.clone(),
+                event_type: event.meta.event_type.clone(),
                 error: err.to_string(),
             })),
             OnError::Skip => {
@@ -230,8 +230,8 @@ impl Step<'_> {
                     projection: &projection.name,
                     feed: self.feed,
                     event_offset: event.offset,
-                    event_id: &event.event_id,
-                    event_type: &event.event_type,
+                    event_id: &event.meta.event_id,
+                    event_type: &event.meta.event_type,
                     payload: event.payload.as_ref().map(|p| p.as_str().to_string()),
                     error: err.to_string(),
                 };
@@ -296,6 +296,7 @@ fn apply_one(
 mod tests {
     use super::*;
     use crate::config::Synchronous;
+    use crate::event::EventMeta;
     use crate::projection::Projection;
     use crate::writer::WriterSettings;
     use serde_json::json;
@@ -352,12 +353,14 @@ mod tests {
     fn event(offset: u64, event_type: &str, amount: i64) -> Event {
         Event {
             offset,
-            event_id: format!("id-{offset}"),
-            event_type: event_type.into(),
-            aggregate_id: String::new(),
-            aggregate_name: String::new(),
-            aggregate_version: 0,
-            created: String::new(),
+            meta: EventMeta {
+                event_id: format!("id-{offset}"),
+                event_type: event_type.into(),
+                aggregate_id: String::new(),
+                aggregate_name: String::new(),
+                aggregate_version: 0,
+                created: String::new(),
+            },
             payload: Some(json!({ "amount": amount }).into()),
         }
     }
@@ -517,7 +520,7 @@ mod tests {
         let mut writer = open(&path, OnError::Stop);
         writer.apply(&batch(vec![event(0, "add", 1), event(1, "add", 2)]))?;
         let mut replaced = event(1, "add", 2);
-        replaced.event_id = "someone-else".into();
+        replaced.meta.event_id = "someone-else".into();
         let result = writer.apply(&batch(vec![replaced, event(2, "add", 4)]));
         assert!(
             matches!(&result, Err(ApplyError::FeedRewritten { offset: 1, .. })),
