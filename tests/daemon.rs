@@ -348,6 +348,26 @@ async fn config_errors_name_file_line_and_column_and_exit_2() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+#[test]
+fn demo_arguments_out_of_range_are_usage_errors_that_exit_2() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir_arg = dir.path().to_string_lossy().to_string();
+    for (args, says) in [
+        (["--events", "0"], "--events must be between 1 and"),
+        (
+            ["--fault-rate", "0.9"],
+            "--fault-rate must be between 0 and 0.5",
+        ),
+    ] {
+        let mut all = vec!["demo", "--dir", &dir_arg];
+        all.extend(args);
+        let output = projector(&all);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_response_is_refused_and_retried_not_applied() {
     let events = bank::generate(10, 100);

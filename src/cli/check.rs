@@ -1,12 +1,12 @@
 //! `projector check`: validates a config and builds its projections (declarative SQL is prepared
 //! against its schema) without touching the database or the feeds.
 
+use super::exit::Exit;
 use std::path::Path;
-use std::process::ExitCode;
 
 use crate::config::Config;
 
-pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
+pub fn check(path: &Path) -> anyhow::Result<Exit> {
     let config = Config::load(path)?;
     let projections = crate::projection::build_all(&config)?;
     say!(
@@ -27,5 +27,5 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
             types.join(", ")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }

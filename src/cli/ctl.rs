@@ -2,9 +2,9 @@
 //! reload, stop). Exit status: 0 done, 1 the daemon refused or failed, 2 a usage or config
 //! error, 3 the daemon is not running.
 
+use super::exit::Exit;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -18,8 +18,6 @@ use crate::control::protocol::{DaemonStatus, FeedStatus, Reply, Request};
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `stop` waits for the daemon to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
-/// `ctl`'s exit status when no daemon is running.
-const NOT_RUNNING: u8 = 3;
 
 #[derive(Debug, Subcommand)]
 pub enum Action {
@@ -46,7 +44,7 @@ pub fn ctl(
     socket: Option<PathBuf>,
     json: bool,
     action: Action,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     let socket = match socket {
         Some(socket) => socket,
         None => Config::daemon_section(config)?.control_socket,
@@ -76,7 +74,7 @@ pub fn ctl(
             .as_deref()
             .unwrap_or("the daemon refused without a reason");
         complain!("projector: {error}");
-        return Ok(ExitCode::FAILURE);
+        return Ok(Exit::Failure);
     }
     if !json {
         match &reply.status {
@@ -90,20 +88,20 @@ pub fn ctl(
                 "projector: asked to stop, but it is still stopping after {}s",
                 STOP_TIMEOUT.as_secs()
             );
-            return Ok(ExitCode::FAILURE);
+            return Ok(Exit::Failure);
         }
         if !json {
             say!("stopped");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
-fn exit_for(err: &ClientError) -> ExitCode {
+fn exit_for(err: &ClientError) -> Exit {
     if err.is_not_running() {
-        ExitCode::from(NOT_RUNNING)
+        Exit::NotRunning
     } else {
-        ExitCode::FAILURE
+        Exit::Failure
     }
 }
 

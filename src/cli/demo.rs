@@ -5,10 +5,10 @@
 //! It writes a real `consumer.toml` next to the database, so what it did can be inspected, queried
 //! and rerun with `projector run`.
 
+use super::exit::{Exit, UsageError};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -35,12 +35,12 @@ pub fn demo(
     fault_rate: f64,
     format: FeedFormat,
     dir: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     if events == 0 || events > 10_000_000 {
-        bail!("--events must be between 1 and 10000000");
+        return Err(UsageError("--events must be between 1 and 10000000".into()).into());
     }
     if !(0.0..=0.5).contains(&fault_rate) {
-        bail!("--fault-rate must be between 0 and 0.5");
+        return Err(UsageError("--fault-rate must be between 0 and 0.5".into()).into());
     }
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("projector-demo"));
     prepare_dir(&dir)?;
@@ -73,7 +73,7 @@ async fn run_demo(
     fault_rate: f64,
     format: FeedFormat,
     dir: &Path,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     let feed = bank::generate(42, events);
     let expected = bank::expected_balances(&feed);
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), feed)
@@ -196,11 +196,7 @@ async fn run_demo(
         "  sqlite3 {} \"SELECT count(*), sum(balance) FROM account_balances\"",
         database.display()
     );
-    Ok(if exact {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if exact { Exit::Success } else { Exit::Failure })
 }
 
 /// The lowest checkpoint of all projections: how far the whole read model has come.

@@ -33,11 +33,13 @@ mod check;
 mod ctl;
 #[cfg(feature = "demo")]
 mod demo;
+pub mod exit;
 mod query;
 mod run;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
+
+use exit::Exit;
 
 use clap::{Parser, Subcommand};
 
@@ -119,7 +121,7 @@ pub enum Command {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Run { config } => run::run(&config),
         Command::Check { config } => check::check(&config),

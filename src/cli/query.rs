@@ -1,9 +1,9 @@
 //! `projector query`: runs one SQL statement on a read-only connection to the read-model
 //! database and prints the rows, as an aligned table or as JSON lines.
 
+use super::exit::Exit;
 use std::io::Write;
 use std::path::Path;
-use std::process::ExitCode;
 
 use anyhow::Context;
 use rusqlite::types::ValueRef;
@@ -15,7 +15,7 @@ pub fn query(
     config: &Path,
     database: Option<&Path>,
     json: bool,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     let database = match database {
         Some(database) => database.to_path_buf(),
         None => Config::load(config)?.daemon.database,
@@ -43,7 +43,7 @@ pub fn query(
                 &mut out,
                 &format!("{}\n", serde_json::Value::Object(object)),
             )? {
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Exit::Success);
             }
         } else {
             table.push(
@@ -59,7 +59,7 @@ pub fn query(
     // A reader that went away (`| head`) is not an error.
     match out.flush() {
         Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
-        _ => Ok(ExitCode::SUCCESS),
+        _ => Ok(Exit::Success),
     }
 }
 

@@ -1,13 +1,13 @@
 //! `projector run`: the daemon in the foreground, steered by signals and the control socket.
 
+use super::exit::Exit;
 use std::path::Path;
-use std::process::ExitCode;
 
 use anyhow::Context;
 
 use crate::config::Config;
 
-pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(path: &Path) -> anyhow::Result<Exit> {
     // Absolute, so that status and reload name the same file whatever the working folder.
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let config = Config::load(&path)?;
@@ -21,5 +21,5 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     // The last lines before a failure's message, which main writes.
     crate::logging::flush();
     ran?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
