@@ -148,11 +148,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
 }
 
 /// The daemon's runtime: one thread runs the feed readers, the control socket and the signals;
-/// the writer has a thread of its own. Against two worker threads, on the Flux benchmark (one
-/// feed): 13% less CPU an event and a quarter of the context switches, as a response no longer
-/// wakes another thread to run the task waiting for it. The price: all feeds read on one core, at
-/// about 23 µs a Flux event, so Flux feeds together read at most about 40k events/s, below the
-/// writer's 75k (inline events cost the reader a tenth of that). So nothing on it may block:
+/// the writer has a thread of its own. A response then never wakes another thread to run the
+/// task waiting for it, which costs less CPU an event than a worker per core; the price is that
+/// all feeds read on one core (both measured in BENCHMARKS.md). So nothing on it may block:
 /// SQLite work belongs on the writer's thread or in `spawn_blocking`.
 fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()

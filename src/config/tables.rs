@@ -185,8 +185,8 @@ mod defaults {
     pub fn connect_timeout() -> Interval {
         Interval(Duration::from_secs(5))
     }
-    /// 32 rather than 16: 9% faster on the Flux catch-up (6 paired runs), the feed server
-    /// kept busier while the daemon works through the answers it has.
+    /// 32 rather than 16: the feed server is kept busier while the daemon works through the
+    /// answers it has (measured in BENCHMARKS.md).
     pub fn body_concurrency() -> Concurrency {
         Concurrency(32)
     }

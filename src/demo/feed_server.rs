@@ -100,8 +100,7 @@ impl FeedServer {
             .route("/inline", get(inline_page))
             .with_state(shared.clone());
         // TCP_NODELAY on each connection, as Go's net/http and nginx set it: with Nagle on, a
-        // client that pipelines requests waits for its own delayed ACKs (2.9k requests/s
-        // against 75k or more for wrk eight deep).
+        // client that pipelines requests waits for its own delayed ACKs (see BENCHMARKS.md).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });

@@ -58,8 +58,8 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String
     }))
 }
 
-/// Where an entry's body is. Flux writes absolute URLs, taken as they are: resolving each one
-/// against the feed URL cost a twentieth of the reader's CPU. Others are resolved.
+/// Where an entry's body is. Flux writes absolute URLs, taken as they are, since resolving each
+/// one against the feed URL costs the reader noticeably; others are resolved.
 fn entry_uri(feed_url: &Url, url: &str) -> Result<Uri, String> {
     if let Ok(uri) = parse_uri(url) {
         return Ok(uri);

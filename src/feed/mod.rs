@@ -116,7 +116,7 @@ impl FeedClient {
         entry: &PageEntry,
         url: &Uri,
     ) -> Result<(Payload, usize), FetchError> {
-        // Described only on failure: formatting it for every body cost about as much as parsing it.
+        // Described only on failure: formatting it costs about as much as parsing the body.
         let what = || {
             format!(
                 "body of {} {} ({url})",

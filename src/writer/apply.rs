@@ -17,7 +17,7 @@ impl Writer {
     /// checkpoint moves.
     ///
     /// Most batches apply cleanly, so the first attempt runs without a savepoint per event
-    /// (they cost about a tenth of the writer's time). An event that fails there may leave part
+    /// (they cost a share of the writer's time worth saving). An event that fails there may leave part
     /// of its writes behind, which only a savepoint undoes: the batch is then rolled back whole
     /// and applied again with a savepoint around each event. Poison events tend to come in
     /// runs, so after such a batch the feed's next batches start with savepoints, until one
