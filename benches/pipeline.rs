@@ -18,9 +18,11 @@
 //! - live latency: with `poll_interval = "100ms"`, from an event appearing on the (Flux) feed to
 //!   its checkpoint being visible to a reader, p50 and p99 over 3,000 events.
 //!
-//! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each other: pairs of Flux
-//! catch-ups, one with hyper-util's client and one with reqwest's, the order alternating from
-//! pair to pair, and the medians of events/s and CPU an event for each.
+//! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each
+//! other: pairs of Flux catch-ups, one with hyper-util's client and one with reqwest's, the order
+//! alternating from pair to pair, and the medians of events/s and CPU an event for each.
+//! `cargo bench -- --against OTHER-BINARY --runs 6` does the same for this build against another
+//! build of the daemon (an A/B of a change).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,8 @@ struct Options {
     synchronous: Synchronous,
     /// Pairs of Flux catch-ups for the HTTP client A/B; 0 for the whole benchmark.
     http_ab: usize,
+    /// Another daemon binary to A/B this build against, `runs` pairs of Flux catch-ups.
+    against: Option<PathBuf>,
 }
 
 fn options() -> Options {
@@ -59,6 +63,7 @@ fn options() -> Options {
         runs: 3,
         synchronous: Synchronous::Normal,
         http_ab: 0,
+        against: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,6 +76,12 @@ fn options() -> Options {
             "--events" => options.events = value(),
             "--runs" => options.runs = value(),
             "--http-ab" => options.http_ab = value(),
+            "--against" => {
+                let path = args
+                    .next()
+                    .unwrap_or_else(|| panic!("--against needs a path"));
+                options.against = Some(PathBuf::from(path));
+            }
             "--synchronous" => {
                 options.synchronous = match args.next().as_deref() {
                     Some("normal") => Synchronous::Normal,
@@ -107,12 +118,40 @@ fn main() {
     let sync = options.synchronous;
     if options.http_ab > 0 {
         if cfg!(feature = "http-ab") {
-            runtime.block_on(http_ab(&binary, &server, &events, sync, options.http_ab));
+            let variants = [
+                Variant {
+                    name: "hyper-util".into(),
+                    binary: binary.clone(),
+                    http_client: "hyper",
+                },
+                Variant {
+                    name: "reqwest".into(),
+                    binary: binary.clone(),
+                    http_client: "reqwest",
+                },
+            ];
+            runtime.block_on(ab(variants, &server, &events, sync, options.http_ab));
         } else {
             println!(
                 "--http-ab compares against a reqwest client that only `--features http-ab` builds"
             );
         }
+        return;
+    }
+    if let Some(other) = &options.against {
+        let variants = [
+            Variant {
+                name: "this build".into(),
+                binary: binary.clone(),
+                http_client: "hyper",
+            },
+            Variant {
+                name: other.display().to_string(),
+                binary: other.clone(),
+                http_client: "hyper",
+            },
+        ];
+        runtime.block_on(ab(variants, &server, &events, sync, options.runs));
         return;
     }
     let wrk_installed = Command::new("wrk")
@@ -531,26 +570,17 @@ fn write_config(
 }
 
 fn spawn(binary: &Path, config: &Path) -> Child {
-    spawn_with(binary, config, ClientKind::Hyper)
+    spawn_with(binary, config, "hyper")
 }
 
-/// The HTTP client a daemon run uses.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum ClientKind {
-    Hyper,
-    Reqwest,
-}
-
-fn spawn_with(binary: &Path, config: &Path, client: ClientKind) -> Child {
-    let client = match client {
-        ClientKind::Hyper => "hyper",
-        ClientKind::Reqwest => "reqwest",
-    };
+/// Runs `binary` on `config`, telling it which HTTP client to use (a build without the `http-ab`
+/// feature, or an older one, uses hyper-util's whatever it is told).
+fn spawn_with(binary: &Path, config: &Path, http_client: &str) -> Child {
     Command::new(binary)
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
-        .env("PROJECTOR_HTTP_CLIENT", client)
+        .env("PROJECTOR_HTTP_CLIENT", http_client)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -584,6 +614,13 @@ fn usage(pid: u32) -> (u64, f64) {
     (peak, ticks / 100.0)
 }
 
+/// One side of an A/B: a daemon binary, and the HTTP client it is told to use.
+struct Variant {
+    name: String,
+    binary: PathBuf,
+    http_client: &'static str,
+}
+
 /// A catch-up into a fresh database; returns its figures and the folder holding the database
 /// and its config.
 async fn catch_up(
@@ -593,21 +630,18 @@ async fn catch_up(
     events: &[StoredEvent],
     synchronous: Synchronous,
 ) -> (CatchUp, tempfile::TempDir) {
-    catch_up_with(
-        binary,
-        server,
-        setup,
-        events,
-        synchronous,
-        ClientKind::Hyper,
-    )
-    .await
+    let variant = Variant {
+        name: "this build".into(),
+        binary: binary.to_path_buf(),
+        http_client: "hyper",
+    };
+    catch_up_with(&variant, server, setup, events, synchronous).await
 }
 
-/// Pairs of Flux catch-ups, one per HTTP client, the order alternating; prints each pair and the
-/// medians.
-async fn http_ab(
-    binary: &Path,
+/// Pairs of Flux catch-ups, one per variant, the order alternating from pair to pair; prints
+/// each pair and the medians.
+async fn ab(
+    variants: [Variant; 2],
     server: &FeedServer,
     events: &[StoredEvent],
     synchronous: Synchronous,
@@ -619,67 +653,64 @@ async fn http_ab(
     };
     let total = events.len() as f64;
     println!(
-        "HTTP client A/B: {pairs} pairs of Flux catch-ups of {} events, both shipped projections",
-        events.len()
+        "A/B: {pairs} pairs of Flux catch-ups of {} events, both shipped projections: {} against {}",
+        events.len(),
+        variants[0].name,
+        variants[1].name
     );
-    let mut hyper = Vec::new();
-    let mut reqwest = Vec::new();
+    let mut runs: [Vec<CatchUp>; 2] = [Vec::new(), Vec::new()];
     for pair in 0..pairs {
-        let order = if pair % 2 == 0 {
-            [ClientKind::Hyper, ClientKind::Reqwest]
-        } else {
-            [ClientKind::Reqwest, ClientKind::Hyper]
-        };
-        for client in order {
-            let (run, _) = catch_up_with(binary, server, flux, events, synchronous, client).await;
-            match client {
-                ClientKind::Hyper => hyper.push(run),
-                ClientKind::Reqwest => reqwest.push(run),
-            }
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (run, _) = catch_up_with(&variants[side], server, flux, events, synchronous).await;
+            runs[side].push(run);
         }
-        let (h, r) = (&hyper[pair], &reqwest[pair]);
-        println!(
-            "  pair {}: hyper {:.0} events/s, {:.1} µs an event; reqwest {:.0} events/s, {:.1} µs an event",
-            pair + 1,
-            h.events_per_second,
-            1e6 * h.cpu_seconds / total,
-            r.events_per_second,
-            1e6 * r.cpu_seconds / total
-        );
+        let described: Vec<String> = (0..2)
+            .map(|side| {
+                let run = &runs[side][pair];
+                format!(
+                    "{} {:.0} events/s, {:.1} µs an event",
+                    variants[side].name,
+                    run.events_per_second,
+                    1e6 * run.cpu_seconds / total
+                )
+            })
+            .collect();
+        println!("  pair {}: {}", pair + 1, described.join("; "));
     }
     let rate = |runs: &[CatchUp]| median_of(runs, |d| d.events_per_second);
     let cpu = |runs: &[CatchUp]| median_of(runs, |d| 1e6 * d.cpu_seconds / total);
-    let faster = hyper
+    let first_faster = runs[0]
         .iter()
-        .zip(&reqwest)
-        .filter(|(h, r)| h.events_per_second > r.events_per_second)
+        .zip(&runs[1])
+        .filter(|(a, b)| a.events_per_second > b.events_per_second)
         .count();
     println!();
-    println!("| client (median of {pairs}) | events/s | CPU an event |");
+    println!("| (median of {pairs} pairs) | events/s | CPU an event |");
     println!("| --- | --- | --- |");
+    for side in 0..2 {
+        println!(
+            "| {} | {:.0} | {:.1} µs |",
+            variants[side].name,
+            rate(&runs[side]),
+            cpu(&runs[side])
+        );
+    }
     println!(
-        "| hyper-util | {:.0} | {:.1} µs |",
-        rate(&hyper),
-        cpu(&hyper)
-    );
-    println!(
-        "| reqwest | {:.0} | {:.1} µs |",
-        rate(&reqwest),
-        cpu(&reqwest)
-    );
-    println!(
-        "reqwest reads {:.1}% fewer events/s than hyper-util (hyper-util faster in {faster} of {pairs} pairs)",
-        100.0 * (1.0 - rate(&reqwest) / rate(&hyper))
+        "{} reads {:.1}% fewer events/s than {} ({} faster in {first_faster} of {pairs} pairs)",
+        variants[1].name,
+        100.0 * (1.0 - rate(&runs[1]) / rate(&runs[0])),
+        variants[0].name,
+        variants[0].name,
     );
 }
 
 async fn catch_up_with(
-    binary: &Path,
+    variant: &Variant,
     server: &FeedServer,
     setup: Setup,
     events: &[StoredEvent],
     synchronous: Synchronous,
-    client: ClientKind,
 ) -> (CatchUp, tempfile::TempDir) {
     let total = events.len();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -688,7 +719,7 @@ async fn catch_up_with(
     let database = dir.path().join("projector.db");
     let pages_before = server.page_requests();
     let bodies_before = body_requests(server);
-    let mut child = spawn_with(binary, &config, client);
+    let mut child = spawn_with(&variant.binary, &config, variant.http_client);
     // From the first request the daemon makes.
     while server.page_requests() == pages_before {
         tokio::time::sleep(Duration::from_micros(200)).await;

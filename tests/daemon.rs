@@ -426,6 +426,30 @@ fn the_demo_runs_the_pipeline_and_checks_its_result() {
         String::from_utf8_lossy(&query.stdout).starts_with("{\"n\":"),
         "{query:?}"
     );
+    // The hints it prints work as they are, copied into a shell.
+    let hint = stdout
+        .lines()
+        .find(|line| line.contains(" query --config "))
+        .unwrap_or_else(|| panic!("no query hint in {stdout}"));
+    let copied = std::process::Command::new("sh")
+        .args(["-c", hint.trim()])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        copied.status.success() && String::from_utf8_lossy(&copied.stdout).contains("rows)"),
+        "{hint}: {copied:?}"
+    );
+    // Its config says how to serve the same feed again, and how to run the daemon on it.
+    let written = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        written.contains("# To run the daemon on this file again")
+            && written.contains("--example bank_feed -- --events 400 --port ")
+            && written.contains(&format!(
+                "{} run --config {config}",
+                env!("CARGO_BIN_EXE_projector")
+            )),
+        "{written}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

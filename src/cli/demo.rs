@@ -85,10 +85,15 @@ async fn run_demo(
     let config_path = dir.join("consumer.toml");
     let url = server.url_in(format);
     let mut toml = ConsumerToml::new(&url, format);
-    toml.comment = Some(
-        "Written by `projector demo`. Rerun the daemon on it with: projector run --config <this file>"
-            .into(),
-    );
+    let port = server.addr().port();
+    toml.comment = Some(format!(
+        "Written by `projector demo` for its embedded feed, which stopped when the demo ended.\n\
+         To run the daemon on this file again, serve the same events on the same port first:\n  \
+         cargo run --release --example bank_feed -- --events {events} --port {port}\n  \
+         {} run --config {}",
+        program(),
+        config_path.display()
+    ));
     toml.write(&config_path)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
@@ -189,7 +194,8 @@ async fn run_demo(
     );
     say!("\nQuery the read models yourself:");
     say!(
-        "  projector query --config {} \"SELECT * FROM account_activity ORDER BY last_offset DESC LIMIT 5\"",
+        "  {} query --config {} \"SELECT * FROM account_activity ORDER BY last_offset DESC LIMIT 5\"",
+        program(),
         config_path.display()
     );
     say!(
@@ -204,4 +210,12 @@ fn slowest_checkpoint(database: &Path) -> Option<u64> {
     let conn = crate::store::open_reader(database).ok()?;
     let checkpoints = crate::store::read_checkpoints(&conn).ok()?;
     checkpoints.iter().map(|(_, c)| c.next_offset).min()
+}
+
+/// The command that runs this program, for hints the user can copy: the path of the running
+/// binary (`cargo run` puts it under target/, not on the PATH).
+fn program() -> String {
+    std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "projector".into())
 }

@@ -114,7 +114,9 @@ pub enum Command {
         /// The feed format the embedded feed is read in.
         #[arg(long, value_enum, default_value = "flux")]
         format: crate::config::FeedFormat,
-        /// Where to put the demo's config and database (it is emptied first).
+        /// The folder for the demo's files (default: projector-demo in the temporary folder).
+        /// Its consumer.toml, account_balances.toml and projector.db are replaced; nothing else
+        /// in it is touched.
         #[arg(long)]
         dir: Option<PathBuf>,
     },

@@ -26,7 +26,7 @@ module = "account_ledger"
 /// A config for feed `bank`; fields are public so each caller sets what it needs.
 #[derive(Debug, Clone)]
 pub struct ConsumerToml {
-    /// A comment line at the top, without its `#`.
+    /// A comment at the top, without its `#`s; one line of it a line of the file.
     pub comment: Option<String>,
     pub feed_url: String,
     pub format: FeedFormat,
@@ -59,8 +59,8 @@ impl ConsumerToml {
 
     pub fn render(&self) -> String {
         let mut text = String::new();
-        if let Some(comment) = &self.comment {
-            let _ = writeln!(text, "# {comment}");
+        for line in self.comment.iter().flat_map(|comment| comment.lines()) {
+            let _ = writeln!(text, "# {line}");
         }
         let _ = write!(
             text,
