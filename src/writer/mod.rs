@@ -223,46 +223,4 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(path: &Path) -> Writer {
-        Writer::open(path, WriterSettings::default(), Vec::new())
-            .unwrap_or_else(|e| panic!("{e:#}"))
-    }
-
-    #[test]
-    fn synchronous_is_normal_unless_full_is_asked_for() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("db");
-        let synchronous = |writer: &Writer| -> rusqlite::Result<i64> {
-            writer
-                .conn
-                .query_row("PRAGMA synchronous", [], |row| row.get(0))
-        };
-        // SQLite's numbers: 1 is NORMAL, 2 is FULL.
-        assert_eq!(synchronous(&open(&path))?, 1);
-        let full = WriterSettings {
-            synchronous: Synchronous::Full,
-            ..WriterSettings::default()
-        };
-        assert_eq!(synchronous(&Writer::open(&path, full, Vec::new())?)?, 2);
-        Ok(())
-    }
-
-    #[test]
-    fn the_page_cache_is_sized_as_configured() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let settings = WriterSettings {
-            page_cache_bytes: Some(12 << 20),
-            ..WriterSettings::default()
-        };
-        let writer = Writer::open(&dir.path().join("db"), settings, Vec::new())?;
-        let cache_size: i64 = writer
-            .conn
-            .query_row("PRAGMA cache_size", [], |row| row.get(0))?;
-        // Negative: KiB.
-        assert_eq!(cache_size, -12 * 1024);
-        Ok(())
-    }
-}
+mod tests;
