@@ -156,10 +156,9 @@ mod tests {
             meta: EventMeta {
                 event_id: format!("id-{offset}"),
                 event_type: event_type.into(),
-                aggregate_id: String::new(),
                 aggregate_name: "*account.Account".into(),
-                aggregate_version: 0,
                 created: format!("t{offset}"),
+                ..EventMeta::default()
             },
             payload: Some(payload.into()),
         }

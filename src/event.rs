@@ -174,10 +174,9 @@ mod tests {
             meta: EventMeta {
                 event_id: "e".into(),
                 event_type: "account.AccountCredited".into(),
-                aggregate_id: String::new(),
                 aggregate_name: "*account.Account".into(),
                 aggregate_version: 1,
-                created: String::new(),
+                ..EventMeta::default()
             },
             payload,
         }

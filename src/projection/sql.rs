@@ -340,10 +340,9 @@ mod tests {
             meta: EventMeta {
                 event_id: format!("id-{offset}"),
                 event_type: event_type.into(),
-                aggregate_id: String::new(),
                 aggregate_name: "*account.Account".into(),
-                aggregate_version: 0,
                 created: "Sun Nov 22 19:04:21 2026".into(),
+                ..EventMeta::default()
             },
             payload: Some(payload.into()),
         }

@@ -76,10 +76,7 @@ mod tests {
                 meta: EventMeta {
                     event_id: format!("e{offset}"),
                     event_type: "t".into(),
-                    aggregate_id: String::new(),
-                    aggregate_name: String::new(),
-                    aggregate_version: 0,
-                    created: String::new(),
+                    ..EventMeta::default()
                 },
                 payload: None,
             },

@@ -208,10 +208,7 @@ mod tests {
             meta: EventMeta {
                 event_id: format!("id-{event_type}"),
                 event_type: event_type.into(),
-                aggregate_id: String::new(),
-                aggregate_name: String::new(),
-                aggregate_version: 0,
-                created: String::new(),
+                ..EventMeta::default()
             },
             body,
         }

@@ -65,10 +65,7 @@ fn event(offset: u64, event_type: &str, amount: i64) -> Event {
         meta: EventMeta {
             event_id: format!("id-{offset}"),
             event_type: event_type.into(),
-            aggregate_id: String::new(),
-            aggregate_name: String::new(),
-            aggregate_version: 0,
-            created: String::new(),
+            ..EventMeta::default()
         },
         payload: Some(json!({ "amount": amount }).into()),
     }

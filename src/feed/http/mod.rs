@@ -122,19 +122,7 @@ impl HttpClient {
                 }
             }
             if !status.is_success() {
-                let retry_after = match status {
-                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|value| value.to_str().ok())
-                        .and_then(|value| value.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs),
-                    _ => None,
-                };
-                return Err(FetchErrorKind::Status {
-                    status,
-                    retry_after,
-                });
+                return Err(refused(status, response.headers()));
             }
             return self.read_body(response).await;
         }
@@ -202,6 +190,23 @@ impl HttpClient {
             answer.push(&data)?;
         }
         answer.finish()
+    }
+}
+
+/// The error for an answer whose status is not 2xx, with the delay a 429 or a 503 asks for
+/// (`Retry-After: <seconds>`).
+pub(super) fn refused(status: StatusCode, headers: &header::HeaderMap) -> FetchErrorKind {
+    let retry_after = match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => headers
+            .get(header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs),
+        _ => None,
+    };
+    FetchErrorKind::Status {
+        status,
+        retry_after,
     }
 }
 

@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use hyper::header;
-use hyper::{StatusCode, Uri};
+use hyper::Uri;
 
 use super::HttpSettings;
 use crate::feed::error::{with_causes, FetchErrorKind};
@@ -58,19 +57,7 @@ impl ReqwestClient {
             .map_err(describe)?;
         let status = response.status();
         if !status.is_success() {
-            let retry_after = match status {
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
-                _ => None,
-            };
-            return Err(FetchErrorKind::Status {
-                status,
-                retry_after,
-            });
+            return Err(super::refused(status, response.headers()));
         }
         if let Some(length) = response.content_length().filter(|&l| l > limit as u64) {
             return Err(FetchErrorKind::TooLarge(format!(
