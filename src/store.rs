@@ -239,6 +239,14 @@ pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Re
     Ok(())
 }
 
+/// How many dead letters `projection` has.
+pub fn count_dead_letters(conn: &Connection, projection: &str) -> rusqlite::Result<u64> {
+    let count: i64 = conn
+        .prepare_cached("SELECT count(*) FROM projector_dead_letters WHERE projection = ?1")?
+        .query_row([projection], |row| row.get(0))?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
 /// Records `feed` as paused or resumed. Pausing a paused feed keeps its first `paused_at`.
 pub fn set_paused(tx: &Transaction, feed: &str, paused: bool) -> rusqlite::Result<()> {
     if paused {

@@ -248,12 +248,41 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
         "stopping: letting the batches in flight finish",
     )
     .await;
+    // While it stops, it still answers status, which says so.
+    let status = harness.status();
+    assert_eq!(status["stopping"], true, "{status}");
+    let text = stdout(&harness.ctl(&["status"]));
+    assert!(text.contains("stopping: "), "{text}");
+    let paused = harness.ctl(&["pause"]);
+    assert!(
+        !paused.status.success() && stderr(&paused).contains("projector is stopping"),
+        "{paused:?}"
+    );
+    // A second signal a moment after the first forces the exit (one sent with it would not).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     daemon.signal("TERM");
     let status = daemon.wait_exit().await;
     let log = daemon.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("SIGTERM received again while stopping: exiting now"),
+        "{log}"
+    );
+    assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sigterms_sent_together_are_one_graceful_stop() {
+    // The stop interrupts the stuck batch after 300 ms and exits 0.
+    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("300ms").await;
+    // As `timeout` and some supervisors do: two signals at once.
+    daemon.signal("TERM");
+    daemon.signal("TERM");
+    let status = daemon.wait_exit().await;
+    let log = daemon.log();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(
+        log.contains("SIGTERM received again at once: the same stop"),
         "{log}"
     );
     assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
@@ -546,6 +575,58 @@ async fn ctl_says_clearly_when_no_daemon_runs() {
     assert_eq!(output.status.code(), Some(3));
     let output = common::projector(&["ctl", "--config", "/nonexistent.toml", "status"]);
     assert_eq!(output.status.code(), Some(2));
+    // Options after the subcommand too; with --json, the error is JSON, on stdout.
+    let output = common::projector(&["ctl", "status", "--socket", "/nonexistent/x.sock", "--json"]);
+    assert_eq!(output.status.code(), Some(3));
+    let reply: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"));
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("projector is not running")),
+        "{reply}"
+    );
+    // A path that is not a socket is named as such.
+    let config = harness.config_path();
+    let config = config.to_string_lossy();
+    let output = common::projector(&["ctl", "pause", "--socket", &config]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("is not a socket"), "{output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_status_watch_refreshes_until_stopped() {
+    use std::io::{BufRead, BufReader};
+    let harness = Harness::new(bank::generate(38, 100)).await;
+    let daemon = harness.spawn_running().await;
+    let config = harness.config_path();
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["ctl", "status", "--watch", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = watch.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let mut refreshes = 0;
+    while refreshes < 2 {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("ctl status --watch ended early"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if line.starts_with("(every 2s") {
+            refreshes += 1;
+        }
+    }
+    assert!(daemon.terminate().await.0.success());
+    // The daemon gone, the watch says so and ends by itself.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|line| line == "projector has stopped"),
+        "{rest:?}"
+    );
+    assert!(watch.wait().is_ok_and(|status| status.success()));
 }
 
 #[tokio::test(flavor = "multi_thread")]

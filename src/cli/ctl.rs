@@ -11,7 +11,7 @@ use clap::Subcommand;
 
 use crate::config::Config;
 use crate::control::client::{ClientError, ControlClient};
-use crate::control::protocol::{DaemonStatus, FeedStatus, Reply, Request};
+use crate::control::protocol::{eta_text, DaemonStatus, FeedStatus, Reply, Request};
 
 /// How long a reply may take: a pause waits for the batch in flight, a reload restarts the
 /// readers.
@@ -21,8 +21,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Subcommand)]
 pub enum Action {
-    /// Each feed's state, checkpoints, head, lag, rate, retries and last error.
-    Status,
+    /// Each feed's state, head, lag, rate, time left, retries and last error; each projection's
+    /// checkpoint, events applied, dead letters and last apply.
+    Status {
+        /// Refresh every two seconds, in place on a terminal, until the daemon stops or Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Pause one feed, or every feed: no more requests, no more writes. Kept across restarts.
     Pause {
         /// The feed to pause (all feeds if omitted).
@@ -39,6 +44,9 @@ pub enum Action {
     Stop,
 }
 
+/// How often `status --watch` asks again.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
 pub fn ctl(
     config: &Path,
     socket: Option<PathBuf>,
@@ -50,7 +58,8 @@ pub fn ctl(
         None => Config::daemon_section(config)?.control_socket,
     };
     let request = match action {
-        Action::Status => Request::Status,
+        Action::Status { watch: true } => return watch_status(&socket, json),
+        Action::Status { watch: false } => Request::Status,
         Action::Pause { feed } => Request::Pause { feed },
         Action::Resume { feed } => Request::Resume { feed },
         Action::Reload => Request::Reload,
@@ -60,10 +69,7 @@ pub fn ctl(
         .and_then(|mut client| client.send(&request).map(|reply| (client, reply)));
     let (mut client, reply) = match exchange {
         Ok(exchanged) => exchanged,
-        Err(err) => {
-            complain!("projector: {err}");
-            return Ok(exit_for(&err));
-        }
+        Err(err) => return Ok(fail(json, &err.to_string(), exit_for(&err))),
     };
     if json {
         say!("{}", serde_json::to_string(&reply)?);
@@ -73,7 +79,10 @@ pub fn ctl(
             .error
             .as_deref()
             .unwrap_or("the daemon refused without a reason");
-        complain!("projector: {error}");
+        // With --json the reply, printed above, says it already.
+        if !json {
+            complain!("projector: {error}");
+        }
         return Ok(Exit::Failure);
     }
     if !json {
@@ -84,17 +93,72 @@ pub fn ctl(
     }
     if request == Request::Stop {
         if !client.wait_until_closed(STOP_TIMEOUT) {
-            complain!(
-                "projector: asked to stop, but it is still stopping after {}s",
+            let message = format!(
+                "asked to stop, but it is still stopping after {}s",
                 STOP_TIMEOUT.as_secs()
             );
-            return Ok(Exit::Failure);
+            return Ok(fail(json, &message, Exit::Failure));
         }
         if !json {
             say!("stopped");
         }
     }
     Ok(Exit::Success)
+}
+
+/// Says why `ctl` failed: on stderr, or as the protocol's error reply on stdout with `--json`,
+/// so that a script reads every outcome the same way.
+fn fail(json: bool, error: &str, exit: Exit) -> Exit {
+    if json {
+        say!("{}", serde_json::json!({"ok": false, "error": error}));
+    } else {
+        complain!("projector: {error}");
+    }
+    exit
+}
+
+/// `status --watch`: the status again every WATCH_EVERY, over one connection, until the daemon
+/// goes away.
+fn watch_status(socket: &Path, json: bool) -> anyhow::Result<Exit> {
+    use std::io::IsTerminal;
+    let mut client = match ControlClient::connect(socket, REPLY_TIMEOUT) {
+        Ok(client) => client,
+        Err(err) => return Ok(fail(json, &err.to_string(), exit_for(&err))),
+    };
+    let terminal = !json && std::io::stdout().is_terminal();
+    loop {
+        let reply = match client.send(&Request::Status) {
+            Ok(reply) => reply,
+            // It answered before: it has stopped since.
+            Err(_) => {
+                if !json {
+                    say!("projector has stopped");
+                }
+                return Ok(Exit::Success);
+            }
+        };
+        match (&reply.status, json) {
+            (_, true) => say!("{}", serde_json::to_string(&reply)?),
+            (Some(status), false) => {
+                if terminal {
+                    // Home and clear: the new status replaces the old in place.
+                    say_partly!("\x1b[H\x1b[2J");
+                }
+                say_partly!("{}", render_status(status));
+                say!(
+                    "\n(every {}s; Ctrl-C to stop watching)",
+                    WATCH_EVERY.as_secs()
+                );
+            }
+            (None, false) => {
+                let error = reply
+                    .error
+                    .unwrap_or_else(|| "no status in the reply".into());
+                return Ok(fail(false, &error, Exit::Failure));
+            }
+        }
+        std::thread::sleep(WATCH_EVERY);
+    }
 }
 
 fn exit_for(err: &ClientError) -> Exit {
@@ -121,6 +185,9 @@ pub fn render_status(status: &DaemonStatus) -> String {
         status.config
     );
     let _ = writeln!(out, "database {}", status.database);
+    if status.stopping {
+        let _ = writeln!(out, "stopping: the batches in flight are finishing");
+    }
     if let Some(at) = &status.reloaded_at {
         let _ = writeln!(out, "reloaded at {at}");
     }
@@ -153,17 +220,33 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         let _ = writeln!(out, "  halted: {reason}");
     }
     let known = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
+    let head = match (feed.head, feed.head_exact) {
+        (Some(head), true) => head.to_string(),
+        // Only the end of the last page read: the head is at least there.
+        (Some(head), false) => format!(">={head}"),
+        (None, _) => "unknown".into(),
+    };
+    let lag = match (feed.lag, feed.head_exact) {
+        (Some(lag), false) => format!(">={lag}"),
+        (lag, _) => known(lag),
+    };
+    let mut line = format!(
+        "  head {head}  lag {lag}  rate {:.0} events/s",
+        feed.events_per_second
+    );
+    if let Some(eta) = feed.eta_seconds {
+        let _ = write!(line, "  about {} left", eta_text(eta));
+    }
     let _ = writeln!(
         out,
-        "  head {}  lag {}  rate {:.0} events/s  read {}  retries {}",
-        known(feed.head),
-        known(feed.lag),
-        feed.events_per_second,
-        feed.events_read,
-        feed.retries
+        "{line}  read {}  retries {}",
+        feed.events_read, feed.retries
     );
     if let Some(error) = &feed.last_error {
         let _ = writeln!(out, "  last error at {}: {}", error.at, error.message);
+    }
+    if let Some(hint) = &feed.hint {
+        let _ = writeln!(out, "  hint: {hint}");
     }
     let width = feed
         .projections
@@ -174,8 +257,8 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         .max("projection".len());
     let _ = writeln!(
         out,
-        "  {:width$}  {:>10}  {:>8}  state",
-        "projection", "checkpoint", "lag"
+        "  {:width$}  {:>10}  {:>8}  {:>9}  {:>12}  {:<20}  state",
+        "projection", "checkpoint", "lag", "applied", "dead letters", "last applied"
     );
     for projection in &feed.projections {
         let state = match &projection.halted {
@@ -184,10 +267,13 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         };
         let _ = writeln!(
             out,
-            "  {:width$}  {:>10}  {:>8}  {state}",
+            "  {:width$}  {:>10}  {:>8}  {:>9}  {:>12}  {:<20}  {state}",
             projection.name,
             projection.checkpoint,
-            known(projection.lag)
+            known(projection.lag),
+            projection.applied,
+            projection.dead_letters,
+            projection.last_applied_at.as_deref().unwrap_or("-"),
         );
     }
 }

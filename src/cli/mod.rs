@@ -70,12 +70,13 @@ pub enum Command {
         #[arg(
             long,
             short,
+            global = true,
             default_value = "consumer.toml",
             conflicts_with = "socket"
         )]
         config: PathBuf,
         /// Use this control socket instead of the configured one.
-        #[arg(long)]
+        #[arg(long, global = true)]
         socket: Option<PathBuf>,
         /// Print the daemon's JSON reply instead of a readable answer.
         #[arg(long, global = true)]

@@ -110,6 +110,11 @@ pub struct FeedConfig {
     /// A response larger than this is refused while it streams in.
     #[serde(default = "defaults::max_response_bytes")]
     pub max_response_bytes: ByteLimit,
+    /// While catching up, find the feed's head with a few page requests (every 30 s), so that
+    /// the lag and the time left are exact. Off, the head shown is the end of the last page
+    /// read until the reader reaches it.
+    #[serde(default = "defaults::find_head")]
+    pub find_head: bool,
 }
 
 impl FeedConfig {
@@ -203,6 +208,10 @@ mod defaults {
     }
     pub fn page_cache_bytes() -> ByteLimit {
         ByteLimit(PAGE_CACHE_BYTES)
+    }
+
+    pub fn find_head() -> bool {
+        true
     }
 
     pub fn max_response_bytes() -> ByteLimit {

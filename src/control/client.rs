@@ -22,6 +22,8 @@ pub enum ClientError {
     Refused(PathBuf),
     #[error("permission denied on the control socket {0}: run as the daemon's user or a member of its group")]
     PermissionDenied(PathBuf),
+    #[error("{0} is not a socket: is it the daemon's control socket ([daemon] control_socket, or --socket)?")]
+    NotASocket(PathBuf),
     #[error("control socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -48,6 +50,10 @@ impl ControlClient {
     /// Connects, waiting at most `timeout` for each reply.
     pub fn connect(path: &Path, timeout: Duration) -> Result<ControlClient, ClientError> {
         use std::io::ErrorKind;
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::metadata(path).is_ok_and(|meta| !meta.file_type().is_socket()) {
+            return Err(ClientError::NotASocket(path.to_path_buf()));
+        }
         let stream =
             std::os::unix::net::UnixStream::connect(path).map_err(|err| match err.kind() {
                 ErrorKind::NotFound => ClientError::NoSocket(path.to_path_buf()),
@@ -136,6 +142,10 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&path)?);
         let err = ControlClient::connect(&path, Duration::from_secs(1)).err();
         assert!(err.is_some_and(|e| matches!(e, ClientError::Refused(_))));
+        let regular = dir.path().join("consumer.toml");
+        std::fs::write(&regular, "")?;
+        let err = ControlClient::connect(&regular, Duration::from_secs(1)).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("is not a socket")));
         Ok(())
     }
 }

@@ -182,6 +182,9 @@ pub struct DaemonStatus {
     /// Log lines lost since start because stderr was closed or full.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// The daemon is stopping: the batches in flight are finishing.
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 /// A batch the writer has been on for a while: its feed, and the projection and event being
@@ -231,6 +234,9 @@ impl DaemonStatus {
                 if feed.events_per_second >= 0.5 {
                     line.push_str(&format!(", {:.0} ev/s", feed.events_per_second));
                 }
+                if let Some(eta) = feed.eta_seconds {
+                    line.push_str(&format!(", {} left", eta_text(eta)));
+                }
                 line
             })
             .collect();
@@ -238,6 +244,15 @@ impl DaemonStatus {
             Some(slow) => format!("writer on {}; {}", slow.describe(), feeds.join("; ")),
             None => feeds.join("; "),
         }
+    }
+}
+
+/// A time left, rounded to what a person reads: `42s`, `3m 20s`, `2h 5m`.
+pub fn eta_text(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m {}s", seconds / 60, seconds % 60),
+        _ => format!("{}h {}m", seconds / 3600, seconds % 3600 / 60),
     }
 }
 
@@ -250,18 +265,29 @@ pub struct FeedStatus {
     pub paused: bool,
     /// Why the feed halted, when it did.
     pub halted_reason: Option<String>,
-    /// The end of the feed as last seen: the offset after the last event read. While catching up
-    /// it is a lower bound (Flux pages do not say where the head is).
+    /// The end of the feed: the offset after its last event.
     pub head: Option<u64>,
-    /// Events between the head and the projection furthest behind.
+    /// Whether `head` was found (an empty page read at it, or probed while catching up) rather
+    /// than only seen: false means a lower bound, the end of the last page read.
+    #[serde(default)]
+    pub head_exact: bool,
+    /// Events between the head and the running projection furthest behind.
     pub lag: Option<u64>,
-    /// Events read per second over the last ten seconds.
+    /// Events the readers went through per second over the last ten seconds (0 when idle).
     pub events_per_second: f64,
-    /// Events read since the daemon started.
+    /// Seconds until caught up at the current rate, while catching up to an exact head.
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+    /// Events read for the first time since the daemon started (never past the head; a
+    /// rebuilding projection's reader reads some again).
     pub events_read: u64,
     /// Failed requests (and batches the database refused) retried since start.
     pub retries: u64,
     pub last_error: Option<LastError>,
+    /// What to look at when page requests keep failing the same way (a URL that answers 404, a
+    /// host that does not resolve, pages of the other format).
+    #[serde(default)]
+    pub hint: Option<String>,
     pub projections: Vec<ProjectionStatus>,
 }
 
@@ -280,6 +306,15 @@ pub struct ProjectionStatus {
     pub lag: Option<u64>,
     /// The poison event and error that halted it, when it is halted.
     pub halted: Option<String>,
+    /// Events it applied since the daemon started.
+    #[serde(default)]
+    pub applied: u64,
+    /// Its events recorded in `projector_dead_letters`, in all.
+    #[serde(default)]
+    pub dead_letters: u64,
+    /// When it last applied an event (RFC 3339, UTC), since the daemon started.
+    #[serde(default)]
+    pub last_applied_at: Option<String>,
 }
 
 #[cfg(test)]
@@ -368,15 +403,19 @@ mod tests {
                 paused: false,
                 halted_reason: None,
                 head: None,
+                head_exact: false,
                 lag: None,
                 events_per_second: 0.0,
+                eta_seconds: None,
                 events_read: 0,
                 retries: 0,
                 last_error: None,
+                hint: None,
                 projections: Vec::new(),
             }],
             slow_batch: Some(slow),
             log_lines_dropped: 0,
+            stopping: false,
         };
         let summary = status.summary();
         assert!(

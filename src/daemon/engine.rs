@@ -15,7 +15,7 @@ use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
 use crate::projection::ConfiguredProjection;
 use crate::reader::retry::Backoff;
-use crate::reader::{FeedReader, Member, ReadPolicy, Steering};
+use crate::reader::{follow_head, FeedReader, Member, ReadPolicy, Steering};
 use crate::writer::{StartingPoint, Writer, WriterHandle, WriterSettings, WriterThread};
 
 /// How often a stop past its timeout interrupts the writer again.
@@ -102,6 +102,13 @@ impl Engine {
     /// that has not committed after `stop_timeout` (a projection's statement that does not end)
     /// is interrupted: it rolls back whole and is read again at the next start.
     pub(super) async fn stop(self) -> anyhow::Result<()> {
+        self.stop_readers().await;
+        self.finish().await
+    }
+
+    /// Stops the readers and waits until each has the outcome of its batch in flight. A batch
+    /// that has not committed after `stop_timeout` is interrupted.
+    pub(super) async fn stop_readers(&self) {
         self.stop_readers.cancel();
         // The readers wait for the outcome of their batch in flight.
         if tokio::time::timeout(self.stop_timeout, self.readers.wait())
@@ -125,6 +132,10 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Once the readers have stopped: lets the writer finish what it was sent, and waits for it.
+    pub(super) async fn finish(self) -> anyhow::Result<()> {
         // The readers held the other writer handles; dropping the last one ends the writer
         // thread once it has finished what it was sent.
         drop(self.writer);
@@ -169,12 +180,7 @@ impl Readers {
         is_paused: bool,
         carried: Option<&(String, Arc<FeedMonitor>)>,
     ) -> anyhow::Result<FeedRuntime> {
-        let monitor = Arc::new(FeedMonitor::new(
-            feed.name(),
-            points
-                .iter()
-                .map(|p| (p.projection.clone(), p.checkpoint.next_offset)),
-        ));
+        let monitor = Arc::new(FeedMonitor::new(feed.name(), points));
         if let Some((url, previous)) = carried {
             monitor.carry_over(previous, *url == feed.url.0.to_string());
         }
@@ -197,6 +203,14 @@ impl Readers {
                 .with_context(|| format!("building the HTTP client of feed {:?}", feed.name()))?;
             if let Some(proxy) = client.proxy() {
                 tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
+            }
+            if feed.find_head {
+                self.tasks.spawn(follow_head(
+                    client.clone(),
+                    monitor.clone(),
+                    paused.subscribe(),
+                    self.stop.clone(),
+                ));
             }
             let policy = read_policy(feed);
             for (next_offset, members) in groups {

@@ -53,13 +53,10 @@ pub async fn run(
 
     crate::notify::stopping();
     tracing::info!("stopping: letting the batches in flight finish");
+    let stopped = supervisor.stop(&mut inbox).await;
     stop_serving.cancel();
     // The socket file goes when the server does, so a new daemon can start at once.
     let _ = server.await;
-    let stopped = match supervisor.engine.take() {
-        Some(engine) => engine.stop().await,
-        None => Ok(()),
-    };
     result.and(stopped)?;
     tracing::info!("stopped");
     // Dropping the inbox, last, tells a waiting `ctl stop` that the daemon has finished.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use super::engine::{CarriedMonitors, Engine};
 use crate::config::Config;
 use crate::control::handle::Inbox;
-use crate::control::protocol::{DaemonStatus, Reply, Request};
+use crate::control::protocol::{eta_text, DaemonStatus, FeedState, Reply, Request};
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -19,6 +19,8 @@ const STATUS_REFRESH: Duration = Duration::from_secs(2);
 const SLOW_BATCH_SHOWN: Duration = Duration::from_secs(1);
 /// The log says so once the writer has been on one batch this long.
 const SLOW_BATCH_WARNED: Duration = Duration::from_secs(30);
+/// How often the log says how a catching-up feed progresses.
+const PROGRESS_LOGGED: Duration = Duration::from_secs(5);
 
 pub(super) struct Supervisor {
     pub(super) config: Config,
@@ -29,6 +31,10 @@ pub(super) struct Supervisor {
     reloaded_at: Option<SystemTime>,
     /// When the writer's job that was last warned about as slow started.
     slow_batch_warned: Option<Instant>,
+    /// When the log last said how the catching-up feeds progress.
+    progress_logged: Instant,
+    /// A stop was asked for: the batches in flight are finishing.
+    stopping: bool,
 }
 
 impl Supervisor {
@@ -40,6 +46,8 @@ impl Supervisor {
             started: Instant::now(),
             reloaded_at: None,
             slow_batch_warned: None,
+            progress_logged: Instant::now(),
+            stopping: false,
         }
     }
 
@@ -67,6 +75,7 @@ impl Supervisor {
                 }
                 _ = refresh.tick() => {
                     self.warn_of_a_slow_batch();
+                    self.log_progress();
                     if let Some(interval) = watchdog {
                         if self.engine.as_ref().is_some_and(|e| e.is_healthy(interval)) {
                             crate::notify::watchdog();
@@ -74,6 +83,74 @@ impl Supervisor {
                     }
                     crate::notify::status(&self.status().summary());
                 }
+            }
+        }
+    }
+
+    /// Lets the batches in flight commit or roll back whole, answering `status` (which then says
+    /// the daemon is stopping) and refusing other requests meanwhile.
+    pub(super) async fn stop(&mut self, inbox: &mut Inbox) -> anyhow::Result<()> {
+        self.stopping = true;
+        if let Some(engine) = self.engine.as_ref() {
+            let readers_stopped = engine.stop_readers();
+            tokio::pin!(readers_stopped);
+            loop {
+                tokio::select! {
+                    () = &mut readers_stopped => break,
+                    Some(command) = inbox.next() => {
+                        let answer = self.answer_while_stopping(&command.request);
+                        command.answer(answer);
+                    }
+                }
+            }
+        }
+        match self.engine.take() {
+            Some(engine) => engine.finish().await,
+            None => Ok(()),
+        }
+    }
+
+    fn answer_while_stopping(&self, request: &Request) -> Reply {
+        match request {
+            Request::Status => Reply {
+                ok: true,
+                status: Some(self.status()),
+                ..Reply::default()
+            },
+            Request::Stop => Reply::done("already stopping"),
+            _ => Reply::error("projector is stopping: it takes no more requests but status"),
+        }
+    }
+
+    /// Every PROGRESS_LOGGED, says in the log how each feed that is catching up progresses:
+    /// where it is, how fast, and, once the head is found, how much is left and for how long.
+    fn log_progress(&mut self) {
+        if self.progress_logged.elapsed() < PROGRESS_LOGGED {
+            return;
+        }
+        self.progress_logged = Instant::now();
+        for feed in self.status().feeds {
+            if feed.state != FeedState::CatchingUp {
+                continue;
+            }
+            let (Some(head), Some(lag)) = (feed.head, feed.lag) else {
+                continue;
+            };
+            let rate = feed.events_per_second;
+            let at = head - lag;
+            if feed.head_exact {
+                let left = feed.eta_seconds.map_or(String::new(), |eta| {
+                    format!(", about {} left", eta_text(eta))
+                });
+                tracing::info!(
+                    feed = %feed.name,
+                    "catching up: at offset {at} of {head}, {lag} to go, {rate:.0} events/s{left}"
+                );
+            } else {
+                tracing::info!(
+                    feed = %feed.name,
+                    "catching up: at offset {at}, the head is past {head} (still being found), {rate:.0} events/s"
+                );
             }
         }
     }
@@ -144,6 +221,7 @@ impl Supervisor {
                 .and_then(|engine| engine.writer.slow_batch(SLOW_BATCH_SHOWN))
                 .map(|(_, slow)| slow),
             log_lines_dropped: crate::logging::lines_dropped(),
+            stopping: self.stopping,
         }
     }
 

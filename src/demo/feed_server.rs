@@ -51,6 +51,18 @@ struct Shared {
     page_requests: AtomicU64,
     body_requests: Mutex<HashMap<String, u64>>,
     faults_injected: AtomicU64,
+    /// How long every answer waits before it is sent, in microseconds: a feed across a network.
+    delay_micros: AtomicU64,
+}
+
+impl Shared {
+    /// Waits the delay set for every answer, if any.
+    async fn delay(&self) {
+        let micros = self.delay_micros.load(Ordering::Relaxed);
+        if micros > 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(micros)).await;
+        }
+    }
 }
 
 impl Shared {
@@ -91,6 +103,7 @@ impl FeedServer {
             page_requests: AtomicU64::new(0),
             body_requests: Mutex::new(HashMap::new()),
             faults_injected: AtomicU64::new(0),
+            delay_micros: AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -137,6 +150,13 @@ impl FeedServer {
     }
 
     /// How many events an inline page holds from now on.
+    /// From now on every answer waits `delay` before it is sent, as a feed across a network
+    /// answers after a round trip.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.shared.delay_micros.store(micros, Ordering::Relaxed);
+    }
+
     pub fn set_inline_page_size(&self, size: usize) {
         self.shared
             .inline_page_size
@@ -291,6 +311,7 @@ async fn page(
     query: &HashMap<String, String>,
 ) -> Response {
     shared.page_requests.fetch_add(1, Ordering::Relaxed);
+    shared.delay().await;
     let offset = match query.get("offset").map(|text| text.parse::<i64>()) {
         None => 0,
         Some(Ok(offset)) if offset >= 0 => offset as usize,
@@ -369,6 +390,7 @@ async fn body(
     uri: axum::http::Uri,
     Path(id): Path<String>,
 ) -> Response {
+    shared.delay().await;
     let (event_type, text) = {
         let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
         match store

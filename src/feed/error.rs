@@ -10,9 +10,17 @@ use hyper::StatusCode;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{what}: {kind}")]
 pub struct FetchError {
+    pub target: FetchTarget,
     /// What was being fetched, e.g. `page at offset 40 (http://…)`.
     pub what: String,
     pub kind: FetchErrorKind,
+}
+
+/// What a fetch asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchTarget {
+    Page,
+    Body,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -36,6 +44,12 @@ pub enum FetchErrorKind {
     /// entry that cannot be read.
     #[error("{0}")]
     Unreadable(String),
+    /// A page that is not of the configured format, but reads as a page of the other one.
+    #[error("the page is not a page of the {configured} format, but reads as one of the {reads_as} format")]
+    OtherFormat {
+        configured: &'static str,
+        reads_as: &'static str,
+    },
     /// The feed's head is below events it had (a server restarted empty, a replica behind):
     /// waited out, nothing applied until the events are back.
     #[error("the feed shrank: its head is at offset {head}, but it had events up to offset {last_known}; nothing is applied until they are back")]
@@ -64,8 +78,12 @@ impl FetchErrorKind {
     }
 
     /// This kind, with what was being fetched.
-    pub fn fetching(self, what: String) -> FetchError {
-        FetchError { what, kind: self }
+    pub fn fetching(self, target: FetchTarget, what: String) -> FetchError {
+        FetchError {
+            target,
+            what,
+            kind: self,
+        }
     }
 }
 
@@ -91,7 +109,10 @@ mod tests {
             retry_after: Some(Duration::from_secs(3)),
         };
         assert_eq!(status.retry_after(), Some(Duration::from_secs(3)));
-        let error = status.fetching("page at offset 0 (http://feed/events?offset=0)".into());
+        let error = status.fetching(
+            FetchTarget::Page,
+            "page at offset 0 (http://feed/events?offset=0)".into(),
+        );
         assert_eq!(
             error.to_string(),
             "page at offset 0 (http://feed/events?offset=0): HTTP 503 Service Unavailable"

@@ -21,7 +21,7 @@ use url::Url;
 
 use crate::config::{FeedConfig, FeedFormat};
 use crate::event::Payload;
-use error::{FetchError, FetchErrorKind};
+use error::{FetchError, FetchErrorKind, FetchTarget};
 use http::{parse_uri, HttpClient, HttpSettings};
 use page::PageEntry;
 
@@ -96,18 +96,31 @@ impl FeedClient {
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
         let what = || format!("page at offset {offset} ({url})");
-        let uri = parse_uri(url.as_str())
-            .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))?;
-        let bytes = self
-            .http
-            .get(&uri)
-            .await
-            .map_err(|kind| kind.fetching(what()))?;
-        match self.format {
-            FeedFormat::Flux => flux::parse_page(&bytes, &self.feed_url),
-            FeedFormat::Inline => inline::parse_page(&bytes),
+        let failed = |kind: FetchErrorKind| kind.fetching(FetchTarget::Page, what());
+        let uri =
+            parse_uri(url.as_str()).map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
+        let bytes = self.http.get(&uri).await.map_err(failed)?;
+        self.parse_page(&bytes, self.format).map_err(|reason| {
+            let other = match self.format {
+                FeedFormat::Flux => FeedFormat::Inline,
+                FeedFormat::Inline => FeedFormat::Flux,
+            };
+            // A page of the other format is a mistake in the config, and says so.
+            match self.parse_page(&bytes, other) {
+                Ok(entries) if !entries.is_empty() => failed(FetchErrorKind::OtherFormat {
+                    configured: self.format.name(),
+                    reads_as: other.name(),
+                }),
+                _ => failed(FetchErrorKind::Unreadable(reason)),
+            }
+        })
+    }
+
+    fn parse_page(&self, bytes: &[u8], format: FeedFormat) -> Result<Vec<PageEntry>, String> {
+        match format {
+            FeedFormat::Flux => flux::parse_page(bytes, &self.feed_url),
+            FeedFormat::Inline => inline::parse_page(bytes),
         }
-        .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))
     }
 
     /// The payload of an entry whose body is `At(url)`, and the size of the body in bytes.
@@ -127,10 +140,12 @@ impl FeedClient {
             .http
             .get(url)
             .await
-            .map_err(|kind| kind.fetching(what()))?;
+            .map_err(|kind| kind.fetching(FetchTarget::Body, what()))?;
         let size = bytes.len();
         Payload::from_json(bytes)
             .map(|payload| (payload, size))
-            .map_err(|reason| FetchErrorKind::Unreadable(reason).fetching(what()))
+            .map_err(|reason| {
+                FetchErrorKind::Unreadable(reason).fetching(FetchTarget::Body, what())
+            })
     }
 }

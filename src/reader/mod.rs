@@ -12,6 +12,7 @@
 mod batch;
 mod bodies;
 mod gate;
+mod head;
 mod pages;
 pub mod retry;
 
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use batch::Gathering;
 pub use batch::MAX_BATCH_EVENTS;
 use bodies::{BodyReader, Read};
+pub use head::follow_head;
 use pages::PageReader;
 use retry::Backoff;
 
@@ -91,6 +93,8 @@ enum Interruption {
     Halted(String),
     /// A projection halted: start again at once for the others.
     MemberHalted,
+    /// Every projection this reader applies has halted: there is nothing left to read for.
+    AllMembersHalted,
 }
 
 impl FeedReader {
@@ -138,6 +142,10 @@ impl FeedReader {
                 Interruption::Halted(reason) => {
                     tracing::error!(feed = %self.feed, "feed halted: {reason}");
                     break ReaderPhase::Halted(reason);
+                }
+                Interruption::AllMembersHalted => {
+                    tracing::warn!(feed = %self.feed, "every projection this reader applied has halted on a poison event; it stops reading (`projector ctl status` shows which)");
+                    break ReaderPhase::ProjectionsHalted;
                 }
                 Interruption::CommitFailed(reason) if self.shutdown.is_cancelled() => {
                     tracing::warn!(feed = %self.feed, "batch not committed while stopping, nothing of it applied; it is read again at the next start: {reason}");
@@ -209,7 +217,7 @@ impl FeedReader {
 
     async fn follow(&mut self) -> Interruption {
         if self.members.is_empty() {
-            return Interruption::Halted("every projection on this feed has halted".into());
+            return Interruption::AllMembersHalted;
         }
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
         let known_end = self.members.iter().map(|m| m.next_offset).max();
@@ -362,8 +370,7 @@ impl FeedReader {
         };
         self.applied += outcome.applied as u64;
         self.batches += 1;
-        self.monitor
-            .committed(outcome.events, &outcome.checkpoints, &outcome.halted);
+        self.monitor.committed(&outcome);
         if outcome.dead_lettered > 0 {
             tracing::warn!(
                 feed = %self.feed,
@@ -371,13 +378,13 @@ impl FeedReader {
                 "events could not be applied and were recorded in projector_dead_letters"
             );
         }
-        for (projection, checkpoint) in &outcome.checkpoints {
+        for done in &outcome.projections {
             if let Some(member) = self
                 .members
                 .iter_mut()
-                .find(|m| &m.projection == projection)
+                .find(|m| m.projection == done.projection)
             {
-                member.next_offset = checkpoint.next_offset;
+                member.next_offset = done.checkpoint.next_offset;
             }
         }
         for halt in &outcome.halted {

@@ -10,7 +10,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::retry::retry;
 use super::ReadPolicy;
-use crate::feed::error::{FetchError, FetchErrorKind};
+use crate::feed::error::{FetchError, FetchErrorKind, FetchTarget};
 use crate::feed::page::PageEntry;
 use crate::feed::FeedClient;
 use crate::monitor::{FeedMonitor, ReaderPhase};
@@ -91,7 +91,7 @@ impl PageReader {
                     head: fetch_at,
                     last_known: self.known_end - 1,
                 }
-                .fetching(format!("page at offset {fetch_at}"));
+                .fetching(FetchTarget::Page, format!("page at offset {fetch_at}"));
                 self.monitor.failed(&shrank);
                 let delay = self.policy.backoff.delay(self.shrunk_polls, None);
                 self.shrunk_polls = self.shrunk_polls.saturating_add(1);
@@ -108,7 +108,10 @@ impl PageReader {
                             expected: verified_id.clone(),
                             found: first.meta.event_id.clone(),
                         }
-                        .fetching(format!("page at offset {verified_offset}")));
+                        .fetching(
+                            FetchTarget::Page,
+                            format!("page at offset {verified_offset}"),
+                        ));
                     }
                     Some(_) => {
                         entries.remove(0);
@@ -119,7 +122,7 @@ impl PageReader {
                 }
             }
             let Some(last) = entries.last() else {
-                self.monitor.saw_feed_up_to(self.offset);
+                self.monitor.reached_head(self.offset);
                 self.monitor.set_phase(self.reader, ReaderPhase::Live);
                 self.idle = true;
                 if !self.reported_head {

@@ -6,7 +6,7 @@
 use rusqlite::{Transaction, TransactionBehavior};
 
 use super::activity::WriterActivity;
-use super::{ApplyError, Batch, BatchOutcome, Halt, Writer};
+use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, Writer};
 use crate::config::OnError;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
@@ -64,8 +64,13 @@ impl Writer {
             .filter(|&index| !self.slots[index].halted)
             .collect();
         let mut halts: Vec<Option<Halt>> = vec![None; members.len()];
+        // Per member: events applied, events dead-lettered.
+        let mut counts = vec![(0, 0); members.len()];
         let mut outcome = BatchOutcome {
-            events: batch.events.len(),
+            offsets: match (batch.events.first(), batch.events.last()) {
+                (Some(first), Some(last)) => first.offset..last.offset + 1,
+                _ => 0..0,
+            },
             ..BatchOutcome::default()
         };
 
@@ -101,8 +106,8 @@ impl Writer {
                     savepoints,
                 };
                 match step.fate(projection, event)? {
-                    Fate::Applied => outcome.applied += 1,
-                    Fate::DeadLettered => outcome.dead_lettered += 1,
+                    Fate::Applied => counts[k].0 += 1,
+                    Fate::DeadLettered => counts[k].1 += 1,
                     Fate::PassedOver => {}
                     Fate::Halted(halt) => {
                         // Halted just before the event: its checkpoint stays where it is.
@@ -124,11 +129,18 @@ impl Writer {
         tx.commit().map_err(storage)?;
         self.wal.keep_bounded(&self.conn);
 
-        for ((index, checkpoint), halt) in members.into_iter().zip(checkpoints).zip(halts) {
+        for (((index, checkpoint), halt), (applied, dead_lettered)) in
+            members.into_iter().zip(checkpoints).zip(halts).zip(counts)
+        {
             let slot = &mut self.slots[index];
-            outcome
-                .checkpoints
-                .push((slot.projection.name.clone(), checkpoint));
+            outcome.applied += applied;
+            outcome.dead_lettered += dead_lettered;
+            outcome.projections.push(ProjectionOutcome {
+                projection: slot.projection.name.clone(),
+                checkpoint,
+                applied,
+                dead_lettered,
+            });
             if let Some(halt) = halt {
                 slot.halted = true;
                 outcome.halted.push(halt);

@@ -34,14 +34,25 @@ pub struct Batch {
 /// What a committed batch did.
 #[derive(Debug, Default)]
 pub struct BatchOutcome {
-    /// The batch's projections and where they stand now.
-    pub checkpoints: Vec<(String, Checkpoint)>,
+    /// The offsets of the batch's events: its first, and the one after its last.
+    pub offsets: std::ops::Range<u64>,
+    /// The batch's projections, where they stand now and what this batch did to each.
+    pub projections: Vec<ProjectionOutcome>,
     /// Projections halted by a poison event (`on_error = "stop"`).
     pub halted: Vec<Halt>,
-    /// The events in the batch.
-    pub events: usize,
     /// Event applications (an event applied to two projections counts twice).
     pub applied: usize,
+    pub dead_lettered: usize,
+}
+
+/// One projection's part of a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionOutcome {
+    pub projection: String,
+    pub checkpoint: Checkpoint,
+    /// Events of this batch the projection applied.
+    pub applied: usize,
+    /// Events of this batch it recorded as dead letters (`on_error = "skip"`).
     pub dead_lettered: usize,
 }
 
@@ -99,6 +110,8 @@ pub struct StartingPoint {
     pub feed: String,
     pub event_types: Vec<String>,
     pub checkpoint: Checkpoint,
+    /// Its events recorded in `projector_dead_letters` so far.
+    pub dead_letters: u64,
 }
 
 /// How the writer treats the database file ([daemon] settings).
@@ -168,6 +181,7 @@ impl Writer {
                     feed: projection.feed.clone(),
                     event_types: projection.event_types.iter().cloned().collect(),
                     checkpoint,
+                    dead_letters: store::count_dead_letters(&tx, &projection.name)?,
                 });
                 slots.push(Slot {
                     projection,

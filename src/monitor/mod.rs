@@ -1,0 +1,470 @@
+//! The live status of a feed, for `status`, the log's progress lines, the systemd STATUS line and
+//! the pause handshake.
+//!
+//! A feed's readers (and its head probe) report into one [`FeedMonitor`] (a `watch` channel, so
+//! that the supervisor can wait for a condition such as "every reader has parked"); the
+//! supervisor turns it into a [`FeedStatus`] snapshot on demand. Nothing here decides what is
+//! applied: checkpoints shown are the ones the writer reported committed.
+
+mod hint;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
+use crate::feed::error::FetchError;
+use crate::writer::{BatchOutcome, StartingPoint};
+use hint::HintRun;
+
+/// The window the recent rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// What one reader of a feed is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderPhase {
+    Starting,
+    CatchingUp,
+    Live,
+    Paused,
+    /// The feed cannot be read correctly any more (it was rewritten): an operator must look.
+    Halted(String),
+    /// Every projection this reader applied has halted on a poison event; it reads no more.
+    ProjectionsHalted,
+    Stopped,
+}
+
+impl ReaderPhase {
+    /// A reader in this phase makes no requests and no writes.
+    fn is_parked(&self) -> bool {
+        matches!(
+            self,
+            ReaderPhase::Paused
+                | ReaderPhase::Halted(_)
+                | ReaderPhase::ProjectionsHalted
+                | ReaderPhase::Stopped
+        )
+    }
+
+    fn is_halted(&self) -> bool {
+        matches!(
+            self,
+            ReaderPhase::Halted(_) | ReaderPhase::ProjectionsHalted
+        )
+    }
+}
+
+/// The readers of one feed report here; the supervisor reads it.
+pub struct FeedMonitor {
+    feed: String,
+    progress: watch::Sender<Progress>,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    readers: Vec<ReaderPhase>,
+    /// The head probe has a request under way.
+    probing: bool,
+    projections: BTreeMap<String, ProjectionProgress>,
+    head: Option<u64>,
+    /// `head` was found (an empty page read there, or probed), not only seen.
+    head_exact: bool,
+    /// The events before this offset have been read since start.
+    read_up_to: u64,
+    /// Events read for the first time since start.
+    events_read: u64,
+    /// Events the readers went through since start, read again or not (the rate's measure).
+    events_seen: u64,
+    /// (when, events_seen then), oldest first, covering a little more than RATE_WINDOW.
+    samples: VecDeque<(Instant, u64)>,
+    retries: u64,
+    streak: Option<Streak>,
+    hints: HintRun,
+    /// The last batch was refused by the database; the next commit clears it.
+    commit_failing: bool,
+    last_error: Option<(String, SystemTime)>,
+}
+
+#[derive(Debug, Default)]
+struct ProjectionProgress {
+    next_offset: u64,
+    halted: Option<String>,
+    applied: u64,
+    dead_letters: u64,
+    last_applied_at: Option<SystemTime>,
+}
+
+/// A run of failed requests, logged when it starts and when it ends rather than per retry.
+#[derive(Debug)]
+struct Streak {
+    since: Instant,
+    failures: u64,
+}
+
+impl FeedMonitor {
+    /// A monitor for `feed`, whose projections start at `points`.
+    pub fn new(feed: &str, points: &[&StartingPoint]) -> FeedMonitor {
+        let progress = Progress {
+            projections: points
+                .iter()
+                .map(|point| {
+                    let progress = ProjectionProgress {
+                        next_offset: point.checkpoint.next_offset,
+                        dead_letters: point.dead_letters,
+                        ..ProjectionProgress::default()
+                    };
+                    (point.projection.clone(), progress)
+                })
+                .collect(),
+            read_up_to: points
+                .iter()
+                .map(|point| point.checkpoint.next_offset)
+                .min()
+                .unwrap_or(0),
+            // The baseline of the rate, so that the first batch counts in it.
+            samples: [(Instant::now(), 0)].into(),
+            ..Progress::default()
+        };
+        FeedMonitor {
+            feed: feed.to_string(),
+            progress: watch::Sender::new(progress),
+        }
+    }
+
+    /// Takes over the counters of the monitor this one replaces (on reload): events read and
+    /// seen, the rate's samples, retries, the last error and the projections' counters, and the
+    /// head if the feed is the same one.
+    pub fn carry_over(&self, previous: &FeedMonitor, same_feed: bool) {
+        let old = previous.progress.borrow();
+        self.progress.send_modify(|p| {
+            p.events_read = old.events_read;
+            p.events_seen = old.events_seen;
+            p.samples = old.samples.clone();
+            p.retries = old.retries;
+            p.last_error = old.last_error.clone();
+            for (name, projection) in &mut p.projections {
+                if let Some(before) = old.projections.get(name) {
+                    projection.applied = before.applied;
+                    projection.last_applied_at = before.last_applied_at;
+                }
+            }
+            if same_feed {
+                p.head = old.head;
+                p.head_exact = old.head_exact;
+                p.read_up_to = p.read_up_to.max(old.read_up_to);
+            }
+        });
+    }
+
+    /// Registers a reader and returns its id.
+    pub fn add_reader(&self) -> usize {
+        let mut id = 0;
+        self.progress.send_modify(|p| {
+            id = p.readers.len();
+            p.readers.push(ReaderPhase::Starting);
+        });
+        id
+    }
+
+    pub fn set_phase(&self, reader: usize, phase: ReaderPhase) {
+        self.progress
+            .send_if_modified(|p| match p.readers.get_mut(reader) {
+                Some(current) if *current != phase => {
+                    *current = phase;
+                    true
+                }
+                _ => false,
+            });
+    }
+
+    /// Waits until no reader and no head probe makes requests or writes any more.
+    pub async fn parked(&self) {
+        let mut receiver = self.progress.subscribe();
+        // The sender lives in `self`, so this cannot fail.
+        let _ = receiver
+            .wait_for(|p| !p.probing && p.readers.iter().all(ReaderPhase::is_parked))
+            .await;
+    }
+
+    /// Waits until some reader is catching up: the head is worth finding.
+    pub async fn catching_up(&self) {
+        let mut receiver = self.progress.subscribe();
+        let _ = receiver
+            .wait_for(|p| p.readers.contains(&ReaderPhase::CatchingUp))
+            .await;
+    }
+
+    /// The head as known now: its offset, and whether it was found rather than only seen.
+    pub fn head(&self) -> Option<(u64, bool)> {
+        let p = self.progress.borrow();
+        p.head.map(|head| (head, p.head_exact))
+    }
+
+    /// A page ending just before `end` was read: the feed has events up to there.
+    pub fn saw_feed_up_to(&self, end: u64) {
+        self.progress.send_if_modified(|p| {
+            if p.head.is_some_and(|head| head >= end) {
+                return false;
+            }
+            p.head = Some(end);
+            p.head_exact = false;
+            true
+        });
+    }
+
+    /// A reader found the head of the feed: an empty page at `head`.
+    pub fn reached_head(&self, head: u64) {
+        self.found_head(head);
+    }
+
+    /// The head probe is under way (true) or done (false).
+    pub fn probing(&self, probing: bool) {
+        self.progress.send_modify(|p| p.probing = probing);
+    }
+
+    /// The head probe found the head at `head`.
+    pub fn probed_head(&self, head: u64) {
+        self.found_head(head);
+    }
+
+    fn found_head(&self, head: u64) {
+        self.progress.send_if_modified(|p| {
+            // Below what was seen, it is out of date: a reader read past it since.
+            if p.head.is_some_and(|seen| seen > head) {
+                return false;
+            }
+            p.head = Some(head);
+            p.head_exact = true;
+            true
+        });
+    }
+
+    /// A batch committed.
+    pub fn committed(&self, outcome: &BatchOutcome) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        self.progress.send_modify(|p| {
+            p.commit_failing = false;
+            let range = &outcome.offsets;
+            let first_new = range.start.max(p.read_up_to);
+            p.events_read += range.end.saturating_sub(first_new);
+            p.read_up_to = p.read_up_to.max(range.end);
+            p.events_seen += range.end - range.start;
+            p.samples.push_back((now, p.events_seen));
+            while p
+                .samples
+                .get(1)
+                .is_some_and(|&(at, _)| now.duration_since(at) > RATE_WINDOW)
+            {
+                p.samples.pop_front();
+            }
+            for done in &outcome.projections {
+                if let Some(projection) = p.projections.get_mut(&done.projection) {
+                    projection.next_offset = done.checkpoint.next_offset;
+                    projection.applied += done.applied as u64;
+                    projection.dead_letters += done.dead_lettered as u64;
+                    if done.applied > 0 {
+                        projection.last_applied_at = Some(wall);
+                    }
+                }
+            }
+            for halt in &outcome.halted {
+                if let Some(projection) = p.projections.get_mut(&halt.projection) {
+                    projection.halted = Some(format!(
+                        "event {} ({}) at offset {}: {}",
+                        halt.event_id, halt.event_type, halt.offset, halt.error
+                    ));
+                }
+            }
+        });
+    }
+
+    /// A request failed and will be retried.
+    pub fn failed(&self, err: &FetchError) {
+        let message = err.to_string();
+        self.progress.send_modify(|p| {
+            p.retries += 1;
+            match p.streak.as_mut() {
+                Some(streak) => {
+                    streak.failures += 1;
+                    tracing::debug!(feed = %self.feed, failures = streak.failures, "retrying: {message}");
+                }
+                None => {
+                    tracing::warn!(feed = %self.feed, "feed request failed, retrying with backoff until it works: {message}");
+                    p.streak = Some(Streak {
+                        since: Instant::now(),
+                        failures: 1,
+                    });
+                }
+            }
+            if let Some(hint) = p.hints.failed(err) {
+                tracing::warn!(feed = %self.feed, "{hint} (still retrying: {message})");
+            }
+            p.last_error = Some((message, SystemTime::now()));
+        });
+    }
+
+    /// A batch did not commit (the database refused it): counted, shown as the last error and
+    /// as the feed's state until a batch commits; the reader logs it and retries.
+    pub fn commit_failed(&self, message: String) {
+        self.progress.send_modify(|p| {
+            p.commit_failing = true;
+            p.retries += 1;
+            p.last_error = Some((message, SystemTime::now()));
+        });
+    }
+
+    /// Failures so far in the current streak (0 when the feed is healthy).
+    pub fn streak_failures(&self) -> u64 {
+        self.progress
+            .borrow()
+            .streak
+            .as_ref()
+            .map_or(0, |s| s.failures)
+    }
+
+    /// A batch was fetched without any failure: a streak of failures, if any, has ended.
+    pub fn recovered(&self) {
+        self.progress.send_if_modified(|p| match p.streak.take() {
+            Some(streak) => {
+                p.hints.recovered();
+                tracing::info!(
+                    feed = %self.feed,
+                    failures = streak.failures,
+                    after = ?streak.since.elapsed(),
+                    "feed recovered"
+                );
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// The feed as `status` shows it; `url` and `paused` are the supervisor's to know.
+    pub fn snapshot(&self, url: &str, paused: bool) -> FeedStatus {
+        let p = self.progress.borrow();
+        let state = p.state(paused);
+        let lag_of = |next_offset: u64| p.head.map(|head| head.saturating_sub(next_offset));
+        let projections: Vec<ProjectionStatus> = p
+            .projections
+            .iter()
+            .map(|(name, progress)| ProjectionStatus {
+                name: name.clone(),
+                checkpoint: progress.next_offset,
+                lag: lag_of(progress.next_offset),
+                halted: progress.halted.clone(),
+                applied: progress.applied,
+                dead_letters: progress.dead_letters,
+                last_applied_at: progress
+                    .last_applied_at
+                    .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+            })
+            .collect();
+        // The lag of the projections still running: a halted one waits for an operator.
+        let lag = projections
+            .iter()
+            .filter(|pr| pr.halted.is_none())
+            .filter_map(|pr| pr.lag)
+            .max();
+        let events_per_second = rate(&p.samples, p.events_seen, Instant::now());
+        let eta_seconds = match (state, lag) {
+            (FeedState::CatchingUp, Some(lag)) if p.head_exact && events_per_second >= 1.0 => {
+                Some((lag as f64 / events_per_second).ceil() as u64)
+            }
+            _ => None,
+        };
+        FeedStatus {
+            name: self.feed.clone(),
+            url: url.to_string(),
+            state,
+            paused,
+            halted_reason: p.halted_reason(),
+            head: p.head,
+            head_exact: p.head_exact,
+            lag,
+            events_per_second,
+            eta_seconds,
+            events_read: p.events_read,
+            retries: p.retries,
+            last_error: p.last_error.as_ref().map(|(message, at)| LastError {
+                message: message.clone(),
+                at: humantime::format_rfc3339_seconds(*at).to_string(),
+            }),
+            hint: p.hints.given.clone(),
+            projections,
+        }
+    }
+}
+
+impl Progress {
+    fn state(&self, paused: bool) -> FeedState {
+        let readers = &self.readers;
+        if readers.is_empty() {
+            FeedState::Idle
+        } else if paused {
+            if readers.iter().all(ReaderPhase::is_parked) {
+                FeedState::Paused
+            } else {
+                FeedState::Pausing
+            }
+        } else if readers.iter().all(ReaderPhase::is_halted) {
+            FeedState::Halted
+        } else if self.commit_failing {
+            FeedState::CommitFailing
+        } else if self.streak.is_some() {
+            FeedState::BackingOff
+        } else if readers.contains(&ReaderPhase::CatchingUp) {
+            FeedState::CatchingUp
+        } else if readers.contains(&ReaderPhase::Starting) {
+            FeedState::Starting
+        } else {
+            FeedState::Live
+        }
+    }
+
+    /// Why the feed halted: a reason of the feed's own (rewritten), or, once every reader has
+    /// stopped on halted projections, which ones. A projection halted while others go on is
+    /// not the feed halting: its own status says so.
+    fn halted_reason(&self) -> Option<String> {
+        let own = self.readers.iter().find_map(|phase| match phase {
+            ReaderPhase::Halted(reason) => Some(reason.clone()),
+            _ => None,
+        });
+        if own.is_some() {
+            return own;
+        }
+        if self.readers.is_empty() || !self.readers.iter().all(ReaderPhase::is_halted) {
+            return None;
+        }
+        let halted: Vec<&str> = self
+            .projections
+            .iter()
+            .filter(|(_, progress)| progress.halted.is_some())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        Some(format!(
+            "every projection on this feed has halted on a poison event: {}",
+            halted.join(", ")
+        ))
+    }
+}
+
+/// Events per second over the last RATE_WINDOW, from cumulative samples (oldest first).
+fn rate(samples: &VecDeque<(Instant, u64)>, events_now: u64, now: Instant) -> f64 {
+    // The baseline is the newest sample at least a window old, or the oldest one there is.
+    let baseline = samples
+        .iter()
+        .rev()
+        .find(|(at, _)| now.duration_since(*at) >= RATE_WINDOW)
+        .or_else(|| samples.front());
+    let Some(&(since, events_then)) = baseline else {
+        return 0.0;
+    };
+    // At least a second, so that the first batch after start does not read as a huge rate.
+    let span = now.duration_since(since).max(Duration::from_secs(1));
+    events_now.saturating_sub(events_then) as f64 / span.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests;
