@@ -349,6 +349,13 @@ async fn config_errors_name_file_line_and_column_and_exit_2() {
 }
 
 #[test]
+fn an_empty_query_is_a_usage_error() {
+    let output = projector(&["query", "--database", "/nonexistent.db", " "]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the query is empty"));
+}
+
+#[test]
 fn demo_arguments_out_of_range_are_usage_errors_that_exit_2() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let dir_arg = dir.path().to_string_lossy().to_string();
@@ -525,4 +532,37 @@ fn the_demo_piped_into_a_reader_that_goes_away_finishes_without_a_panic() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declarative_projection_on_every_type_counts_the_whole_feed() {
+    let events = bank::generate(13, 700);
+    let harness = Harness::new(events.clone()).await;
+    std::fs::write(
+        harness.dir.path().join("audit.toml"),
+        r#"
+schema = "CREATE TABLE IF NOT EXISTS audit (event_type TEXT PRIMARY KEY, events INTEGER NOT NULL)"
+[on."*"]
+sql = "INSERT INTO audit VALUES (:type, 1) ON CONFLICT (event_type) DO UPDATE SET events = events + 1"
+params = { type = "@event_type" }
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let audit = "\n[[projection]]\nname = \"audit\"\nfeed = \"bank\"\nfile = \"audit.toml\"\n";
+    harness.write_config(&harness.server.url(), audit, "");
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, &["audit"], 700)
+        .await;
+    for event_type in [CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED] {
+        let expected = events.iter().filter(|e| e.event_type == event_type).count() as i64;
+        let counted = harness.count(&format!(
+            "SELECT coalesce(sum(events), 0) FROM audit WHERE event_type = '{event_type}'"
+        ));
+        assert_eq!(counted, expected, "{event_type}");
+    }
+    // Every type is the projection's: every body was fetched, the unhandled type's too.
+    assert!(harness.server.body_requests(STATEMENT_REQUESTED) > 0);
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
 }

@@ -273,3 +273,24 @@ async fn the_sqlite3_shell_and_a_long_query_read_while_the_daemon_writes() {
         assert!(!log.contains(busy), "{busy}: {log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_already_over_max_database_bytes_is_refused_at_start() {
+    let events = bank::generate(29, 300);
+    let harness = Harness::new(events).await;
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, &["account_balances", "account_ledger"], 300)
+        .await;
+    assert!(daemon.terminate().await.0.success());
+    let url = harness.server.url();
+    harness.write_config_with_daemon(&url, BOTH_PROJECTIONS, "", "max_database_bytes = 4096");
+    let config = harness.config_path();
+    let output = common::projector(&["run", "--config", &config.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("consumer.toml:4:22:") && stderr.contains("over max_database_bytes (4096)"),
+        "{stderr}"
+    );
+}

@@ -18,8 +18,10 @@ pub fn check(path: &Path) -> anyhow::Result<Exit> {
         if projections.len() == 1 { "" } else { "s" },
     );
     for projection in &projections {
-        let mut types: Vec<&str> = projection.event_types.iter().map(String::as_str).collect();
-        types.sort_unstable();
+        let mut types = projection.event_types.names();
+        if projection.event_types.is_every() {
+            types.push("every other type (*)");
+        }
         say!(
             "  {} on feed {}: {}",
             projection.name,

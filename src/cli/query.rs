@@ -1,7 +1,7 @@
 //! `projector query`: runs one SQL statement on a read-only connection to the read-model
 //! database and prints the rows, as an aligned table or as JSON lines.
 
-use super::exit::Exit;
+use super::exit::{Exit, UsageError};
 use std::io::Write;
 use std::path::Path;
 
@@ -16,6 +16,13 @@ pub fn query(
     database: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<Exit> {
+    if sql.trim().is_empty() {
+        return Err(UsageError(
+            "the query is empty: give one SQL statement, like \"SELECT * FROM account_balances\""
+                .into(),
+        )
+        .into());
+    }
     let database = match database {
         Some(database) => database.to_path_buf(),
         None => Config::load(config)?.daemon.database,
@@ -29,6 +36,11 @@ pub fn query(
     let conn = crate::store::open_reader(&database)
         .with_context(|| format!("opening {}", database.display()))?;
     let mut statement = conn.prepare(sql).context("preparing the query")?;
+    if !statement.readonly() {
+        anyhow::bail!(
+            "projector query only reads: the database is opened read-only, and this statement would write"
+        );
+    }
     let columns: Vec<String> = statement.column_names().map(|c| c.to_string()).collect();
     let mut rows = statement.query([])?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -67,10 +67,23 @@ impl ConfigError {
 
     /// Turns a TOML parse or type error of `source` (the text of `file`) into a located error.
     pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Self {
-        let location = match err.span() {
-            Some(span) => Location::at_offset(file, source, span.start),
-            None => Location::whole_file(file),
+        let Some(span) = err.span() else {
+            return ConfigError::new(Location::whole_file(file), err.message().trim());
         };
-        ConfigError::new(location, err.message().trim().to_string())
+        let mut message = err.message().trim().to_string();
+        // `control_socket_mode = 0660` is not TOML (no leading zeros): say how to write it.
+        let line_start = source[..span.start.min(source.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        if source[line_start..]
+            .trim_start()
+            .starts_with("control_socket_mode")
+            && message.contains("leading zero")
+        {
+            message.push_str(
+                "; write the socket mode as a string, like control_socket_mode = \"0660\"",
+            );
+        }
+        ConfigError::new(Location::at_offset(file, source, span.start), message)
     }
 }

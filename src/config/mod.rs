@@ -321,6 +321,14 @@ on_error = "skip"
             let err = error_of(&with(&format!("control_socket_mode = {bad}")));
             assert!(err.contains(":5:23:"), "{bad}: {err}");
         }
+        // A number is told to be written as a string, the octal one too (not TOML as it is).
+        for number in ["660", "0660"] {
+            let err = error_of(&with(&format!("control_socket_mode = {number}")));
+            assert!(
+                err.contains(":5:23:") && err.contains("control_socket_mode = \"0660\""),
+                "{number}: {err}"
+            );
+        }
         let err = error_of(&with("log_format = \"xml\""));
         assert!(err.contains(":5:14:"), "{err}");
         let config = parse(&with("synchronous = \"full\""))?;

@@ -22,7 +22,7 @@ pub struct DaemonConfig {
     /// Caps the database file's size: past it, writes stop as on a full disk (and resume after
     /// a reload that raises it). No cap by default.
     #[serde(default)]
-    pub max_database_bytes: Option<ByteLimit>,
+    pub max_database_bytes: Option<Spanned<ByteLimit>>,
     /// "text" (colours on a terminal, plain under systemd) or "json" (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,

@@ -19,7 +19,21 @@ impl Default for SocketMode {
 
 impl<'de> Deserialize<'de> for SocketMode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
+        /// The mode as written: octal text, or a number (which TOML reads as decimal).
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Number(i64),
+        }
+        let text = match Written::deserialize(deserializer)? {
+            Written::Text(text) => text,
+            Written::Number(number) => {
+                return Err(serde::de::Error::custom(format!(
+                    "write the socket mode as a string, like control_socket_mode = \"0{number}\": a bare number is read as decimal, not octal"
+                )))
+            }
+        };
         let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
             serde::de::Error::custom(format!(
                 "socket mode {text:?} is not an octal number like \"0600\" or \"0660\""

@@ -1,7 +1,7 @@
 //! The writer and the feed readers of one configuration: started together from the committed
 //! checkpoints, stopped together once the batches in flight have committed or rolled back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, FeedConfig};
+use crate::config::{Config, ConfigError, FeedConfig};
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
 use crate::projection::ConfiguredProjection;
@@ -153,8 +153,27 @@ async fn open_writer(
     projections: Vec<ConfiguredProjection>,
 ) -> anyhow::Result<Writer> {
     let database = config.daemon.database.clone();
+    let max_bytes = config
+        .daemon
+        .max_database_bytes
+        .as_ref()
+        .map(|limit| limit.get_ref().0 as u64);
+    if let (Some(limit), Some(spanned)) = (max_bytes, &config.daemon.max_database_bytes) {
+        // A database already over its cap could never write again: said now, not per batch.
+        let size = std::fs::metadata(&database).map_or(0, |meta| meta.len());
+        if size > limit {
+            return Err(ConfigError::new(
+                config.source.locate(spanned),
+                format!(
+                    "the database {} is {size} bytes, over max_database_bytes ({limit}): no write would fit; raise max_database_bytes",
+                    database.display()
+                ),
+            )
+            .into());
+        }
+    }
     let settings = WriterSettings {
-        max_bytes: config.daemon.max_database_bytes.map(|limit| limit.0 as u64),
+        max_bytes,
         synchronous: config.daemon.synchronous,
         page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
     };
@@ -253,7 +272,7 @@ fn groups_by_checkpoint(points: &[&StartingPoint]) -> BTreeMap<u64, Vec<Member>>
             .or_default()
             .push(Member {
                 projection: point.projection.clone(),
-                event_types: point.event_types.iter().cloned().collect::<HashSet<_>>(),
+                event_types: point.event_types.clone(),
                 next_offset: point.checkpoint.next_offset,
             });
     }

@@ -7,7 +7,7 @@ fn point(name: &str, next_offset: u64) -> StartingPoint {
     StartingPoint {
         projection: name.into(),
         feed: "bank".into(),
-        event_types: Vec::new(),
+        event_types: crate::projection::EventTypes::default(),
         checkpoint: Checkpoint {
             next_offset,
             last_event_id: None,

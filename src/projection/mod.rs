@@ -14,8 +14,8 @@ use crate::event::{DecodeError, Event};
 
 /// A read model fed by the events of one feed.
 pub trait Projection: Send {
-    /// The event types this projection applies. The daemon fetches bodies only for these and
-    /// passes over every other entry of the feed.
+    /// The event types this projection applies; `*` stands for every type. The daemon fetches
+    /// bodies only for these and passes over every other entry of the feed.
     fn event_types(&self) -> Vec<String>;
 
     /// Creates its tables if they are missing. Runs at every start, inside a transaction.
@@ -36,12 +36,46 @@ pub enum ProjectionError {
     Rejected(String),
 }
 
+/// The event types a projection applies: some by name, or every one (`*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventTypes {
+    names: HashSet<String>,
+    every: bool,
+}
+
+/// The name that stands for every event type.
+pub const EVERY_TYPE: &str = "*";
+
+impl EventTypes {
+    pub fn new(names: impl IntoIterator<Item = String>) -> EventTypes {
+        let mut names: HashSet<String> = names.into_iter().collect();
+        let every = names.remove(EVERY_TYPE);
+        EventTypes { names, every }
+    }
+
+    pub fn contains(&self, event_type: &str) -> bool {
+        self.every || self.names.contains(event_type)
+    }
+
+    /// Every type, whatever its name.
+    pub fn is_every(&self) -> bool {
+        self.every
+    }
+
+    /// The types named, in name order (without `*`).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
 /// A projection built from its `[[projection]]` table, ready to run.
 pub struct ConfiguredProjection {
     pub name: String,
     pub feed: String,
     pub on_error: OnError,
-    pub event_types: HashSet<String>,
+    pub event_types: EventTypes,
     pub projection: Box<dyn Projection>,
 }
 
@@ -107,7 +141,7 @@ fn build(
         name: projection.name().to_string(),
         feed: projection.feed().to_string(),
         on_error: projection.on_error,
-        event_types: built.event_types().into_iter().collect(),
+        event_types: EventTypes::new(built.event_types()),
         projection: built,
     })
 }

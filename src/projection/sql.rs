@@ -5,6 +5,8 @@
 //! cannot change what a statement does. Every statement is prepared against the file's own
 //! schema when the file loads, so `projector check` catches SQL mistakes before anything runs.
 //!
+//! `[on."*"]` handles every event type the file has no table of its own for (counts, audits).
+//!
 //! ```toml
 //! schema = "CREATE TABLE IF NOT EXISTS balances (account_id TEXT PRIMARY KEY, balance INTEGER)"
 //! [on."account.AccountCredited"]
@@ -22,7 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use toml::Spanned;
 
-use super::{Projection, ProjectionError};
+use super::{Projection, ProjectionError, EVERY_TYPE};
 use crate::config::{ConfigError, Location};
 use crate::event::{DecodeError, Event};
 
@@ -205,8 +207,10 @@ pub struct SqlProjection {
 impl SqlProjection {
     /// Parses and checks the projection file `path` whose text is `text`.
     pub fn parse(path: &Path, text: &str) -> Result<SqlProjection, ConfigError> {
-        let file: ProjectionFile =
-            toml::from_str(text).map_err(|err| ConfigError::from_toml(path, text, &err))?;
+        let file: ProjectionFile = toml::from_str(text).map_err(|err| {
+            unquoted_dotted_type(path, text)
+                .unwrap_or_else(|| ConfigError::from_toml(path, text, &err))
+        })?;
         let locate = |span: std::ops::Range<usize>| Location::at_offset(path, text, span.start);
         if file.on.is_empty() {
             return Err(ConfigError::new(
@@ -291,6 +295,37 @@ impl SqlProjection {
     }
 }
 
+/// `[on.account.AccountCreated]` is read by TOML as the table `AccountCreated` inside the table
+/// `account`: the event type's dot must be quoted. Says so, at the table, instead of TOML's
+/// complaint about an unknown field.
+fn unquoted_dotted_type(path: &Path, text: &str) -> Option<ConfigError> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let on = table.get("on")?.as_table()?;
+    for (outer, handler) in on {
+        let Some(handler) = handler.as_table() else {
+            continue;
+        };
+        if handler.contains_key("sql") {
+            continue;
+        }
+        let Some((inner, _)) = handler.iter().find(|(_, value)| value.is_table()) else {
+            continue;
+        };
+        let written = format!("[on.{outer}.{inner}]");
+        let location = match text.find(&written) {
+            Some(offset) => Location::at_offset(path, text, offset),
+            None => Location::whole_file(path),
+        };
+        return Some(ConfigError::new(
+            location,
+            format!(
+                "{written} is read as a table {inner:?} inside a table {outer:?}: quote an event type with a dot in it, like [on.\"{outer}.{inner}\"]"
+            ),
+        ));
+    }
+    None
+}
+
 impl Projection for SqlProjection {
     fn event_types(&self) -> Vec<String> {
         self.handlers.keys().cloned().collect()
@@ -302,7 +337,11 @@ impl Projection for SqlProjection {
     }
 
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
-        let Some(handler) = self.handlers.get(&event.meta.event_type) else {
+        let handler = self
+            .handlers
+            .get(&event.meta.event_type)
+            .or_else(|| self.handlers.get(EVERY_TYPE));
+        let Some(handler) = handler else {
             return Ok(());
         };
         // Parsed once for all the statement's fields.
@@ -385,6 +424,47 @@ mod tests {
             "{err:?}"
         );
         Ok(())
+    }
+
+    #[test]
+    fn every_type_without_a_table_of_its_own_goes_to_the_star_table(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let text = r#"
+schema = "CREATE TABLE seen (event_type TEXT PRIMARY KEY, events INTEGER NOT NULL)"
+[on."*"]
+sql = "INSERT INTO seen VALUES (:type, 1) ON CONFLICT (event_type) DO UPDATE SET events = events + 1"
+params = { type = "@event_type" }
+[on.special]
+sql = "INSERT INTO seen VALUES ('special!', 1) ON CONFLICT (event_type) DO UPDATE SET events = events + 1"
+"#;
+        let projection = SqlProjection::parse(Path::new("audit.toml"), text)?;
+        let types = crate::projection::EventTypes::new(projection.event_types());
+        assert!(types.is_every() && types.contains("anything") && types.contains("special"));
+        let mut conn = Connection::open_in_memory()?;
+        let tx = conn.transaction()?;
+        projection.setup(&tx)?;
+        for (offset, event_type) in ["a", "b", "a", "special"].iter().enumerate() {
+            projection.apply(&tx, &event(offset as u64, event_type, json!({})))?;
+        }
+        let counts: Vec<(String, i64)> = tx
+            .prepare("SELECT event_type, events FROM seen ORDER BY event_type")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            counts,
+            [("a".into(), 2), ("b".into(), 1), ("special!".into(), 1)]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_unquoted_dotted_event_type_is_told_to_be_quoted() {
+        let text = "schema = \"CREATE TABLE t (a)\"\n\n[on.account.AccountCreated]\nsql = \"INSERT INTO t VALUES (1)\"\n";
+        let err = error_of(text);
+        assert!(
+            err.starts_with("p.toml:3:1:") && err.contains("[on.\"account.AccountCreated\"]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,7 +16,6 @@ mod head;
 mod pages;
 pub mod retry;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,13 +35,14 @@ use crate::event::Event;
 use crate::feed::error::FetchError;
 use crate::feed::FeedClient;
 use crate::monitor::{FeedMonitor, ReaderPhase};
+use crate::projection::EventTypes;
 use crate::writer::{ApplyError, Batch, BatchOutcome, PendingBatch, WriterHandle};
 
 /// A projection read by this reader, as far as the reader needs to know it.
 #[derive(Debug, Clone)]
 pub struct Member {
     pub projection: String,
-    pub event_types: HashSet<String>,
+    pub event_types: EventTypes,
     pub next_offset: u64,
 }
 

@@ -18,7 +18,7 @@ pub use thread::{PendingBatch, WriterHandle, WriterThread};
 
 use crate::config::Synchronous;
 use crate::event::Event;
-use crate::projection::ConfiguredProjection;
+use crate::projection::{ConfiguredProjection, EventTypes};
 use crate::store::{self, Checkpoint};
 use activity::WriterActivity;
 use wal::WalPolicy;
@@ -108,7 +108,7 @@ struct Slot {
 pub struct StartingPoint {
     pub projection: String,
     pub feed: String,
-    pub event_types: Vec<String>,
+    pub event_types: EventTypes,
     pub checkpoint: Checkpoint,
     /// Its events recorded in `projector_dead_letters` so far.
     pub dead_letters: u64,
@@ -179,7 +179,7 @@ impl Writer {
                 starting_points.push(StartingPoint {
                     projection: projection.name.clone(),
                     feed: projection.feed.clone(),
-                    event_types: projection.event_types.iter().cloned().collect(),
+                    event_types: projection.event_types.clone(),
                     checkpoint,
                     dead_letters: store::count_dead_letters(&tx, &projection.name)?,
                 });

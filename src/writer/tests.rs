@@ -1,7 +1,6 @@
 //! The writer's unit tests: exactly-once apply, poison events under both policies, savepoints
 //! after a poison batch, a rewritten feed and a gap refused, and how the database is opened.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use serde_json::json;
 use super::*;
 use crate::config::{OnError, Synchronous};
 use crate::event::EventMeta;
-use crate::projection::{Projection, ProjectionError};
+use crate::projection::{EventTypes, Projection, ProjectionError};
 
 /// Sums `amount` into one row per projection; refuses negative amounts.
 struct Summer(&'static str);
@@ -54,7 +53,7 @@ fn configured(name: &'static str, on_error: OnError) -> ConfiguredProjection {
         name: name.into(),
         feed: "f".into(),
         on_error,
-        event_types: HashSet::from(["add".to_string()]),
+        event_types: EventTypes::new(["add".to_string()]),
         projection: Box::new(Summer(name)),
     }
 }
@@ -188,7 +187,7 @@ fn after_a_batch_with_a_poison_event_the_next_ones_start_with_savepoints_until_o
             name: "counting".into(),
             feed: "f".into(),
             on_error: OnError::Skip,
-            event_types: HashSet::from(["add".to_string()]),
+            event_types: EventTypes::new(["add".to_string()]),
             projection: Box::new(Counting(calls.clone())),
         }],
     )?;
