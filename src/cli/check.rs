@@ -1,12 +1,22 @@
 //! `projector check`: validates a config and builds its projections (declarative SQL is prepared
-//! against its schema) without touching the database or the feeds.
+//! against its schema), and warns of projection tables the database already has with other
+//! columns. With `--probe` it also reads each feed's first pages, finds the head, compares the
+//! event types seen with those the projections apply, and tries whether the database can be
+//! written: the mistakes a first run would otherwise show only in its log.
 
-use super::exit::Exit;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::config::Config;
+use super::exit::Exit;
+use crate::config::{Config, FeedConfig};
+use crate::feed::FeedClient;
+use crate::projection::{shape, ConfiguredProjection};
 
-pub fn check(path: &Path) -> anyhow::Result<Exit> {
+/// How far `--probe` reads each feed: its first pages, up to this many events.
+const PROBE_EVENTS: u64 = 1000;
+const PROBE_PAGES: usize = 50;
+
+pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
     let config = Config::load(path)?;
     let projections = crate::projection::build_all(&config)?;
     say!(
@@ -29,5 +39,207 @@ pub fn check(path: &Path) -> anyhow::Result<Exit> {
             types.join(", ")
         );
     }
-    Ok(Exit::Success)
+    warn_of_other_shapes(&config, &projections)?;
+    if !probe {
+        return Ok(Exit::Success);
+    }
+    say!("probe:");
+    let mut fine = match database_writable(&config.daemon.database) {
+        Ok(how) => {
+            say!("  database {}: {how}", config.daemon.database.display());
+            true
+        }
+        Err(why) => {
+            say!("  database {}: {why}", config.daemon.database.display());
+            false
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for feed in &config.feeds {
+        let on_feed: Vec<&ConfiguredProjection> = projections
+            .iter()
+            .filter(|p| p.feed == feed.name())
+            .collect();
+        fine &= runtime.block_on(probe_feed(feed, &on_feed))?;
+    }
+    Ok(if fine { Exit::Success } else { Exit::Failure })
+}
+
+/// Warns of each projection table the database has with other columns than the projection's
+/// setup makes (`CREATE TABLE IF NOT EXISTS` would keep it, and the statements fail).
+fn warn_of_other_shapes(
+    config: &Config,
+    projections: &[ConfiguredProjection],
+) -> anyhow::Result<()> {
+    let database = &config.daemon.database;
+    if !database.exists() {
+        return Ok(());
+    }
+    let conn = crate::store::open_reader(database)?;
+    for projection in projections {
+        for mismatch in shape::mismatches(&*projection.projection, &conn)? {
+            say!(
+                "warning: projection {}: {} has a table {} with columns ({}), but the projection makes it with ({}); it keeps the table as it is, so its statements may fail",
+                projection.name,
+                database.display(),
+                mismatch.table,
+                mismatch.found.join(", "),
+                mismatch.made.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether the daemon could write the database: the file if it exists, else the folder it
+/// would be created in (or the nearest existing folder above, which it would create).
+fn database_writable(database: &Path) -> Result<String, String> {
+    if database.exists() {
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open(database)
+            .map(|_| "exists, and can be written".to_string())
+            .map_err(|err| format!("cannot be written: {err}"));
+    }
+    let mut folder = database.parent().unwrap_or(Path::new("."));
+    while !folder.exists() {
+        folder = folder.parent().unwrap_or(Path::new("."));
+    }
+    let trial = folder.join(format!(".projector-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&trial)
+        .map_err(|err| {
+            format!(
+                "cannot be created: {} is not writable: {err}",
+                folder.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&trial);
+    Ok(format!(
+        "does not exist yet; it will be created ({} is writable)",
+        folder.display()
+    ))
+}
+
+/// Reads the feed's first pages and finds its head; says what it saw, and warns of event types
+/// the projections apply that the feed's first events never have. False if the feed cannot be
+/// read.
+async fn probe_feed(
+    feed: &FeedConfig,
+    projections: &[&ConfiguredProjection],
+) -> anyhow::Result<bool> {
+    let client = FeedClient::new(feed)?;
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let mut read = 0u64;
+    let mut pages = 0;
+    let mut at_head = false;
+    while pages < PROBE_PAGES && read < PROBE_EVENTS {
+        let entries = match client.fetch_page(read).await {
+            Ok(entries) => entries,
+            Err(err) => {
+                say!("  feed {} cannot be read: {err}", feed.name());
+                if let Some(hint) = crate::monitor::hint_for(&err) {
+                    say!("    hint: {hint}");
+                }
+                return Ok(false);
+            }
+        };
+        if entries.is_empty() {
+            at_head = true;
+            break;
+        }
+        for entry in &entries {
+            *seen.entry(entry.meta.event_type.clone()).or_default() += 1;
+        }
+        read += entries.len() as u64;
+        pages += 1;
+    }
+    let head = if at_head {
+        Some(read)
+    } else {
+        crate::reader::find_head(&client, read).await.ok()
+    };
+    let head = head.map_or("not found".to_string(), |head| head.to_string());
+    say!(
+        "  feed {} ({}): read {read} events from the first {pages} pages; head at {head}",
+        feed.name(),
+        feed.url.0
+    );
+    let counted: Vec<String> = seen.iter().map(|(t, n)| format!("{t} ({n})")).collect();
+    say!(
+        "    types seen: {}",
+        if counted.is_empty() {
+            "none".to_string()
+        } else {
+            counted.join(", ")
+        }
+    );
+    let passed_over: Vec<&str> = seen
+        .keys()
+        .filter(|t| !projections.iter().any(|p| p.event_types.contains(t)))
+        .map(String::as_str)
+        .collect();
+    if !passed_over.is_empty() {
+        say!(
+            "    passed over (no projection on this feed applies them): {}",
+            passed_over.join(", ")
+        );
+    }
+    if read == 0 {
+        return Ok(true);
+    }
+    for projection in projections {
+        for event_type in projection.event_types.names() {
+            if seen.contains_key(event_type) {
+                continue;
+            }
+            let nearest = seen
+                .keys()
+                .map(|t| (edit_distance(t, event_type), t))
+                .filter(|(distance, _)| *distance <= 3)
+                .min();
+            let suggestion =
+                nearest.map_or(String::new(), |(_, t)| format!(" (did you mean {t}?)"));
+            say!(
+                "warning: projection {} applies {event_type}, which none of the first {read} events of feed {} has{suggestion}",
+                projection.name,
+                feed.name()
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// How many single-character edits turn `a` into `b` (Levenshtein), for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        use super::edit_distance;
+        assert_eq!(
+            edit_distance("account.AccountCreatd", "account.AccountCreated"),
+            1
+        );
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
 }

@@ -59,10 +59,15 @@ pub enum Command {
         #[arg(long, short, default_value = "consumer.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration and its projections without running anything.
+    /// Validate a configuration and its projections without running anything; warn of
+    /// projection tables the database has with other columns.
     Check {
         #[arg(long, short, default_value = "consumer.toml")]
         config: PathBuf,
+        /// Also read each feed's first pages and find its head, compare the event types seen
+        /// with those the projections apply, and try whether the database can be written.
+        #[arg(long)]
+        probe: bool,
     },
     /// Steer a running daemon through its control socket.
     Ctl {
@@ -127,7 +132,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Run { config } => run::run(&config),
-        Command::Check { config } => check::check(&config),
+        Command::Check { config, probe } => check::check(&config, probe),
         Command::Ctl {
             config,
             socket,

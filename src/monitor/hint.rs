@@ -12,7 +12,7 @@ pub(super) const HINT_AFTER: u32 = 3;
 
 /// The hint a failed page request suggests, if it is one of the failures that usually mean a
 /// mistake rather than bad luck.
-pub(super) fn hint_for(err: &FetchError) -> Option<String> {
+pub fn hint_for(err: &FetchError) -> Option<String> {
     if err.target != FetchTarget::Page {
         return None;
     }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
 use crate::feed::error::FetchError;
 use crate::writer::{BatchOutcome, StartingPoint};
+pub use hint::hint_for;
 use hint::HintRun;
 
 /// The window the recent rate is measured over.

@@ -3,6 +3,7 @@
 //! A projection never commits: the daemon hands it an open transaction, and the projection's
 //! writes commit together with its checkpoint, or not at all.
 
+pub mod shape;
 pub mod sql;
 
 use std::collections::HashSet;

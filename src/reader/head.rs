@@ -21,7 +21,8 @@ const FIRST_STEP: u64 = 1024;
 
 /// What finding the head needs to ask of the feed: the number of events on the page at an
 /// offset (0 at or past the head).
-pub(super) trait PageCount {
+#[allow(async_fn_in_trait)] // used with concrete types only
+pub trait PageCount {
     async fn events_at(&self, offset: u64) -> Result<u64, FetchError>;
 }
 
@@ -37,7 +38,7 @@ impl PageCount for FeedClient {
 /// The pages are probed at `known + 1024`, `+ 2048`, ... until one is empty, then the gap is
 /// bisected. A page shorter than the longest seen usually ends at the head, so the page just
 /// after it is tried next: most feeds answer full pages until the head.
-pub(super) async fn find_head(feed: &impl PageCount, known: u64) -> Result<u64, FetchError> {
+pub async fn find_head(feed: &impl PageCount, known: u64) -> Result<u64, FetchError> {
     // The head is at or past `low` and at or before `high`, once `high` is known.
     let mut low = known;
     let mut high: Option<u64> = None;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use batch::Gathering;
 pub use batch::MAX_BATCH_EVENTS;
 use bodies::{BodyReader, Read};
-pub use head::follow_head;
+pub use head::{find_head, follow_head};
 use pages::PageReader;
 use retry::Backoff;
 
