@@ -275,8 +275,10 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
 async fn two_sigterms_sent_together_are_one_graceful_stop() {
     // The stop interrupts the stuck batch after 300 ms and exits 0.
     let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("300ms").await;
-    // As `timeout` and some supervisors do: two signals at once.
+    // As `timeout` and some supervisors do: two signals at once. (Sent while the first is
+    // pending, the kernel would merge them: the second goes once the first is taken.)
     daemon.signal("TERM");
+    wait_for_log(&mut daemon, "SIGTERM received").await;
     daemon.signal("TERM");
     let status = daemon.wait_exit().await;
     let log = daemon.log();
