@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hyper::Uri;
+use projector::feed::access::Access;
 use projector::feed::flux;
-use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
+use projector::feed::http::{parse_uri, tls, HttpClient, HttpSettings};
 use projector::feed::page::EntryBody;
 
 #[derive(Parser)]
@@ -47,12 +48,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn measure(args: Args) -> anyhow::Result<()> {
-    let client = HttpClient::new(HttpSettings {
+    let settings = HttpSettings {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
         max_response_bytes: 16 << 20,
         idle_connections: args.concurrency,
-    })?;
+    };
+    let client = HttpClient::new(settings, Access::anywhere(), tls::default_config()?);
     let urls = Arc::new(body_urls(&client, &args.feed, args.pages).await?);
     anyhow::ensure!(!urls.is_empty(), "the feed has no entries");
     if let Some(dir) = &args.wrk_scripts {
@@ -102,7 +104,8 @@ async fn body_urls(client: &HttpClient, feed: &str, pages: usize) -> anyhow::Res
             .get(&page_url)
             .await
             .map_err(|err| anyhow::anyhow!("page {page}: {err}"))?;
-        let entries = flux::parse_page(&bytes, &feed_url).map_err(anyhow::Error::msg)?;
+        let entries =
+            flux::parse_page(&bytes, &feed_url, &Access::anywhere()).map_err(anyhow::Error::msg)?;
         if entries.is_empty() {
             break;
         }

@@ -35,6 +35,8 @@ pub mod projection;
 pub mod projections;
 /// One feed's reader: pages, bodies, batches handed to the writer, retries.
 pub mod reader;
+/// Text shown to people: URLs without their secrets, control characters escaped, long text cut.
+pub mod shown;
 /// Unix signals turned into the same requests the control socket takes.
 pub mod signals;
 /// The SQLite database: pragmas, migrations, checkpoints, dead letters, paused feeds.

@@ -11,6 +11,7 @@ use url::Url;
 
 use projector::config::Config;
 use projector::control::protocol::Request;
+use projector::feed::access::Access;
 use projector::feed::flux::parse_page;
 use projector::feed::inline;
 use projector::feed::page::EntryBody;
@@ -89,12 +90,12 @@ fn valid_entry() -> impl Strategy<Value = (String, String, String, i64, String)>
 proptest! {
     #[test]
     fn the_page_parser_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = parse_page(&bytes, &feed_url());
+        let _ = parse_page(&bytes, &feed_url(), &Access::anywhere());
     }
 
     #[test]
     fn the_page_parser_never_panics_on_json(value in json_value()) {
-        let _ = parse_page(value.to_string().as_bytes(), &feed_url());
+        let _ = parse_page(value.to_string().as_bytes(), &feed_url(), &Access::anywhere());
     }
 
     #[test]
@@ -106,7 +107,7 @@ proptest! {
         if let Some(extra) = extra {
             page["extra"] = extra;
         }
-        let _ = parse_page(page.to_string().as_bytes(), &feed_url());
+        let _ = parse_page(page.to_string().as_bytes(), &feed_url(), &Access::anywhere());
     }
 
     #[test]
@@ -130,7 +131,7 @@ proptest! {
                 "created": created,
             })).collect::<Vec<_>>(),
         });
-        let parsed = parse_page(page.to_string().as_bytes(), &feed_url());
+        let parsed = parse_page(page.to_string().as_bytes(), &feed_url(), &Access::anywhere());
         prop_assert!(parsed.is_ok(), "{parsed:?}");
         let parsed = parsed.unwrap_or_default();
         prop_assert_eq!(parsed.len(), entries.len());

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use projector::config::FeedFormat;
 use projector::demo::feed_server::{FeedServer, StoredEvent, DEFAULT_INLINE_PAGE_SIZE};
-use projector::feed::http::{parse_uri, HttpClient, HttpSettings};
+use projector::feed::access::Access;
+use projector::feed::http::{parse_uri, tls, HttpClient, HttpSettings};
 
 use crate::CONNECTIONS;
 
@@ -69,13 +70,14 @@ impl WireLoad {
     /// Requests a second over 3 seconds, at CONNECTIONS connections, from the daemon's HTTP
     /// client in this process (when wrk is not installed).
     pub async fn client_rate(&self) -> f64 {
-        let client = HttpClient::new(HttpSettings {
+        let settings = HttpSettings {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             max_response_bytes: 64 << 20,
             idle_connections: CONNECTIONS,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        };
+        let tls = tls::default_config().unwrap_or_else(|e| panic!("{e}"));
+        let client = HttpClient::new(settings, Access::anywhere(), tls);
         let urls: Arc<Vec<hyper::Uri>> = Arc::new(
             self.paths
                 .iter()

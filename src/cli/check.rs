@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::exit::Exit;
-use crate::config::{Config, FeedConfig};
+use crate::config::{Config, ConfigSource, FeedConfig};
 use crate::feed::FeedClient;
 use crate::projection::{shape, ConfiguredProjection};
 
@@ -62,7 +62,7 @@ pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
             .iter()
             .filter(|p| p.feed == feed.name())
             .collect();
-        fine &= runtime.block_on(probe_feed(feed, &on_feed))?;
+        fine &= runtime.block_on(probe_feed(feed, &config.source, &on_feed))?;
     }
     Ok(if fine { Exit::Success } else { Exit::Failure })
 }
@@ -130,9 +130,10 @@ fn database_writable(database: &Path) -> Result<String, String> {
 /// read.
 async fn probe_feed(
     feed: &FeedConfig,
+    source: &ConfigSource,
     projections: &[&ConfiguredProjection],
 ) -> anyhow::Result<bool> {
-    let client = FeedClient::new(feed)?;
+    let client = FeedClient::new(feed, source)?;
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut read = 0u64;
     let mut pages = 0;
@@ -167,7 +168,7 @@ async fn probe_feed(
     say!(
         "  feed {} ({}): read {read} events from the first {pages} pages; head at {head}",
         feed.name(),
-        feed.url.0
+        crate::shown::url(&feed.url.0)
     );
     let counted: Vec<String> = seen.iter().map(|(t, n)| format!("{t} ({n})")).collect();
     say!(

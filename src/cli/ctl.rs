@@ -12,6 +12,7 @@ use clap::Subcommand;
 use crate::config::Config;
 use crate::control::client::{ClientError, ControlClient};
 use crate::control::protocol::{eta_text, DaemonStatus, FeedStatus, Reply, Request};
+use crate::shown::escaped;
 
 /// How long a reply may take: a pause waits for the batch in flight, a reload restarts the
 /// readers.
@@ -81,14 +82,14 @@ pub fn ctl(
             .unwrap_or("the daemon refused without a reason");
         // With --json the reply, printed above, says it already.
         if !json {
-            complain!("projector: {error}");
+            complain!("projector: {}", escaped(error));
         }
         return Ok(Exit::Failure);
     }
     if !json {
         match &reply.status {
             Some(status) => say_partly!("{}", render_status(status)),
-            None => say!("{}", describe(&reply)),
+            None => say!("{}", escaped(&describe(&reply))),
         }
     }
     if request == Request::Stop {
@@ -112,7 +113,7 @@ fn fail(json: bool, error: &str, exit: Exit) -> Exit {
     if json {
         say!("{}", serde_json::json!({"ok": false, "error": error}));
     } else {
-        complain!("projector: {error}");
+        complain!("projector: {}", escaped(error));
     }
     exit
 }
@@ -182,9 +183,9 @@ pub fn render_status(status: &DaemonStatus) -> String {
         status.version,
         status.pid,
         humantime::format_duration(Duration::from_secs(status.uptime_seconds)),
-        status.config
+        escaped(&status.config)
     );
-    let _ = writeln!(out, "database {}", status.database);
+    let _ = writeln!(out, "database {}", escaped(&status.database));
     if status.stopping {
         let _ = writeln!(out, "stopping: the batches in flight are finishing");
     }
@@ -192,7 +193,7 @@ pub fn render_status(status: &DaemonStatus) -> String {
         let _ = writeln!(out, "reloaded at {at}");
     }
     if let Some(slow) = &status.slow_batch {
-        let _ = writeln!(out, "writer on {}", slow.describe());
+        let _ = writeln!(out, "writer on {}", escaped(&slow.describe()));
     }
     if status.log_lines_dropped > 0 {
         let _ = writeln!(
@@ -214,10 +215,10 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         "feed {}: {}  ({})",
         feed.name,
         feed.state.as_str(),
-        feed.url
+        escaped(&feed.url)
     );
     if let Some(reason) = &feed.halted_reason {
-        let _ = writeln!(out, "  halted: {reason}");
+        let _ = writeln!(out, "  halted: {}", escaped(reason));
     }
     let known = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
     let head = match (feed.head, feed.head_exact) {
@@ -243,10 +244,15 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         feed.events_read, feed.retries
     );
     if let Some(error) = &feed.last_error {
-        let _ = writeln!(out, "  last error at {}: {}", error.at, error.message);
+        let _ = writeln!(
+            out,
+            "  last error at {}: {}",
+            error.at,
+            escaped(&error.message)
+        );
     }
     if let Some(hint) = &feed.hint {
-        let _ = writeln!(out, "  hint: {hint}");
+        let _ = writeln!(out, "  hint: {}", escaped(hint));
     }
     let width = feed
         .projections
@@ -262,7 +268,7 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
     );
     for projection in &feed.projections {
         let state = match &projection.halted {
-            Some(reason) => format!("halted at {reason}"),
+            Some(reason) => format!("halted at {}", escaped(reason)),
             None => "ok".to_string(),
         };
         let _ = writeln!(

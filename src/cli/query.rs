@@ -42,6 +42,10 @@ pub fn query(
         );
     }
     let columns: Vec<String> = statement.column_names().map(|c| c.to_string()).collect();
+    let headings: Vec<String> = columns
+        .iter()
+        .map(|c| crate::shown::escaped(c).into_owned())
+        .collect();
     let mut rows = statement.query([])?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut table: Vec<Vec<String>> = Vec::new();
@@ -66,7 +70,7 @@ pub fn query(
         }
     }
     if !json {
-        write_or_stop(&mut out, &format_table(&columns, &table))?;
+        write_or_stop(&mut out, &format_table(&headings, &table))?;
     }
     // A reader that went away (`| head`) is not an error.
     match out.flush() {
@@ -89,7 +93,8 @@ fn to_text(value: ValueRef) -> String {
         ValueRef::Null => "NULL".into(),
         ValueRef::Integer(i) => i.to_string(),
         ValueRef::Real(f) => f.to_string(),
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        // A payload may carry escape sequences: the table shows them, never runs them.
+        ValueRef::Text(t) => crate::shown::escaped(&String::from_utf8_lossy(t)).into_owned(),
         ValueRef::Blob(b) => format!("<{} bytes>", b.len()),
     }
 }

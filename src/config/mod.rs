@@ -21,7 +21,9 @@ pub use tables::{
     DaemonConfig, FeedConfig, FeedFormat, LogFormat, OnError, ProjectionConfig, ProjectionSource,
     Synchronous, PAGE_CACHE_BYTES,
 };
-pub use values::{ByteLimit, Concurrency, FeedUrl, Interval, Name, SocketMode};
+pub use values::{
+    BodyOrigin, ByteLimit, Concurrency, FeedUrl, Interval, Name, SecretSource, SocketMode,
+};
 
 /// The whole `consumer.toml`.
 #[derive(Debug, Deserialize)]
@@ -38,10 +40,20 @@ pub struct Config {
 }
 
 /// The file a config was read from and its text.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct ConfigSource {
     pub path: PathBuf,
     pub text: String,
+}
+
+/// Not the text: it may hold secrets.
+impl std::fmt::Debug for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigSource")
+            .field("path", &self.path)
+            .field("bytes", &self.text.len())
+            .finish()
+    }
 }
 
 impl ConfigSource {
@@ -89,6 +101,18 @@ impl Config {
                     src.locate(&feed.name),
                     format!("feed {:?} is defined twice", feed.name()),
                 ));
+            }
+            match (&feed.tls_client_cert, &feed.tls_client_key) {
+                (Some(spanned), None) | (None, Some(spanned)) => {
+                    return Err(ConfigError::new(
+                        src.locate(spanned),
+                        format!(
+                            "feed {:?}: tls_client_cert and tls_client_key go together",
+                            feed.name()
+                        ),
+                    ))
+                }
+                _ => {}
             }
             if feed.retry_max.0 < feed.retry_initial.0 {
                 return Err(ConfigError::new(
@@ -148,6 +172,9 @@ impl Config {
     fn resolve_paths(&mut self) {
         let dir = self.source.dir();
         self.daemon.resolve_paths(&dir);
+        for feed in &mut self.feeds {
+            feed.resolve_paths(&dir);
+        }
         for projection in &mut self.projections {
             if let Some(file) = &mut projection.file {
                 let resolved = dir.join(file.get_ref());

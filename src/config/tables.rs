@@ -1,12 +1,15 @@
 //! The tables of `consumer.toml`: `[daemon]`, `[[feed]]` and `[[projection]]`, with their
 //! defaults.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::values::{ByteLimit, Concurrency, FeedUrl, Interval, Name, SocketMode};
+use super::values::{
+    BodyOrigin, ByteLimit, Concurrency, FeedUrl, Interval, Name, SecretSource, SocketMode,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,11 +118,44 @@ pub struct FeedConfig {
     /// read until the reader reaches it.
     #[serde(default = "defaults::find_head")]
     pub find_head: bool,
+    /// Headers sent with every request to the feed's own origin (never elsewhere), e.g.
+    /// `Authorization`; values may come from the environment, a file or a systemd credential.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<SecretSource>>,
+    /// Where Flux entry URLs and redirects may lead (see [`BodyOrigin`]).
+    #[serde(default)]
+    pub body_origin: BodyOrigin,
+    /// A PEM file of CA certificates trusted for this feed besides the built-in roots: a
+    /// private CA.
+    pub tls_ca: Option<Spanned<PathBuf>>,
+    /// A PEM certificate chain and its private key, for feeds that ask for a client certificate.
+    pub tls_client_cert: Option<Spanned<PathBuf>>,
+    pub tls_client_key: Option<Spanned<PathBuf>>,
 }
 
 impl FeedConfig {
     pub fn name(&self) -> &str {
         &self.name.get_ref().0
+    }
+
+    /// Relative files (secrets, certificates) are the config folder's.
+    pub(super) fn resolve_paths(&mut self, dir: &Path) {
+        for value in self.headers.values_mut() {
+            if let SecretSource::File(path) = value.get_mut() {
+                *path = dir.join(&*path);
+            }
+        }
+        for path in [
+            &mut self.tls_ca,
+            &mut self.tls_client_cert,
+            &mut self.tls_client_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let resolved = dir.join(path.get_ref());
+            *path.get_mut() = resolved;
+        }
     }
 }
 

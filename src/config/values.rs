@@ -1,6 +1,8 @@
 //! The configuration's value types: each one parses and checks itself as serde reads it, so a
 //! bad value is refused with a message at its own line and column.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -78,16 +80,17 @@ pub struct FeedUrl(pub Url);
 impl<'de> Deserialize<'de> for FeedUrl {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
+        let shown = crate::shown::url_text(&text);
         let url = Url::parse(&text)
-            .map_err(|err| serde::de::Error::custom(format!("invalid URL {text:?}: {err}")))?;
+            .map_err(|err| serde::de::Error::custom(format!("invalid URL {shown:?}: {err}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(serde::de::Error::custom(format!(
-                "URL {text:?} must start with http:// or https://"
+                "URL {shown:?} must start with http:// or https://"
             )));
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(serde::de::Error::custom(format!(
-                "URL {text:?} has no host"
+                "URL {shown:?} has no host"
             )));
         }
         Ok(FeedUrl(url))
@@ -143,6 +146,117 @@ impl<'de> Deserialize<'de> for ByteLimit {
             _ => Err(serde::de::Error::custom(format!(
                 "byte limit {value} must be at least 1024"
             ))),
+        }
+    }
+}
+
+/// A value that may be a secret: written in the config, or read at start from elsewhere so that
+/// the secret stays out of `consumer.toml`: `"text"`, `{ env = "VARIABLE" }`, `{ file = "path" }`
+/// (relative to the config's folder; a trailing newline is dropped) or `{ credential = "name" }`
+/// (a file of systemd's `$CREDENTIALS_DIRECTORY`, from `LoadCredential=` in the unit). Its
+/// `Debug` never shows the text.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Text(String),
+    Env(String),
+    File(PathBuf),
+    Credential(String),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Text(_) => f.write_str("Text(REDACTED)"),
+            SecretSource::Env(name) => write!(f, "Env({name:?})"),
+            SecretSource::File(path) => write!(f, "File({path:?})"),
+            SecretSource::Credential(name) => write!(f, "Credential({name:?})"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            From(BTreeMap<String, String>),
+        }
+        let from = match Written::deserialize(deserializer) {
+            Ok(Written::Text(text)) => return Ok(SecretSource::Text(text)),
+            Ok(Written::From(from)) => from,
+            Err(_) => {
+                return Err(serde::de::Error::custom(
+                    "write a value as a string, or as { env = \"VARIABLE\" }, { file = \"path\" } or { credential = \"name\" }",
+                ))
+            }
+        };
+        let mut entries = from.into_iter();
+        match (entries.next(), entries.next()) {
+            (Some((kind, name)), None) => match kind.as_str() {
+                "env" => Ok(SecretSource::Env(name)),
+                "file" => Ok(SecretSource::File(PathBuf::from(name))),
+                "credential" => Ok(SecretSource::Credential(name)),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?} is not a place to read a value from: write env, file or credential"
+                ))),
+            },
+            _ => Err(serde::de::Error::custom(
+                "read a value from one place: { env = \"VARIABLE\" }, { file = \"path\" } or { credential = \"name\" }",
+            )),
+        }
+    }
+}
+
+/// Where a feed's bodies (Flux entry URLs) and redirects may lead: the feed's own origin (its
+/// scheme, host and port), any origin, or the feed's and the origins listed. Never from https
+/// to http, whatever this says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BodyOrigin {
+    #[default]
+    Same,
+    Any,
+    /// The feed's own origin and these, each `scheme://host[:port]`.
+    Listed(Vec<Url>),
+}
+
+impl<'de> Deserialize<'de> for BodyOrigin {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Word(String),
+            List(Vec<String>),
+        }
+        let written = Written::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "write body_origin as \"same\", \"any\" or a list of origins like [\"https://cdn.example.com\"]",
+            )
+        })?;
+        match written {
+            Written::Word(word) if word == "same" => Ok(BodyOrigin::Same),
+            Written::Word(word) if word == "any" => Ok(BodyOrigin::Any),
+            Written::Word(word) => Err(serde::de::Error::custom(format!(
+                "body_origin {word:?} is not \"same\" or \"any\"; list other origins as [\"https://cdn.example.com\"]"
+            ))),
+            Written::List(origins) => origins
+                .iter()
+                .map(|text| {
+                    let url = Url::parse(text).ok().filter(|url| {
+                        matches!(url.scheme(), "http" | "https")
+                            && url.host_str().is_some()
+                            && matches!(url.path(), "" | "/")
+                            && url.query().is_none()
+                            && url.username().is_empty()
+                    });
+                    url.ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "{text:?} is not an origin: write scheme, host and port only, like \"https://cdn.example.com:8443\""
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map(BodyOrigin::Listed),
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError, FeedConfig};
+use crate::config::{Config, ConfigError, ConfigSource, FeedConfig};
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
 use crate::projection::ConfiguredProjection;
@@ -35,11 +35,11 @@ pub(super) struct Engine {
 
 /// The monitors of a stopped engine, by feed name with its URL, so that a reload keeps each
 /// feed's counters.
-pub(super) type CarriedMonitors = BTreeMap<String, (String, Arc<FeedMonitor>)>;
+pub(super) type CarriedMonitors = BTreeMap<String, (url::Url, Arc<FeedMonitor>)>;
 
 /// What the supervisor holds of a running feed.
 pub(super) struct FeedRuntime {
-    pub(super) url: String,
+    pub(super) url: url::Url,
     pub(super) paused: watch::Sender<bool>,
     pub(super) monitor: Arc<FeedMonitor>,
 }
@@ -70,7 +70,13 @@ impl Engine {
                 .filter(|p| p.feed == feed.name())
                 .collect();
             let paused = paused_feeds.contains(feed.name());
-            let runtime = readers.start_feed(feed, &points, paused, carried.get(feed.name()))?;
+            let runtime = readers.start_feed(
+                feed,
+                &config.source,
+                &points,
+                paused,
+                carried.get(feed.name()),
+            )?;
             feeds.insert(feed.name().to_string(), runtime);
         }
         readers.tasks.close();
@@ -195,13 +201,14 @@ impl Readers {
     fn start_feed(
         &mut self,
         feed: &FeedConfig,
+        source: &ConfigSource,
         points: &[&StartingPoint],
         is_paused: bool,
-        carried: Option<&(String, Arc<FeedMonitor>)>,
+        carried: Option<&(url::Url, Arc<FeedMonitor>)>,
     ) -> anyhow::Result<FeedRuntime> {
         let monitor = Arc::new(FeedMonitor::new(feed.name(), points));
         if let Some((url, previous)) = carried {
-            monitor.carry_over(previous, *url == feed.url.0.to_string());
+            monitor.carry_over(previous, *url == feed.url.0);
         }
         let (paused, _) = watch::channel(is_paused);
         if is_paused {
@@ -218,8 +225,7 @@ impl Readers {
                 "no projection reads this feed; it is not polled"
             );
         } else {
-            let client = FeedClient::new(feed)
-                .with_context(|| format!("building the HTTP client of feed {:?}", feed.name()))?;
+            let client = FeedClient::new(feed, source)?;
             if let Some(proxy) = client.proxy() {
                 tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
             }
@@ -235,7 +241,7 @@ impl Readers {
             for (next_offset, members) in groups {
                 tracing::info!(
                     feed = feed.name(),
-                    url = %feed.url.0,
+                    url = %crate::shown::url(&feed.url.0),
                     next_offset,
                     projections = super::names(members.iter().map(|m| m.projection.as_str())),
                     "reading feed"
@@ -256,7 +262,7 @@ impl Readers {
             }
         }
         Ok(FeedRuntime {
-            url: feed.url.0.to_string(),
+            url: feed.url.0.clone(),
             paused,
             monitor,
         })

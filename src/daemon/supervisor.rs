@@ -200,7 +200,10 @@ impl Supervisor {
                 engine
                     .feeds
                     .values()
-                    .map(|feed| feed.monitor.snapshot(&feed.url, *feed.paused.borrow()))
+                    .map(|feed| {
+                        let url = crate::shown::url(&feed.url);
+                        feed.monitor.snapshot(&url, *feed.paused.borrow())
+                    })
                     .collect()
             })
             .unwrap_or_default();

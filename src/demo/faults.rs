@@ -38,6 +38,8 @@ pub enum Fault {
     GzipBomb,
     /// A redirect to the URL itself, for ever.
     RedirectLoop,
+    /// A redirect to the same path on the server set with `FeedServer::redirect_elsewhere_to`.
+    RedirectElsewhere,
     /// Status 200 and the real response with a byte that is not UTF-8 in its first string.
     NotUtf8,
     /// Status 200 and a proxy's HTML error page.
@@ -214,6 +216,8 @@ pub(super) async fn faulty(fault: Fault, real: String, uri: &axum::http::Uri) ->
             "",
         )
             .into_response(),
+        // The feed server answers this one itself: it knows where elsewhere is.
+        Fault::RedirectElsewhere => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

@@ -53,9 +53,66 @@ struct Shared {
     faults_injected: AtomicU64,
     /// How long every answer waits before it is sent, in microseconds: a feed across a network.
     delay_micros: AtomicU64,
+    /// `http` or `https`: how the pages name the server in their entry URLs.
+    scheme: &'static str,
+    /// Where the Flux pages say the bodies are, instead of this server (a trap elsewhere).
+    body_base: RwLock<Option<String>>,
+    /// Where `Fault::RedirectElsewhere` sends a request.
+    elsewhere: RwLock<Option<String>>,
+    /// The path and the Authorization header of every request, in order.
+    authorizations: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl Shared {
+    /// Where this page says the bodies are: the base set, else this server as the client named
+    /// it (Flux builds entry URLs from the Host header).
+    fn body_base(&self, headers: &HeaderMap) -> String {
+        if let Some(base) = self
+            .body_base
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return base;
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .unwrap_or("localhost");
+        format!("{}://{host}", self.scheme)
+    }
+
+    fn record(&self, uri: &axum::http::Uri, headers: &HeaderMap) {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
+        self.authorizations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((uri.to_string(), authorization));
+    }
+
+    /// The answer to a request that `fault` makes go wrong; `real` is the answer it replaces.
+    async fn fault_answer(&self, fault: Fault, real: String, uri: &axum::http::Uri) -> Response {
+        if fault != Fault::RedirectElsewhere {
+            return faulty(fault, real, uri).await;
+        }
+        let elsewhere = self
+            .elsewhere
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        (
+            StatusCode::FOUND,
+            [(header::LOCATION, format!("{elsewhere}{path}"))],
+            "",
+        )
+            .into_response()
+    }
+
     /// Waits the delay set for every answer, if any.
     async fn delay(&self) {
         let micros = self.delay_micros.load(Ordering::Relaxed);
@@ -95,6 +152,23 @@ impl Drop for FeedServer {
 impl FeedServer {
     /// Serves `events` on `addr` (use port 0 for any free port), 20 per page as Flux does.
     pub async fn start(addr: SocketAddr, events: Vec<StoredEvent>) -> std::io::Result<FeedServer> {
+        FeedServer::start_with(addr, events, None).await
+    }
+
+    /// As `start`, over TLS with `tls` (its certificate, and whether it asks for the client's).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        events: Vec<StoredEvent>,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<FeedServer> {
+        FeedServer::start_with(addr, events, Some(tls)).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        events: Vec<StoredEvent>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<FeedServer> {
         let shared = Arc::new(Shared {
             store: RwLock::new(Store::default()),
             faults: Mutex::new(Faults::default()),
@@ -104,6 +178,10 @@ impl FeedServer {
             body_requests: Mutex::new(HashMap::new()),
             faults_injected: AtomicU64::new(0),
             delay_micros: AtomicU64::new(0),
+            scheme: if tls.is_some() { "https" } else { "http" },
+            body_base: RwLock::new(None),
+            elsewhere: RwLock::new(None),
+            authorizations: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -117,11 +195,21 @@ impl FeedServer {
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let task = tokio::spawn(async move {
-            if let Err(err) = axum::serve(listener, router).await {
-                tracing::error!("feed server stopped: {err}");
+        let task = match tls {
+            None => tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, router).await {
+                    tracing::error!("feed server stopped: {err}");
+                }
+            }),
+            Some(tls) => {
+                let listener = super::tls::TlsListener::new(listener, tls);
+                tokio::spawn(async move {
+                    if let Err(err) = axum::serve(listener, router).await {
+                        tracing::error!("feed server stopped: {err}");
+                    }
+                })
             }
-        });
+        };
         let server = FeedServer { addr, shared, task };
         server.append(events);
         Ok(server)
@@ -133,12 +221,40 @@ impl FeedServer {
 
     /// The feed's URL, as a consumer is configured with it.
     pub fn url(&self) -> String {
-        format!("http://{}/events", self.addr)
+        format!("{}://{}/events", self.shared.scheme, self.addr)
     }
 
     /// The same feed in the inline format.
     pub fn inline_url(&self) -> String {
-        format!("http://{}/inline", self.addr)
+        format!("{}://{}/inline", self.shared.scheme, self.addr)
+    }
+
+    /// From now on the Flux pages say the bodies are at `base` (`http://host:port`), another
+    /// server: what a feed that is not to be trusted does.
+    pub fn set_body_base(&self, base: &str) {
+        *self
+            .shared
+            .body_base
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(base.to_string());
+    }
+
+    /// Where `Fault::RedirectElsewhere` redirects to (`http://host:port`).
+    pub fn redirect_elsewhere_to(&self, base: &str) {
+        *self
+            .shared
+            .elsewhere
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(base.to_string());
+    }
+
+    /// The path and the Authorization header of every request so far, in order.
+    pub fn authorizations(&self) -> Vec<(String, Option<String>)> {
+        self.shared
+            .authorizations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The feed's URL in `format`.
@@ -311,6 +427,7 @@ async fn page(
     query: &HashMap<String, String>,
 ) -> Response {
     shared.page_requests.fetch_add(1, Ordering::Relaxed);
+    shared.record(uri, headers);
     shared.delay().await;
     let offset = match query.get("offset").map(|text| text.parse::<i64>()) {
         None => 0,
@@ -333,28 +450,24 @@ async fn page(
         let end = offset.saturating_add(page_size).min(store.events.len());
         let events = store.events.get(offset..end).unwrap_or_default();
         match format {
-            FeedFormat::Flux => flux_page_json(events, headers),
+            FeedFormat::Flux => flux_page_json(events, &shared.body_base(headers)),
             FeedFormat::Inline => inline_page_json(events),
         }
     };
     match shared.take_fault(Target::Pages) {
-        Some(fault) => faulty(fault, json, uri).await,
+        Some(fault) => shared.fault_answer(fault, json, uri).await,
         None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
     }
 }
 
-fn flux_page_json(events: &[StoredEvent], headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok())
-        .unwrap_or("localhost");
+fn flux_page_json(events: &[StoredEvent], base: &str) -> String {
     let page = PageJson {
         description: "event feed",
         events: events
             .iter()
             .map(|event| EntryJson {
                 event_id: &event.id,
-                url: format!("http://{host}/events/{}", event.id),
+                url: format!("{base}/events/{}", event.id),
                 aggregate_name: &event.aggregate_name,
                 aggregate_version: event.aggregate_version,
                 event_type: &event.event_type,
@@ -388,8 +501,10 @@ fn inline_page_json(events: &[StoredEvent]) -> String {
 async fn body(
     State(shared): State<Arc<Shared>>,
     uri: axum::http::Uri,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
+    shared.record(&uri, &headers);
     shared.delay().await;
     let (event_type, text) = {
         let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
@@ -409,7 +524,7 @@ async fn body(
         .entry(event_type)
         .or_default() += 1;
     match shared.take_fault(Target::Bodies) {
-        Some(fault) => faulty(fault, text, &uri).await,
+        Some(fault) => shared.fault_answer(fault, text, &uri).await,
         None => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
     }
 }

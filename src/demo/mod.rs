@@ -9,3 +9,4 @@ pub mod bank;
 pub mod consumer_toml;
 pub mod faults;
 pub mod feed_server;
+mod tls;

@@ -44,6 +44,10 @@ pub enum FetchErrorKind {
     /// entry that cannot be read.
     #[error("{0}")]
     Unreadable(String),
+    /// A URL the feed sent the reader to that it may not follow (`body_origin`), or a redirect
+    /// from https to http.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A page that is not of the configured format, but reads as a page of the other one.
     #[error("the page is not a page of the {configured} format, but reads as one of the {reads_as} format")]
     OtherFormat {

@@ -9,6 +9,7 @@ use hyper::Uri;
 use serde::Deserialize;
 use url::Url;
 
+use super::access::Access;
 use super::http::parse_uri;
 use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
 use crate::event::EventMeta;
@@ -33,7 +34,9 @@ struct RawEntry {
 
 /// Parses a page body, up to its first unreadable entry; entry URLs may be absolute or relative
 /// to the feed URL.
-pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String> {
+/// Entry URLs that `access` refuses (another origin than `body_origin` allows) make the entry
+/// unreadable.
+pub fn parse_page(bytes: &[u8], feed_url: &Url, access: &Access) -> Result<Vec<PageEntry>, String> {
     let page: RawPage =
         serde_json::from_slice(bytes).map_err(|err| not_a_page("a Flux feed", bytes, err))?;
     check_unique_ids(page.events.iter().map(|raw| raw.event_id.as_str()))?;
@@ -41,8 +44,12 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url) -> Result<Vec<PageEntry>, String
         if raw.event_id.is_empty() || raw.event_type.is_empty() {
             return Err("the page has an entry with an empty event_id or event_type".into());
         }
+        let id = crate::shown::shortened(&raw.event_id, crate::shown::ID_SHOWN);
         let url = entry_uri(feed_url, &raw.url)
-            .map_err(|err| format!("entry {} has a bad url: {err}", raw.event_id))?;
+            .map_err(|err| format!("entry {id} has a bad url: {err}"))?;
+        access
+            .check(None, &url)
+            .map_err(|reason| format!("entry {id}'s url is refused: {reason}"))?;
         Ok(PageEntry {
             meta: EventMeta {
                 event_id: raw.event_id,
@@ -88,7 +95,7 @@ mod tests {
     #[test]
     fn parses_a_real_flux_page() -> Result<(), String> {
         let body = br#"{"description":"event feed","events":[{"event_id":"5ce38b3b-e9c6-4e95-b9e5-baf4fd603320","url":"http://127.0.0.1:3900/events/5ce38b3b-e9c6-4e95-b9e5-baf4fd603320","aggregate_name":"*account.Account","aggregate_version":0,"event_type":"account.AccountCreated","created":"Sun Nov 22 19:04:21 2026"}]}"#;
-        let entries = parse_page(body, &feed_url())?;
+        let entries = parse_page(body, &feed_url(), &Access::anywhere())?;
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].meta.event_type, "account.AccountCreated");
         assert_eq!(entries[0].meta.created, "Sun Nov 22 19:04:21 2026");
@@ -96,7 +103,7 @@ mod tests {
             body_url(&entries[0]),
             "http://127.0.0.1:3900/events/5ce38b3b-e9c6-4e95-b9e5-baf4fd603320"
         );
-        assert!(parse_page(br#"{"events":[]}"#, &feed_url())?.is_empty());
+        assert!(parse_page(br#"{"events":[]}"#, &feed_url(), &Access::anywhere())?.is_empty());
         Ok(())
     }
 
@@ -113,7 +120,7 @@ mod tests {
         ];
         for body in bad {
             assert!(
-                parse_page(body, &feed_url()).is_err(),
+                parse_page(body, &feed_url(), &Access::anywhere()).is_err(),
                 "accepted {}",
                 String::from_utf8_lossy(body)
             );
@@ -123,16 +130,18 @@ mod tests {
     #[test]
     fn relative_entry_urls_resolve_against_the_feed() -> Result<(), String> {
         let body = br#"{"events":[{"event_id":"a","url":"/events/a","event_type":"t"},{"event_id":"b","url":"http://127.0.0.1:3900/events/b c","event_type":"t"}]}"#;
-        let entries = parse_page(body, &feed_url())?;
+        let entries = parse_page(body, &feed_url(), &Access::anywhere())?;
         assert_eq!(body_url(&entries[0]), "http://127.0.0.1:3900/events/a");
         // Absolute, but not sendable as written: resolved, which escapes the space.
         assert_eq!(body_url(&entries[1]), "http://127.0.0.1:3900/events/b%20c");
         let bad = br#"{"events":[{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
-        let err = parse_page(bad, &feed_url()).err().unwrap_or_default();
+        let err = parse_page(bad, &feed_url(), &Access::anywhere())
+            .err()
+            .unwrap_or_default();
         assert!(err.contains("entry a has a bad url"), "{err}");
         // Behind a good entry, a bad one ends the page instead.
         let behind = br#"{"events":[{"event_id":"z","url":"/events/z","event_type":"t"},{"event_id":"a","url":"http://[::1/events/a","event_type":"t"}]}"#;
-        let entries = parse_page(behind, &feed_url())?;
+        let entries = parse_page(behind, &feed_url(), &Access::anywhere())?;
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].meta.event_id, "z");
         Ok(())

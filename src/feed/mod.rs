@@ -10,17 +10,21 @@
 //! the kind whether to retry or halt. A shrunk or rewritten feed is found by the reader, which
 //! compares pages with what it applied.
 
+pub mod access;
 pub mod error;
 pub mod flux;
 pub mod http;
 pub mod inline;
 pub mod page;
 
+use std::sync::Arc;
+
 use hyper::Uri;
 use url::Url;
 
-use crate::config::{FeedConfig, FeedFormat};
+use crate::config::{ConfigError, ConfigSource, FeedConfig, FeedFormat};
 use crate::event::Payload;
+use access::Access;
 use error::{FetchError, FetchErrorKind, FetchTarget};
 use http::{parse_uri, HttpClient, HttpSettings};
 use page::PageEntry;
@@ -48,12 +52,23 @@ impl Http {
 #[derive(Clone)]
 pub struct FeedClient {
     http: Http,
+    /// Without its user and password.
     feed_url: Url,
     format: FeedFormat,
+    access: Arc<Access>,
 }
 
 impl FeedClient {
-    pub fn new(feed: &FeedConfig) -> anyhow::Result<FeedClient> {
+    /// The client of `feed`, its secrets read and its TLS files loaded now: one that cannot be
+    /// is a mistake of the config (`source`), located.
+    pub fn new(feed: &FeedConfig, source: &ConfigSource) -> Result<FeedClient, ConfigError> {
+        let access = Access::for_feed(feed, source)?;
+        let tls = http::tls::for_feed(feed, source)?;
+        // The user and password go in an Authorization header to the feed's origin, never in
+        // a request line (a proxy's) or to another host.
+        let mut feed_url = feed.url.0.clone();
+        let _ = feed_url.set_username("");
+        let _ = feed_url.set_password(None);
         let settings = HttpSettings {
             connect_timeout: feed.connect_timeout.0,
             request_timeout: feed.request_timeout.0,
@@ -62,19 +77,21 @@ impl FeedClient {
         };
         #[cfg(feature = "http-ab")]
         if std::env::var("PROJECTOR_HTTP_CLIENT").as_deref() == Ok("reqwest") {
-            let reqwest =
-                http::reqwest_client::ReqwestClient::new(settings).map_err(anyhow::Error::msg)?;
+            let reqwest = http::reqwest_client::ReqwestClient::new(settings)
+                .map_err(|err| ConfigError::new(source.locate(&feed.name), err))?;
             return Ok(FeedClient {
                 http: Http::Reqwest(reqwest),
-                feed_url: feed.url.0.clone(),
+                feed_url,
                 format: feed.format,
+                access: Arc::new(access),
             });
         }
-        let http = Http::Hyper(HttpClient::new(settings)?);
+        let http = Http::Hyper(HttpClient::new(settings, access.clone(), tls));
         Ok(FeedClient {
             http,
-            feed_url: feed.url.0.clone(),
+            feed_url,
             format: feed.format,
+            access: Arc::new(access),
         })
     }
 
@@ -95,7 +112,7 @@ impl FeedClient {
         let mut url = self.feed_url.clone();
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
-        let what = || format!("page at offset {offset} ({url})");
+        let what = || format!("page at offset {offset} ({})", crate::shown::url(&url));
         let failed = |kind: FetchErrorKind| kind.fetching(FetchTarget::Page, what());
         let uri =
             parse_uri(url.as_str()).map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
@@ -118,7 +135,7 @@ impl FeedClient {
 
     fn parse_page(&self, bytes: &[u8], format: FeedFormat) -> Result<Vec<PageEntry>, String> {
         match format {
-            FeedFormat::Flux => flux::parse_page(bytes, &self.feed_url),
+            FeedFormat::Flux => flux::parse_page(bytes, &self.feed_url, &self.access),
             FeedFormat::Inline => inline::parse_page(bytes),
         }
     }
@@ -132,8 +149,10 @@ impl FeedClient {
         // Described only on failure: formatting it costs about as much as parsing the body.
         let what = || {
             format!(
-                "body of {} {} ({url})",
-                entry.meta.event_type, entry.meta.event_id
+                "body of {} {} ({})",
+                crate::shown::shortened(&entry.meta.event_type, crate::shown::ID_SHOWN),
+                crate::shown::shortened(&entry.meta.event_id, crate::shown::ID_SHOWN),
+                crate::shown::url_text(&url.to_string())
             )
         };
         let bytes = self

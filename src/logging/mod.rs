@@ -48,7 +48,8 @@ pub fn init(default_level: &str, format: LogFormat) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(queue)
-        .log_internal_errors(false);
+        .log_internal_errors(false)
+        .fmt_fields(EscapedFields::default());
     let _ = match format {
         LogFormat::Json => logs.json().with_current_span(false).try_init(),
         LogFormat::Text if journal => {
@@ -103,6 +104,24 @@ fn json_notice(lost: u64) -> String {
         "target": "projector::logging",
     });
     format!("{line}\n")
+}
+
+/// The default field formatting with control characters escaped: an event id or an answer of
+/// the feed with a newline or an escape sequence in it can neither forge a log line (or a
+/// journal entry) nor reach the terminal raw. The JSON format escapes by itself.
+#[derive(Default)]
+struct EscapedFields(tracing_subscriber::fmt::format::DefaultFields);
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: Writer<'w>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut plain = String::new();
+        self.0.format_fields(Writer::new(&mut plain), fields)?;
+        writer.write_str(&crate::shown::escaped(&plain))
+    }
 }
 
 /// Whether stderr is the journal stream systemd connected: it names the stream's device and

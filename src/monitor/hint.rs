@@ -13,10 +13,22 @@ pub(super) const HINT_AFTER: u32 = 3;
 /// The hint a failed page request suggests, if it is one of the failures that usually mean a
 /// mistake rather than bad luck.
 pub fn hint_for(err: &FetchError) -> Option<String> {
+    if let FetchErrorKind::Refused(_) = &err.kind {
+        return Some(
+            "the feed sends the reader to another origin than its own: set body_origin if that is meant".into(),
+        );
+    }
     if err.target != FetchTarget::Page {
         return None;
     }
     match &err.kind {
+        FetchErrorKind::Connect(causes) if causes.starts_with("TLS: ") => {
+            let meaning = causes.trim_start_matches("TLS: ");
+            Some(format!(
+                "the feed's TLS: {}",
+                meaning.split(" (").next().unwrap_or(meaning)
+            ))
+        }
         FetchErrorKind::Status { status, .. }
             if *status == StatusCode::NOT_FOUND || *status == StatusCode::GONE =>
         {
@@ -76,7 +88,7 @@ pub(super) struct HintRun {
 impl HintRun {
     /// Takes a failure into account; returns the hint when it is newly earned (to be logged).
     pub(super) fn failed(&mut self, err: &FetchError) -> Option<String> {
-        if err.target != FetchTarget::Page {
+        if err.target != FetchTarget::Page && !matches!(err.kind, FetchErrorKind::Refused(_)) {
             return None;
         }
         let Some(hint) = hint_for(err) else {

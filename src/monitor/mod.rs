@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
 use crate::feed::error::FetchError;
+use crate::shown::{shortened, ERROR_SHOWN, ID_SHOWN};
 use crate::writer::{BatchOutcome, StartingPoint};
 pub use hint::hint_for;
 use hint::HintRun;
@@ -274,7 +275,10 @@ impl FeedMonitor {
                 if let Some(projection) = p.projections.get_mut(&halt.projection) {
                     projection.halted = Some(format!(
                         "event {} ({}) at offset {}: {}",
-                        halt.event_id, halt.event_type, halt.offset, halt.error
+                        shortened(&halt.event_id, ID_SHOWN),
+                        shortened(&halt.event_type, ID_SHOWN),
+                        halt.offset,
+                        shortened(&halt.error, ERROR_SHOWN)
                     ));
                 }
             }
@@ -283,7 +287,7 @@ impl FeedMonitor {
 
     /// A request failed and will be retried.
     pub fn failed(&self, err: &FetchError) {
-        let message = err.to_string();
+        let message = shortened(&err.to_string(), ERROR_SHOWN).into_owned();
         self.progress.send_modify(|p| {
             p.retries += 1;
             match p.streak.as_mut() {
@@ -309,6 +313,7 @@ impl FeedMonitor {
     /// A batch did not commit (the database refused it): counted, shown as the last error and
     /// as the feed's state until a batch commits; the reader logs it and retries.
     pub fn commit_failed(&self, message: String) {
+        let message = shortened(&message, ERROR_SHOWN).into_owned();
         self.progress.send_modify(|p| {
             p.commit_failing = true;
             p.retries += 1;

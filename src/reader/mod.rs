@@ -392,10 +392,10 @@ impl FeedReader {
                 feed = %self.feed,
                 projection = %halt.projection,
                 offset = halt.offset,
-                event_id = %halt.event_id,
-                event_type = %halt.event_type,
+                event_id = %crate::shown::shortened(&halt.event_id, crate::shown::ID_SHOWN),
+                event_type = %crate::shown::shortened(&halt.event_type, crate::shown::ID_SHOWN),
                 "projection halted (on_error = \"stop\"): {}",
-                halt.error
+                crate::shown::shortened(&halt.error, crate::shown::ERROR_SHOWN)
             );
             self.members.retain(|m| m.projection != halt.projection);
         }

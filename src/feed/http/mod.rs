@@ -12,6 +12,7 @@ mod body;
 pub mod proxy;
 #[cfg(feature = "http-ab")]
 pub mod reqwest_client;
+pub mod tls;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
+use super::access::Access;
 use super::error::{with_causes, FetchErrorKind};
 use body::LimitedBody;
 use proxy::{Proxies, ProxyConnector};
@@ -55,28 +57,30 @@ pub struct HttpClient {
     client: Client<HttpsConnector<ProxyConnector>, Empty<Bytes>>,
     settings: HttpSettings,
     proxies: Arc<Proxies>,
+    access: Arc<Access>,
 }
 
 impl HttpClient {
-    /// A client that goes through the proxies the environment names.
-    pub fn new(settings: HttpSettings) -> Result<HttpClient, rustls::Error> {
-        HttpClient::with_proxies(settings, Proxies::from_env())
+    /// A client that goes through the proxies the environment names, where `access` lets it,
+    /// with `tls`.
+    pub fn new(settings: HttpSettings, access: Access, tls: rustls::ClientConfig) -> HttpClient {
+        HttpClient::with_proxies(settings, access, tls, Proxies::from_env())
     }
 
     pub(crate) fn with_proxies(
         settings: HttpSettings,
+        access: Access,
+        tls: rustls::ClientConfig,
         proxies: Proxies,
-    ) -> Result<HttpClient, rustls::Error> {
+    ) -> HttpClient {
         let proxies = Arc::new(proxies);
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
         // The TLS connector decides by scheme.
         http.enforce_http(false);
-        // The provider is named, not looked up: the lookup panics if a dependency enables a
-        // second one.
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -86,11 +90,12 @@ impl HttpClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(settings.idle_connections)
             .build(connector);
-        Ok(HttpClient {
+        HttpClient {
             client,
             settings,
             proxies,
-        })
+            access: Arc::new(access),
+        }
     }
 
     /// The proxy `url` goes through, for the log; `None` when it goes directly.
@@ -117,7 +122,11 @@ impl HttpClient {
             let status = response.status();
             if is_followed_redirect(status) {
                 if let Some(location) = response.headers().get(header::LOCATION) {
-                    url = Cow::Owned(redirect_target(&url, location)?);
+                    let target = redirect_target(&url, location)?;
+                    self.access.check(Some(&url), &target).map_err(|reason| {
+                        FetchErrorKind::Refused(format!("a redirect to {reason}"))
+                    })?;
+                    url = Cow::Owned(target);
                     continue;
                 }
             }
@@ -142,13 +151,19 @@ impl HttpClient {
                 .headers_mut()
                 .insert(header::PROXY_AUTHORIZATION, authorization);
         }
+        if let Some(credentials) = self.access.credentials_for(url) {
+            for (name, value) in credentials {
+                request.headers_mut().insert(name, value.clone());
+            }
+        }
         self.client.request(request).await.map_err(|err| {
             // The client's own message ("client error (Connect)") says less than its causes.
-            let causes = std::error::Error::source(&err);
-            if err.is_connect() {
-                FetchErrorKind::Connect(with_causes("", causes).trim_start_matches(": ").into())
-            } else {
-                FetchErrorKind::Transfer(with_causes("the request failed", causes))
+            let causes = with_causes("", std::error::Error::source(&err));
+            let causes = causes.trim_start_matches(": ");
+            match tls::explain(causes) {
+                Some(meaning) => FetchErrorKind::Connect(format!("TLS: {meaning} ({causes})")),
+                None if err.is_connect() => FetchErrorKind::Connect(causes.into()),
+                None => FetchErrorKind::Transfer(format!("the request failed: {causes}")),
             }
         })
     }
@@ -224,6 +239,7 @@ fn is_followed_redirect(status: StatusCode) -> bool {
 /// Where a redirect leads: `Location` may be relative to the URL that answered.
 fn redirect_target(from: &Uri, location: &HeaderValue) -> Result<Uri, FetchErrorKind> {
     let bad = |reason: String| {
+        let from = crate::shown::url_text(&from.to_string());
         FetchErrorKind::Unreadable(format!("a redirect from {from} is unusable: {reason}"))
     };
     let location = location
@@ -279,13 +295,14 @@ mod tests {
 
     /// A client with a 1 MiB limit.
     fn client() -> HttpClient {
-        HttpClient::new(HttpSettings {
+        let settings = HttpSettings {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             max_response_bytes: 1 << 20,
             idle_connections: 1,
-        })
-        .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let tls = tls::default_config().unwrap_or_else(|e| panic!("{e}"));
+        HttpClient::new(settings, Access::anywhere(), tls)
     }
 
     /// Serves `router` on a loopback port; returns its base URL.

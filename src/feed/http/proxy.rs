@@ -91,8 +91,13 @@ impl Proxies {
     pub fn describe(&self, url: &Uri) -> Option<String> {
         match self.route(url) {
             Route::Direct => None,
-            Route::Forward(proxy) | Route::Tunnel(proxy) => Some(proxy.uri().to_string()),
-            Route::Unsupported(proxy) => Some(format!("{} (not supported)", proxy.uri())),
+            Route::Forward(proxy) | Route::Tunnel(proxy) => {
+                Some(crate::shown::url_text(&proxy.uri().to_string()))
+            }
+            Route::Unsupported(proxy) => Some(format!(
+                "{} (not supported)",
+                crate::shown::url_text(&proxy.uri().to_string())
+            )),
         }
     }
 
@@ -373,9 +378,10 @@ mod tests {
                 max_response_bytes: 1 << 20,
                 idle_connections: 1,
             },
+            crate::feed::access::Access::anywhere(),
+            crate::feed::http::tls::default_config().unwrap_or_else(|e| panic!("{e}")),
             proxies,
         )
-        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn uri(url: &str) -> Uri {
