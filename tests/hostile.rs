@@ -7,6 +7,7 @@ mod common;
 
 use common::{assert_consistent, Harness};
 use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 use projector::demo::faults::{Fault, Target};
 use projector::demo::feed_server::StoredEvent;
 use serde_json::Value;
@@ -116,4 +117,89 @@ async fn a_payload_that_is_not_utf8_is_refused_and_the_feed_waits_at_it() {
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
     harness.assert_exact(&events);
     assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_sequences_from_the_feed_are_shown_escaped_and_kept_exact_in_json() {
+    let mut events = bank::generate(75, 300);
+    let poison = common::poison_first_credit(&mut events);
+    // An id that would clear the operator's screen and forge a journal entry of its own.
+    let hostile = "e\u{1b}[2J\u{1b}[31mgotcha\n<3>forged entry\r";
+    events[poison].id = hostile.to_string();
+    let harness = Harness::new(events.clone()).await;
+    let projections = BOTH_PROJECTIONS.replace(
+        "module = \"account_ledger\"",
+        "module = \"account_ledger\"\non_error = \"skip\"",
+    );
+    harness.write_inline_config(&projections, "");
+    let mut daemon = harness.spawn_running().await;
+    harness
+        .wait_for_checkpoints(&mut daemon, &["account_ledger"], 300)
+        .await;
+    common::wait_for(&mut daemon, "account_balances to halt", || {
+        harness.feed_status("bank")["projections"][0]["halted"].is_string()
+    })
+    .await;
+
+    let text = String::from_utf8_lossy(&harness.ctl(&["status"]).stdout).into_owned();
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert!(
+        text.contains("e\\u{1b}[2J\\u{1b}[31mgotcha\\n<3>forged entry\\r"),
+        "{text}"
+    );
+    // JSON is exact: the id as the feed sent it.
+    let halted = harness.feed_status("bank")["projections"][0]["halted"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(halted.contains(hostile), "{halted:?}");
+
+    let config = harness.config_path().to_string_lossy().to_string();
+    let query = "SELECT event_id FROM projector_dead_letters";
+    let table = common::projector(&["query", "--config", &config, query]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        !table.contains('\u{1b}') && table.contains("e\\u{1b}[2J"),
+        "{table:?}"
+    );
+    let json = common::projector(&["query", "--config", &config, "--json", query]);
+    let row: Value = serde_json::from_slice(&json.stdout).unwrap_or_default();
+    assert_eq!(row["event_id"], hostile);
+
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success());
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\r'),
+        "raw escape in the log"
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with("<3>forged")),
+        "a forged log line"
+    );
+    assert!(log.contains("gotcha\\n<3>forged entry"), "{log}");
+}
+
+#[test]
+fn query_writes_nothing_not_even_a_copy_of_the_database() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let database = dir.path().join("projector.db");
+    rusqlite::Connection::open(&database)
+        .and_then(|c| c.execute_batch("CREATE TABLE t (a)"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let copy = dir.path().join("copy.db");
+    let database = database.to_string_lossy().to_string();
+    for sql in [
+        format!("VACUUM INTO '{}'", copy.display()),
+        "INSERT INTO t VALUES (1)".to_string(),
+        "DROP TABLE t".to_string(),
+    ] {
+        let output = common::projector(&["query", "--database", &database, &sql]);
+        assert_eq!(output.status.code(), Some(1), "{sql}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("projector query only reads"),
+            "{sql}: {stderr}"
+        );
+    }
+    assert!(!copy.exists());
 }
