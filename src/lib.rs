@@ -22,6 +22,8 @@ pub mod demo;
 pub mod event;
 /// Feed clients (one per format), fetch errors and backoff.
 pub mod feed;
+/// The files and folders the daemon makes, guarded from the other users of the machine.
+pub mod files;
 /// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
 pub mod logging;
 /// The live status of each feed: reader phases, head, lag, rate, errors.

@@ -70,9 +70,12 @@ pub struct DeadLetter<'a> {
 pub fn open_writer(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         // A missing folder is created, like systemd's StateDirectory; failure shows up in open.
-        let _ = std::fs::create_dir_all(parent);
+        let _ = crate::files::create_private_folder(parent);
     }
-    let mut conn = Connection::open(path)?;
+    // Never through a symbolic link: in a folder another user could write to, it would lead
+    // anywhere.
+    let mut conn =
+        Connection::open_with_flags(path, OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL: readers never block the writer and the writer never blocks readers. NORMAL is durable
     // across process crashes in WAL mode; only a power loss can drop the last commits
@@ -115,33 +118,61 @@ pub fn limit_size(conn: &Connection, max_bytes: u64) -> rusqlite::Result<()> {
 }
 
 /// Takes the database's instance lock (`<database>.lock`), so that a second daemon on the same
-/// database refuses to start instead of competing with the first.
-pub fn lock_instance(database: &Path) -> anyhow::Result<std::fs::File> {
+/// database refuses to start instead of competing with the first. First it makes the database's
+/// folder (owner-only) if it is missing, refuses a folder other users can write to, and creates
+/// the database file with `mode` if it is missing (SQLite gives its -wal and -shm files the
+/// database's mode); the lock file is made with `mode` too, never through a symbolic link.
+pub fn lock_instance(database: &Path, mode: u32) -> anyhow::Result<std::fs::File> {
     use anyhow::Context;
-    let mut name = database.as_os_str().to_owned();
-    name.push(".lock");
-    let path = std::path::PathBuf::from(name);
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating the folder {}", parent.display()))?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
+    let with_suffix = |suffix: &str| {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    let path = with_suffix(".lock");
+    let folder = match database.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    crate::files::create_private_folder(folder)
+        .with_context(|| format!("creating the folder {}", folder.display()))?;
+    let companions = [with_suffix("-wal"), with_suffix("-shm"), path.clone()];
+    let mut files: Vec<&Path> = companions.iter().map(|p| p.as_path()).collect();
+    files.push(database);
+    crate::files::check_folder(folder, "the database", &files, false)
+        .map_err(anyhow::Error::msg)?;
+    let file = crate::files::open_private(&path, mode)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another projector is already running on {} (it holds {})",
             database.display(),
             path.display()
         ),
         Err(std::fs::TryLockError::Error(err)) => {
-            Err(err).with_context(|| format!("locking {}", path.display()))
+            return Err(err).with_context(|| format!("locking {}", path.display()))
         }
     }
+    let existing = std::fs::symlink_metadata(database).ok();
+    match existing {
+        None => drop(
+            crate::files::open_private(database, mode)
+                .with_context(|| format!("creating the database {}", database.display()))?,
+        ),
+        Some(meta) => {
+            use std::os::unix::fs::MetadataExt;
+            let loose = meta.mode() & 0o777 & !mode;
+            if loose != 0 {
+                tracing::warn!(
+                    database = %database.display(),
+                    "the database's mode is {:04o}, wider than database_mode {mode:04o}: other users may read it (chmod it to the mode you want)",
+                    meta.mode() & 0o777
+                );
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// Opens the database read-only, for `projector query` and the demo's progress display.
@@ -340,11 +371,11 @@ mod tests {
     fn a_second_instance_lock_is_refused_until_the_first_is_dropped() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("db");
-        let first = lock_instance(&path)?;
-        let message = lock_instance(&path).err().map(|e| format!("{e:#}"));
+        let first = lock_instance(&path, 0o600)?;
+        let message = lock_instance(&path, 0o600).err().map(|e| format!("{e:#}"));
         assert!(message.is_some_and(|m| m.contains("already running")));
         drop(first);
-        assert!(lock_instance(&path).is_ok());
+        assert!(lock_instance(&path, 0o600).is_ok());
         Ok(())
     }
 

@@ -243,3 +243,164 @@ async fn a_feed_that_asks_for_a_client_certificate_gets_one() {
     harness.assert_exact(&events);
     assert!(daemon.terminate().await.0.success());
 }
+
+/// The harness's config with the database and the socket moved into folders the daemon makes.
+fn in_folders(harness: &Harness, daemon_keys: &str) -> std::path::PathBuf {
+    harness.write_config_with_daemon(&harness.server.url(), BOTH_PROJECTIONS, "", daemon_keys);
+    let config = harness.config_path();
+    let text = std::fs::read_to_string(&config)
+        .unwrap_or_default()
+        .replace(
+            "database = \"projector.db\"",
+            "database = \"data/projector.db\"",
+        )
+        .replace(
+            "control_socket = \"projector.sock\"",
+            "control_socket = \"run/projector.sock\"",
+        );
+    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
+    config
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .map(|meta| meta.mode() & 0o777)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `projector run` under `umask 000`, as a shell started by a careless script would run it.
+fn run_with_open_umask(config: &std::path::Path, dir: &std::path::Path) -> Daemon {
+    let script = format!(
+        "umask 000 && exec '{}' run --config '{}'",
+        env!("CARGO_BIN_EXE_projector"),
+        config.display()
+    );
+    Daemon::spawn_command(dir, std::process::Command::new("sh").args(["-c", &script]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_files_the_daemon_makes_are_owner_only_whatever_the_umask() {
+    let events = bank::generate(107, 200);
+    let harness = Harness::new(events.clone()).await;
+    let config = in_folders(&harness, "");
+    let mut daemon = run_with_open_umask(&config, harness.dir.path());
+    let database = harness.dir.path().join("data/projector.db");
+    common::wait_for(&mut daemon, "the read models", || {
+        common::checkpoints(&database).get("account_ledger") == Some(&200)
+    })
+    .await;
+    let dir = harness.dir.path();
+    for (file, expected) in [
+        ("data", 0o700),
+        ("data/projector.db", 0o600),
+        ("data/projector.db-wal", 0o600),
+        ("data/projector.db-shm", 0o600),
+        ("data/projector.db.lock", 0o600),
+        ("run", 0o700),
+        ("run/projector.sock", 0o600),
+    ] {
+        assert_eq!(mode(&dir.join(file)), expected, "{file}");
+    }
+    assert!(daemon.terminate().await.0.success());
+
+    // A team that wants its group to read the read models says so.
+    std::fs::remove_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("{e}"));
+    let config = in_folders(&harness, "database_mode = \"0640\"");
+    let mut daemon = run_with_open_umask(&config, dir);
+    common::wait_for(&mut daemon, "the read models", || {
+        common::checkpoints(&database).get("account_ledger") == Some(&200)
+    })
+    .await;
+    assert_eq!(mode(&dir.join("data/projector.db")), 0o640);
+    assert_eq!(mode(&dir.join("data/projector.db-wal")), 0o640);
+    assert!(daemon.terminate().await.0.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_link_and_a_folder_others_can_write_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let harness = Harness::new(bank::generate(108, 50)).await;
+    let config = in_folders(&harness, "");
+    let dir = harness.dir.path();
+    // Another user's link where the lock file goes: following it would lock (or create) a file
+    // of their choosing.
+    std::fs::create_dir(dir.join("data")).unwrap_or_else(|e| panic!("{e}"));
+    let theirs = dir.join("theirs");
+    std::fs::write(&theirs, "keep").unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(&theirs, dir.join("data/projector.db.lock"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = common::projector(&["run", "--config", &config.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is a symbolic link: refusing to follow it"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap_or_default(), "keep");
+
+    // A database folder every user can write to.
+    std::fs::remove_file(dir.join("data/projector.db.lock")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(dir.join("data"), std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = common::projector(&["run", "--config", &config.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the folder of the database")
+            && stderr.contains("can be written by other users (mode 0777)"),
+        "{stderr}"
+    );
+    // The same for the control socket's folder.
+    std::fs::set_permissions(dir.join("data"), std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir(dir.join("run")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o1777))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = common::projector(&["run", "--config", &config.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the folder of the control socket")
+            && stderr.contains("can be written by other users"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_will_not_talk_to_another_users_process_on_the_socket() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("not root: the peer check is covered by the unit tests only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let socket = dir.path().join("projector.sock");
+    // Another user squats the socket's name and answers as the daemon would.
+    let impostor = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(1)\nprint('ready',flush=True)\nc,_=s.accept()\ntry:\n  c.recv(100)\n  c.sendall(b'{\"ok\":true,\"message\":\"stopping\"}\\n')\nexcept OSError:\n  pass\n";
+    let mut squatter = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "python3", "-c", impostor])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut ready = String::new();
+    let stdout = squatter
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("no stdout"));
+    std::io::BufReader::new(stdout)
+        .read_line(&mut ready)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ready.trim(), "ready");
+    let output = common::projector(&["ctl", "--socket", &socket.to_string_lossy(), "stop"]);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to talk to it"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("stopped"));
+}

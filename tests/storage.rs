@@ -57,7 +57,13 @@ impl Drop for SmallFileSystem<'_> {
 
 fn mount_small_file_system(dir: &Path, bytes: u64) -> Option<SmallFileSystem<'_>> {
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={bytes},mode=0700"),
+            "tmpfs",
+        ])
         .arg(dir)
         .output()
         .is_ok_and(|output| output.status.success());

@@ -22,7 +22,7 @@ pub use tables::{
     Synchronous, PAGE_CACHE_BYTES,
 };
 pub use values::{
-    BodyOrigin, ByteLimit, Concurrency, FeedUrl, Interval, Name, SecretSource, SocketMode,
+    BodyOrigin, ByteLimit, Concurrency, FeedUrl, FileMode, Interval, Name, SecretSource,
 };
 
 /// The whole `consumer.toml`.
@@ -94,6 +94,15 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let src = &self.source;
+        if self.daemon.database_mode.0 & 0o002 != 0 {
+            return Err(ConfigError::new(
+                Location::whole_file(&src.path),
+                format!(
+                    "database_mode {:04o} lets every user write the database: write it like \"0600\" or \"0640\"",
+                    self.daemon.database_mode.0
+                ),
+            ));
+        }
         let mut feed_names = HashSet::new();
         for feed in &self.feeds {
             if !feed_names.insert(feed.name()) {
@@ -213,6 +222,8 @@ impl Config {
             Some("daemon.control_socket")
         } else if old.control_socket_mode != new.control_socket_mode {
             Some("daemon.control_socket_mode")
+        } else if old.database_mode != new.database_mode {
+            Some("daemon.database_mode")
         } else if old.log_format != new.log_format {
             Some("daemon.log_format")
         } else {
@@ -330,7 +341,7 @@ on_error = "skip"
     #[test]
     fn socket_mode_log_format_and_synchronous() -> Result<(), ConfigError> {
         let config = parse(VALID)?;
-        assert_eq!(config.daemon.control_socket_mode, SocketMode(0o600));
+        assert_eq!(config.daemon.control_socket_mode, FileMode(0o600));
         assert_eq!(config.daemon.log_format, LogFormat::Text);
         assert_eq!(config.daemon.synchronous, Synchronous::Normal);
         let with = |extra: &str| {
@@ -342,7 +353,7 @@ on_error = "skip"
         let config = parse(&with(
             "control_socket_mode = \"0660\"\nlog_format = \"json\"",
         ))?;
-        assert_eq!(config.daemon.control_socket_mode, SocketMode(0o660));
+        assert_eq!(config.daemon.control_socket_mode, FileMode(0o660));
         assert_eq!(config.daemon.log_format, LogFormat::Json);
         for bad in ["\"0400\"", "\"0700\"", "\"1600\"", "\"rw\"", "600"] {
             let err = error_of(&with(&format!("control_socket_mode = {bad}")));

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::values::{
-    BodyOrigin, ByteLimit, Concurrency, FeedUrl, Interval, Name, SecretSource, SocketMode,
+    BodyOrigin, ByteLimit, Concurrency, FeedUrl, FileMode, Interval, Name, SecretSource,
 };
 
 #[derive(Debug, Deserialize)]
@@ -21,7 +21,11 @@ pub struct DaemonConfig {
     /// The socket's permission bits, octal: "0600" lets only the daemon's user steer it,
     /// "0660" also its group.
     #[serde(default)]
-    pub control_socket_mode: SocketMode,
+    pub control_socket_mode: FileMode,
+    /// The database's permission bits (and its -wal, -shm and .lock files'): "0600" lets only
+    /// the daemon's user read the read models, "0640" its group too. Never writable by others.
+    #[serde(default)]
+    pub database_mode: FileMode,
     /// Caps the database file's size: past it, writes stop as on a full disk (and resume after
     /// a reload that raises it). No cap by default.
     #[serde(default)]

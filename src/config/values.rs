@@ -8,18 +8,18 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
-/// Permission bits for the control socket, written as an octal string ("0600"). The owner must
-/// be able to read and write it; execute bits mean nothing on a socket and are refused.
+/// Permission bits of a file the daemon makes (the control socket, the database), written as an
+/// octal string ("0600"). The owner must be able to read and write it; execute bits are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketMode(pub u32);
+pub struct FileMode(pub u32);
 
-impl Default for SocketMode {
+impl Default for FileMode {
     fn default() -> Self {
-        SocketMode(0o600)
+        FileMode(0o600)
     }
 }
 
-impl<'de> Deserialize<'de> for SocketMode {
+impl<'de> Deserialize<'de> for FileMode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         /// The mode as written: octal text, or a number (which TOML reads as decimal).
         #[derive(Deserialize)]
@@ -46,7 +46,7 @@ impl<'de> Deserialize<'de> for SocketMode {
                 "socket mode {text:?} must give its owner read and write (0600) and no execute bits, like \"0600\" or \"0660\""
             )));
         }
-        Ok(SocketMode(mode))
+        Ok(FileMode(mode))
     }
 }
 

@@ -24,6 +24,8 @@ pub enum ClientError {
     PermissionDenied(PathBuf),
     #[error("{0} is not a socket: is it the daemon's control socket ([daemon] control_socket, or --socket)?")]
     NotASocket(PathBuf),
+    #[error("the process answering on {path} runs as uid {uid}, not as this user, root or the owner of the socket's folder: refusing to talk to it (another user may have taken the socket's name)")]
+    Impostor { path: PathBuf, uid: u32 },
     #[error("control socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -68,6 +70,7 @@ impl ControlClient {
             path: path.to_path_buf(),
             source,
         };
+        check_peer(&stream, path)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         Ok(ControlClient {
@@ -126,6 +129,36 @@ impl ControlClient {
             path: self.path.clone(),
             source,
         }
+    }
+}
+
+/// Whether the process at the other end of `stream` may be the daemon: it runs as this user,
+/// as root, or as the owner of the socket's folder (a service user's runtime folder).
+fn check_peer(stream: &std::os::unix::net::UnixStream, path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let peer = rustix::net::sockopt::socket_peercred(stream).map_err(|err| ClientError::Io {
+        path: path.to_path_buf(),
+        source: err.into(),
+    })?;
+    let uid = peer.uid.as_raw();
+    let folder_owner = path
+        .parent()
+        .map(|folder| {
+            if folder.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                folder
+            }
+        })
+        .and_then(|folder| std::fs::metadata(folder).ok())
+        .map(|meta| meta.uid());
+    if uid == rustix::process::geteuid().as_raw() || uid == 0 || Some(uid) == folder_owner {
+        Ok(())
+    } else {
+        Err(ClientError::Impostor {
+            path: path.to_path_buf(),
+            uid,
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handle::DaemonHandle;
 use super::protocol::{Reply, Request};
-use crate::config::SocketMode;
+use crate::config::FileMode;
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -42,19 +42,27 @@ impl ControlSocket {
     /// Binds the socket at `path` with `mode`, creating its folder. A live daemon on the path
     /// is an error; a stale socket file (nobody listening) is replaced; anything else that is not
     /// a socket is left alone and is an error.
-    pub fn bind(path: &Path, mode: SocketMode) -> anyhow::Result<ControlSocket> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| {
-                format!("creating the control socket's folder {}", parent.display())
-            })?;
-        }
+    pub fn bind(path: &Path, mode: FileMode) -> anyhow::Result<ControlSocket> {
+        let folder = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        crate::files::create_private_folder(folder).with_context(|| {
+            format!("creating the control socket's folder {}", folder.display())
+        })?;
+        // Another user able to write the folder could take the socket's name first, or replace
+        // it after start, and answer `ctl` in the daemon's stead.
+        crate::files::check_folder(folder, "the control socket", &[], true)
+            .map_err(anyhow::Error::msg)?;
         remove_stale(path)?;
         // Bound under a temporary name and restricted before it is linked into place, so that
-        // the socket is never reachable with looser permissions.
+        // the socket is never reachable with looser permissions; bound under an owner-only
+        // umask, so that it is not reachable between bind and chmod either.
         let temporary = temporary_name(path);
         let _ = std::fs::remove_file(&temporary);
-        let listener = std::os::unix::net::UnixListener::bind(&temporary)
-            .with_context(|| format!("binding the control socket {}", temporary.display()))?;
+        let listener =
+            crate::files::with_private_umask(|| std::os::unix::net::UnixListener::bind(&temporary))
+                .with_context(|| format!("binding the control socket {}", temporary.display()))?;
         let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode.0))
             .with_context(|| format!("setting the mode of {}", temporary.display()))
             .and_then(|()| {
@@ -239,23 +247,23 @@ mod tests {
     fn a_stale_socket_is_replaced_and_a_live_one_refused() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("run/ctl.sock");
-        let first = ControlSocket::bind(&path, SocketMode(0o600))?;
+        let first = ControlSocket::bind(&path, FileMode(0o600))?;
         let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let err = ControlSocket::bind(&path, SocketMode(0o600)).err();
+        let err = ControlSocket::bind(&path, FileMode(0o600)).err();
         assert!(err.is_some_and(|e| e.to_string().contains("already running")));
         drop(first);
         assert!(!path.exists(), "the socket is removed on a clean stop");
         // A crash leaves the file behind with nobody listening.
         drop(std::os::unix::net::UnixListener::bind(&path)?);
-        let second = ControlSocket::bind(&path, SocketMode(0o660))?;
+        let second = ControlSocket::bind(&path, FileMode(0o660))?;
         let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
         drop(second);
 
         let regular = dir.path().join("not-a-socket");
         std::fs::write(&regular, "keep me")?;
-        let err = ControlSocket::bind(&regular, SocketMode(0o600)).err();
+        let err = ControlSocket::bind(&regular, FileMode(0o600)).err();
         assert!(err.is_some_and(|e| e.to_string().contains("not a socket")));
         assert_eq!(std::fs::read_to_string(&regular)?, "keep me");
         Ok(())
@@ -265,7 +273,7 @@ mod tests {
     async fn a_client_that_says_nothing_is_told_so_and_dropped() -> anyhow::Result<()> {
         use tokio::io::AsyncReadExt;
         let dir = tempfile::tempdir()?;
-        let mut socket = ControlSocket::bind(&dir.path().join("ctl.sock"), SocketMode(0o600))?;
+        let mut socket = ControlSocket::bind(&dir.path().join("ctl.sock"), FileMode(0o600))?;
         socket.request_timeout = Duration::from_millis(100);
         let path = socket.path().to_path_buf();
         let (daemon, _inbox) = crate::control::handle::channel();

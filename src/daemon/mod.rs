@@ -29,7 +29,8 @@ pub async fn run(
     mut inbox: Inbox,
 ) -> anyhow::Result<()> {
     // Held until the process exits: one daemon per database. The kernel drops it even on kill -9.
-    let _instance_lock = store::lock_instance(&config.daemon.database)?;
+    let _instance_lock =
+        store::lock_instance(&config.daemon.database, config.daemon.database_mode.0)?;
     let socket = ControlSocket::bind(
         &config.daemon.control_socket,
         config.daemon.control_socket_mode,

@@ -225,6 +225,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Runs `command` (which runs the daemon somehow) with its log going to a file in `dir`.
+    pub fn spawn_command(dir: &Path, command: &mut Command) -> Daemon {
+        static COMMANDS: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!(
+            "command-{}.log",
+            COMMANDS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let child = command
+            .env("RUST_LOG", "projector=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning: {e}"));
+        Daemon { child, log }
+    }
+
     pub fn spawn(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
         static RUNS: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!(
