@@ -149,3 +149,32 @@ file = "account_events.toml"
     let (status, _) = daemon.terminate().await;
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_of_megabytes_are_read_a_chunk_at_a_time_within_a_small_budget_and_stop_at_a_bad_event(
+) {
+    let events = bank::generate(25, 14_000);
+    let mut broken = events.clone();
+    // In the second page, served as `"data": null`.
+    broken[9_000].body = "not JSON".into();
+    let harness = Harness::new(broken).await;
+    // About 2 MB a page: kept as its bytes, its entries made a chunk at a time.
+    harness.server.set_inline_page_size(6_000);
+    harness.write_inline_config(BOTH_PROJECTIONS, "max_buffered_bytes = 65536");
+    let mut daemon = harness.spawn_running().await;
+    let says = format!("event {} has no data", events[9_000].id);
+    harness
+        .wait_for_backoff(&mut daemon, &["page at offset 9000", &says])
+        .await;
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 9_000).await;
+    harness.assert_exact(&events[..9_000]);
+
+    harness.server.replace(events.clone());
+    harness
+        .wait_for_checkpoints(&mut daemon, BOTH, 14_000)
+        .await;
+    harness.assert_exact(&events);
+    assert_eq!(body_requests(&harness), 0);
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}

@@ -18,6 +18,8 @@
 //! - live latency: with `poll_interval = "100ms"`, from an event appearing on the (Flux) feed to
 //!   its checkpoint being visible to a reader, p50 and p99 over 3,000 events.
 //!
+//! `cargo bench -- --large-pages [--against BINARY]` runs only the case of the largest pages
+//! the defaults allow (with another build too).
 //! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each
 //! other: pairs of Flux catch-ups, one with hyper-util's client and one with reqwest's, the order
 //! alternating from pair to pair, and the medians of events/s and CPU an event for each.
@@ -25,6 +27,7 @@
 //! build of the daemon (an A/B of a change).
 
 mod ab;
+mod large_pages;
 mod runs;
 mod storage;
 mod wire;
@@ -60,6 +63,8 @@ struct Options {
     http_ab: usize,
     /// Another daemon binary to A/B this build against, `runs` pairs of Flux catch-ups.
     against: Option<PathBuf>,
+    /// Only the largest pages case.
+    large_pages: bool,
 }
 
 fn options() -> Options {
@@ -69,6 +74,7 @@ fn options() -> Options {
         synchronous: Synchronous::Normal,
         http_ab: 0,
         against: None,
+        large_pages: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -81,6 +87,7 @@ fn options() -> Options {
             "--events" => options.events = value(),
             "--runs" => options.runs = value(),
             "--http-ab" => options.http_ab = value(),
+            "--large-pages" => options.large_pages = true,
             "--against" => {
                 let path = args
                     .next()
@@ -140,6 +147,14 @@ fn main() {
             println!(
                 "--http-ab compares against a reqwest client that only `--features http-ab` builds"
             );
+        }
+        return;
+    }
+    if options.large_pages {
+        for binary in std::iter::once(&binary).chain(&options.against) {
+            println!("{}:", binary.display());
+            let (bank, tiny) = runtime.block_on(large_pages::large_pages(binary, sync));
+            print_large_pages(&bank, &tiny);
         }
         return;
     }
@@ -227,6 +242,7 @@ fn main() {
     }
     let warm = caught_up.unwrap_or_else(|| panic!("--runs must be at least 1"));
     let startup = runtime.block_on(start_up(&binary, &server, warm.path()));
+    let (large_bank, large_tiny) = runtime.block_on(large_pages::large_pages(&binary, sync));
     let live = runtime.block_on(live_latency(
         &binary,
         &events[..LIVE_EVENTS.min(events.len())],
@@ -336,6 +352,7 @@ fn main() {
         live.0.as_secs_f64() * 1e3,
         live.1.as_secs_f64() * 1e3
     );
+    print_large_pages(&large_bank, &large_tiny);
 }
 
 /// Every run's figures, per measure.
@@ -352,4 +369,20 @@ struct Figures {
 
 fn median_of(runs: &[CatchUp], figure: impl Fn(&CatchUp) -> f64) -> f64 {
     median(runs.iter().map(figure).collect())
+}
+
+fn print_large_pages(bank: &large_pages::LargePages, tiny: &large_pages::LargePages) {
+    for (what, large) in [
+        ("bank events", bank),
+        ("tiny events of a type no projection applies", tiny),
+    ] {
+        println!(
+            "| largest pages the defaults allow: {} of {what} a page ({:.1} MB), {} events | peak RSS {:.1} MB, {:.1} s | |",
+            large.events_per_page,
+            large.page_bytes as f64 / 1e6,
+            large.events_per_page * 4,
+            large.peak_rss_kib as f64 / 1024.0,
+            large.seconds
+        );
+    }
 }

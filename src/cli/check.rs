@@ -139,8 +139,8 @@ async fn probe_feed(
     let mut pages = 0;
     let mut at_head = false;
     while pages < PROBE_PAGES && read < PROBE_EVENTS {
-        let entries = match client.fetch_page(read).await {
-            Ok(entries) => entries,
+        let mut page = match client.fetch_page(read).await {
+            Ok(page) => page,
             Err(err) => {
                 say!("  feed {} cannot be read: {err}", feed.name());
                 if let Some(hint) = crate::monitor::hint_for(&err) {
@@ -149,10 +149,11 @@ async fn probe_feed(
                 return Ok(false);
             }
         };
-        if entries.is_empty() {
+        if page.is_empty() {
             at_head = true;
             break;
         }
+        let entries = page.take(usize::MAX).map_err(anyhow::Error::msg)?;
         for entry in &entries {
             *seen.entry(entry.meta.event_type.clone()).or_default() += 1;
         }

@@ -117,6 +117,10 @@ pub struct FeedConfig {
     /// A response larger than this is refused while it streams in.
     #[serde(default = "defaults::max_response_bytes")]
     pub max_response_bytes: ByteLimit,
+    /// What the reader holds in memory ahead of the writer: entries of pages read ahead and
+    /// bodies waiting their turn. Reading waits while it is spent.
+    #[serde(default = "defaults::max_buffered_bytes")]
+    pub max_buffered_bytes: ByteLimit,
     /// While catching up, find the feed's head with a few page requests (every 30 s), so that
     /// the lag and the time left are exact. Off, the head shown is the end of the last page
     /// read until the reader reaches it.
@@ -255,6 +259,10 @@ mod defaults {
     }
 
     pub fn max_response_bytes() -> ByteLimit {
+        ByteLimit(16 * 1024 * 1024)
+    }
+
+    pub fn max_buffered_bytes() -> ByteLimit {
         ByteLimit(16 * 1024 * 1024)
     }
 }

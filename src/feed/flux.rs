@@ -5,22 +5,19 @@
 //! with a reason. Bodies may be served as `text/plain` (Go's json.Encoder), so the content type
 //! is not checked.
 
+use std::sync::Arc;
+
 use hyper::Uri;
 use serde::Deserialize;
 use url::Url;
 
 use super::access::Access;
 use super::http::parse_uri;
-use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use super::page::{read_page, EntryBody, EntryFormat, PageEntry};
 use crate::event::EventMeta;
 
 #[derive(Deserialize)]
-struct RawPage {
-    events: Vec<RawEntry>,
-}
-
-#[derive(Deserialize)]
-struct RawEntry {
+pub(super) struct RawEntry {
     event_id: String,
     url: String,
     event_type: String,
@@ -32,22 +29,38 @@ struct RawEntry {
     created: String,
 }
 
-/// Parses a page body, up to its first unreadable entry; entry URLs may be absolute or relative
-/// to the feed URL.
-/// Entry URLs that `access` refuses (another origin than `body_origin` allows) make the entry
-/// unreadable.
-pub fn parse_page(bytes: &[u8], feed_url: &Url, access: &Access) -> Result<Vec<PageEntry>, String> {
-    let page: RawPage =
-        serde_json::from_slice(bytes).map_err(|err| not_a_page("a Flux feed", bytes, err))?;
-    check_unique_ids(page.events.iter().map(|raw| raw.event_id.as_str()))?;
-    readable_prefix(page.events.into_iter().map(|raw| {
+#[derive(Deserialize)]
+struct RawList<T> {
+    events: Vec<T>,
+}
+
+/// A Flux feed's entries: URLs may be absolute or relative to the feed URL, and ones that
+/// `access` refuses (another origin than `body_origin` allows) make the entry unreadable.
+pub struct Flux {
+    pub feed_url: Url,
+    pub access: Arc<Access>,
+}
+
+impl EntryFormat for Flux {
+    const NAME: &'static str = "a Flux feed";
+    type Raw<'a> = RawEntry;
+
+    fn list<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
+        serde_json::from_slice::<RawList<T>>(bytes).map(|list| list.events)
+    }
+
+    fn id(raw: &RawEntry) -> &str {
+        &raw.event_id
+    }
+
+    fn entry(&self, raw: RawEntry) -> Result<PageEntry, String> {
         if raw.event_id.is_empty() || raw.event_type.is_empty() {
             return Err("the page has an entry with an empty event_id or event_type".into());
         }
         let id = crate::shown::shortened(&raw.event_id, crate::shown::ID_SHOWN);
-        let url = entry_uri(feed_url, &raw.url)
+        let url = entry_uri(&self.feed_url, &raw.url)
             .map_err(|err| format!("entry {id} has a bad url: {err}"))?;
-        access
+        self.access
             .check(None, &url)
             .map_err(|reason| format!("entry {id}'s url is refused: {reason}"))?;
         Ok(PageEntry {
@@ -62,7 +75,17 @@ pub fn parse_page(bytes: &[u8], feed_url: &Url, access: &Access) -> Result<Vec<P
             },
             body: EntryBody::At(url),
         })
-    }))
+    }
+}
+
+/// A whole page's entries, up to its first unreadable one.
+pub fn parse_page(bytes: &[u8], feed_url: &Url, access: &Access) -> Result<Vec<PageEntry>, String> {
+    let flux = Flux {
+        feed_url: feed_url.clone(),
+        access: Arc::new(access.clone()),
+    };
+    let mut page = read_page(Arc::new(flux), bytes.to_vec(), usize::MAX).map_err(|e| e.reason)?;
+    page.take(usize::MAX)
 }
 
 /// Where an entry's body is. Flux writes absolute URLs, taken as they are, since resolving each

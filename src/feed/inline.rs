@@ -17,18 +17,14 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::page::{check_unique_ids, not_a_page, readable_prefix, EntryBody, PageEntry};
+use std::sync::Arc;
+
+use super::page::{read_page, EntryBody, EntryFormat, PageEntry};
 use crate::event::EventMeta;
 use crate::event::Payload;
 
 #[derive(Deserialize)]
-struct RawPage<'a> {
-    #[serde(borrow)]
-    events: Vec<RawEvent<'a>>,
-}
-
-#[derive(Deserialize)]
-struct RawEvent<'a> {
+pub(super) struct RawEvent<'a> {
     #[serde(alias = "event_id", deserialize_with = "text_or_number")]
     id: String,
     #[serde(rename = "type", alias = "event_type")]
@@ -74,17 +70,32 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<S
     deserializer.deserialize_any(TextOrNumber)
 }
 
-/// Parses a page body, up to its first unreadable event.
-pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    let events = if first == Some(&b'[') {
-        serde_json::from_slice::<Vec<RawEvent>>(bytes)
-    } else {
-        serde_json::from_slice::<RawPage>(bytes).map(|page| page.events)
+#[derive(Deserialize)]
+struct RawList<T> {
+    events: Vec<T>,
+}
+
+/// Inline feeds' events.
+pub struct Inline;
+
+impl EntryFormat for Inline {
+    const NAME: &'static str = "an inline feed";
+    type Raw<'a> = RawEvent<'a>;
+
+    fn list<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'[') {
+            serde_json::from_slice(bytes)
+        } else {
+            serde_json::from_slice::<RawList<T>>(bytes).map(|list| list.events)
+        }
     }
-    .map_err(|err| not_a_page("an inline feed", bytes, err))?;
-    check_unique_ids(events.iter().map(|raw| raw.id.as_str()))?;
-    readable_prefix(events.into_iter().map(|raw| {
+
+    fn id<'r>(raw: &'r RawEvent<'_>) -> &'r str {
+        &raw.id
+    }
+
+    fn entry(&self, raw: RawEvent<'_>) -> Result<PageEntry, String> {
         if raw.id.is_empty() || raw.event_type.is_empty() {
             return Err("the page has an event with an empty id or type".into());
         }
@@ -104,7 +115,13 @@ pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
             },
             body: EntryBody::Inline(payload),
         })
-    }))
+    }
+}
+
+/// A whole page's events, up to its first unreadable one.
+pub fn parse_page(bytes: &[u8]) -> Result<Vec<PageEntry>, String> {
+    let mut page = read_page(Arc::new(Inline), bytes.to_vec(), usize::MAX).map_err(|e| e.reason)?;
+    page.take(usize::MAX)
 }
 
 #[cfg(test)]

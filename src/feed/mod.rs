@@ -26,8 +26,10 @@ use crate::config::{ConfigError, ConfigSource, FeedConfig, FeedFormat};
 use crate::event::Payload;
 use access::Access;
 use error::{FetchError, FetchErrorKind, FetchTarget};
+use flux::Flux;
 use http::{parse_uri, HttpClient, HttpSettings};
-use page::PageEntry;
+use inline::Inline;
+use page::{Page, PageEntry, Unread, LAZY_PAGE_BYTES};
 
 /// The HTTP client behind a feed client: hyper-util's, or reqwest's for the A/B.
 #[derive(Clone)]
@@ -55,7 +57,8 @@ pub struct FeedClient {
     /// Without its user and password.
     feed_url: Url,
     format: FeedFormat,
-    access: Arc<Access>,
+    /// How Flux entries are read: the feed URL they may be relative to, and where they may lead.
+    flux: Arc<Flux>,
 }
 
 impl FeedClient {
@@ -69,6 +72,10 @@ impl FeedClient {
         let mut feed_url = feed.url.0.clone();
         let _ = feed_url.set_username("");
         let _ = feed_url.set_password(None);
+        let flux = Arc::new(Flux {
+            feed_url: feed_url.clone(),
+            access: Arc::new(access.clone()),
+        });
         let settings = HttpSettings {
             connect_timeout: feed.connect_timeout.0,
             request_timeout: feed.request_timeout.0,
@@ -83,7 +90,7 @@ impl FeedClient {
                 http: Http::Reqwest(reqwest),
                 feed_url,
                 format: feed.format,
-                access: Arc::new(access),
+                flux,
             });
         }
         let http = Http::Hyper(HttpClient::new(settings, access.clone(), tls));
@@ -91,7 +98,7 @@ impl FeedClient {
             http,
             feed_url,
             format: feed.format,
-            access: Arc::new(access),
+            flux,
         })
     }
 
@@ -108,7 +115,7 @@ impl FeedClient {
     }
 
     /// The page of entries starting at `offset`; empty at the head of the feed.
-    pub async fn fetch_page(&self, offset: u64) -> Result<Vec<PageEntry>, FetchError> {
+    pub async fn fetch_page(&self, offset: u64) -> Result<Page, FetchError> {
         let mut url = self.feed_url.clone();
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
@@ -117,26 +124,29 @@ impl FeedClient {
         let uri =
             parse_uri(url.as_str()).map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
         let bytes = self.http.get(&uri).await.map_err(failed)?;
-        self.parse_page(&bytes, self.format).map_err(|reason| {
-            let other = match self.format {
-                FeedFormat::Flux => FeedFormat::Inline,
-                FeedFormat::Inline => FeedFormat::Flux,
-            };
-            // A page of the other format is a mistake in the config, and says so.
-            match self.parse_page(&bytes, other) {
-                Ok(entries) if !entries.is_empty() => failed(FetchErrorKind::OtherFormat {
-                    configured: self.format.name(),
-                    reads_as: other.name(),
-                }),
-                _ => failed(FetchErrorKind::Unreadable(reason)),
-            }
-        })
+        let unread = match self.read_page(bytes, self.format) {
+            Ok(page) => return Ok(page),
+            Err(unread) => unread,
+        };
+        let other = match self.format {
+            FeedFormat::Flux => FeedFormat::Inline,
+            FeedFormat::Inline => FeedFormat::Flux,
+        };
+        // A page of the other format is a mistake in the config, and says so.
+        let kind = match self.read_page(unread.bytes, other) {
+            Ok(page) if !page.is_empty() => FetchErrorKind::OtherFormat {
+                configured: self.format.name(),
+                reads_as: other.name(),
+            },
+            _ => FetchErrorKind::Unreadable(unread.reason),
+        };
+        Err(failed(kind))
     }
 
-    fn parse_page(&self, bytes: &[u8], format: FeedFormat) -> Result<Vec<PageEntry>, String> {
+    fn read_page(&self, bytes: Vec<u8>, format: FeedFormat) -> Result<Page, Unread> {
         match format {
-            FeedFormat::Flux => flux::parse_page(bytes, &self.feed_url, &self.access),
-            FeedFormat::Inline => inline::parse_page(bytes),
+            FeedFormat::Flux => page::read_page(self.flux.clone(), bytes, LAZY_PAGE_BYTES),
+            FeedFormat::Inline => page::read_page(Arc::new(Inline), bytes, LAZY_PAGE_BYTES),
         }
     }
 

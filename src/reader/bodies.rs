@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures_util::{stream, Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use super::budget::Budget;
 use super::gate::RequestGate;
 use super::pages::PageRead;
 use super::retry::{retry, Backoff};
@@ -20,9 +21,6 @@ use crate::monitor::FeedMonitor;
 /// The steps kept in order, as a multiple of `body_concurrency`, the requests in flight: the
 /// answers behind a slow one at the head of the feed wait for it while new requests go out.
 const ANSWERS_AHEAD: usize = 4;
-/// Past this many bytes of answers waiting in order, only the `body_concurrency` steps after
-/// the one the feed waits for start requests (see `gate.rs`).
-const MAX_BYTES_AHEAD: usize = 8 << 20;
 
 /// What the feed stream yields.
 pub(super) enum Read {
@@ -31,42 +29,47 @@ pub(super) enum Read {
     Head,
 }
 
-/// The feed's events in order, from `pages`, with the bodies some member still needs, and a
-/// mark each time a poll finds nothing new. Body requests run `body_concurrency` at a time across
-/// page boundaries, within ANSWERS_AHEAD times as many steps kept in order and MAX_BYTES_AHEAD of
-/// answers waiting (RequestGate): a slow answer holds one request, not all of them. The stream
+/// The feed's events in order, from the chunks of `pages`, with the bodies some member still
+/// needs, and a mark each time a poll finds nothing new. Body requests run `body_concurrency` at
+/// a time across page boundaries, within ANSWERS_AHEAD times as many steps kept in order while
+/// the feed's budget has room (RequestGate): a slow answer holds one request, not all of them.
+/// A chunk's entries and an answer's bytes are held in the budget until passed on. The stream
 /// waits at the head of the feed and retries failures; it ends only with an error that is not
 /// retried.
 pub(super) fn ordered_reads(
     pages: mpsc::Receiver<PageRead>,
     bodies: BodyReader,
     body_concurrency: usize,
+    budget: Arc<Budget>,
 ) -> impl Stream<Item = Result<Read, FetchError>> + Send + 'static {
-    let gate = Arc::new(RequestGate::new(body_concurrency, MAX_BYTES_AHEAD));
+    let gate = Arc::new(RequestGate::new(body_concurrency, budget.clone()));
     let bodies = Arc::new(bodies);
     let yielded = gate.clone();
     let mut next_step = 0u64;
     stream::unfold(pages, |mut pages| async move {
         pages.recv().await.map(|page| (page, pages))
     })
-    .flat_map(move |page| {
-        let steps = match page {
-            Ok(entries) if entries.is_empty() => vec![Step::Head],
-            Ok(entries) => bodies.steps(entries),
-            Err(err) => vec![Step::Failed(err)],
+    .flat_map(move |chunk| {
+        let (steps, held) = match chunk {
+            Ok(chunk) if chunk.entries.is_empty() => (vec![Step::Head], None),
+            Ok(chunk) => (bodies.steps(chunk.entries), chunk.held.map(Arc::new)),
+            Err(err) => (vec![Step::Failed(err)], None),
         };
         let first = next_step;
         next_step += steps.len() as u64;
         let bodies = bodies.clone();
         let gate = gate.clone();
+        let budget = budget.clone();
         stream::iter(steps.into_iter().zip(first..)).map(move |(step, index)| {
             let bodies = bodies.clone();
             let gate = gate.clone();
+            let budget = budget.clone();
+            // Each step keeps its chunk's entries held until it is passed on.
+            let chunk_held = held.clone();
             async move {
-                // The bytes of a fetched answer, held until it is yielded.
-                let (bytes, reads) = match step {
+                let (answer_held, reads) = match step {
                     Step::Ready(events) => (
-                        0,
+                        None,
                         events
                             .into_iter()
                             .map(|(offset, entry, wanted)| {
@@ -79,21 +82,24 @@ pub(super) fn ordered_reads(
                             let _request = gate.enter(index).await;
                             bodies.fetch(offset, entry).await
                         };
-                        let bytes = fetched.as_ref().map_or(0, |f| f.body_bytes);
-                        gate.answered(bytes);
-                        (bytes, vec![fetched.map(Read::Event)])
+                        // The answer's bytes, held until it is passed on.
+                        let held = fetched.as_ref().ok().map(|f| budget.take(f.body_bytes));
+                        (held, vec![fetched.map(Read::Event)])
                     }
-                    Step::Head => (0, vec![Ok(Read::Head)]),
-                    Step::Failed(err) => (0, vec![Err(err)]),
+                    Step::Head => (None, vec![Ok(Read::Head)]),
+                    Step::Failed(err) => (None, vec![Err(err)]),
                 };
-                (index, bytes, reads)
+                (index, (chunk_held, answer_held), reads)
             }
         })
     })
     .buffered(body_concurrency * ANSWERS_AHEAD)
-    .flat_map(move |(index, bytes, reads)| {
-        yielded.yielded(index, bytes);
-        stream::iter(reads)
+    .flat_map(move |(index, held, reads)| {
+        yielded.yielded(index);
+        // The closure owns `held`: given back once the step's reads have all been passed on.
+        stream::iter(reads.into_iter().inspect(move |_| {
+            let _held = &held;
+        }))
     })
 }
 

@@ -11,6 +11,7 @@
 
 mod batch;
 mod bodies;
+mod budget;
 mod gate;
 mod head;
 mod pages;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use batch::Gathering;
 pub use batch::MAX_BATCH_EVENTS;
 use bodies::{BodyReader, Read};
+use budget::Budget;
 pub use head::{find_head, follow_head};
 use pages::PageReader;
 use retry::Backoff;
@@ -51,6 +53,7 @@ pub struct Member {
 pub struct ReadPolicy {
     pub poll_interval: Duration,
     pub body_concurrency: usize,
+    pub max_buffered_bytes: usize,
     pub backoff: Backoff,
 }
 
@@ -221,13 +224,15 @@ impl FeedReader {
         }
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
         let known_end = self.members.iter().map(|m| m.next_offset).max();
+        // A budget per run: whatever the last run held was dropped with it.
+        let budget = Budget::new(self.policy.max_buffered_bytes);
         let (pages, mut page_reading) = PageReader::new(
             self.feed.clone(),
             self.client.clone(),
             (self.monitor.clone(), self.reader),
             self.policy.clone(),
-            self.start_offset(),
-            known_end.unwrap_or(0),
+            budget.clone(),
+            (self.start_offset(), known_end.unwrap_or(0)),
         )
         .spawn();
         let bodies = BodyReader {
@@ -240,6 +245,7 @@ impl FeedReader {
             pages,
             bodies,
             self.policy.body_concurrency,
+            budget,
         ));
         let mut gathering = Gathering::default();
         let mut pending: Option<PendingBatch> = None;

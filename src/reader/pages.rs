@@ -1,26 +1,36 @@
 //! The feed's pages, read in order from a start offset on by a task of their own that keeps the
 //! next ones ready, so that body requests never drain at a page boundary waiting for a page; at
 //! the head, the feed is polled, and each poll reads the last event read again to notice a feed
-//! that shrank or was rewritten under a running daemon.
+//! that shrank or was rewritten under a running daemon. Pages are handed on in chunks of at most
+//! CHUNK entries, each taken from the feed's budget before it is made, and no page is read
+//! while the budget is spent.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::budget::{Budget, Held};
 use super::retry::retry;
 use super::ReadPolicy;
 use crate::feed::error::{FetchError, FetchErrorKind, FetchTarget};
-use crate::feed::page::PageEntry;
+use crate::feed::page::{Page, PageEntry};
 use crate::feed::FeedClient;
 use crate::monitor::{FeedMonitor, ReaderPhase};
 
-/// How many read pages wait for the body fetches (the page reader reads one more, then waits).
-const PAGES_AHEAD: usize = 2;
+/// How many chunks wait for the body fetches (the page reader makes one more, then waits).
+const CHUNKS_AHEAD: usize = 2;
+/// The most entries in a chunk.
+const CHUNK: usize = 1000;
 
-/// A page of the feed, each event with its offset (none at the head), or the error that ends
-/// the pages.
-pub(super) type PageRead = Result<Vec<(u64, PageEntry)>, FetchError>;
+/// Entries of a page, each with its offset, and what they hold of the budget; none at the head.
+pub(super) struct Chunk {
+    pub(super) entries: Vec<(u64, PageEntry)>,
+    pub(super) held: Option<Held>,
+}
+
+/// A chunk of the feed, or the error that ends the pages.
+pub(super) type PageRead = Result<Chunk, FetchError>;
 
 /// Reads a feed's pages in order, from a start offset on, and follows the feed at its head.
 pub(super) struct PageReader {
@@ -29,6 +39,7 @@ pub(super) struct PageReader {
     monitor: Arc<FeedMonitor>,
     reader: usize,
     policy: ReadPolicy,
+    budget: Arc<Budget>,
     /// The offset of the next page.
     offset: u64,
     /// The feed is known to have events below this offset (a checkpoint or a page said so); an
@@ -51,8 +62,8 @@ impl PageReader {
         client: FeedClient,
         (monitor, reader): (Arc<FeedMonitor>, usize),
         policy: ReadPolicy,
-        start: u64,
-        known_end: u64,
+        budget: Arc<Budget>,
+        (start, known_end): (u64, u64),
     ) -> PageReader {
         PageReader {
             feed,
@@ -60,6 +71,7 @@ impl PageReader {
             monitor,
             reader,
             policy,
+            budget,
             offset: start,
             known_end,
             last_read: None,
@@ -69,10 +81,10 @@ impl PageReader {
         }
     }
 
-    /// The next page's events, each with its offset; none when the feed has nothing new (the
+    /// The next page and the offset of its first entry; empty when the feed has nothing new (the
     /// next call then waits a poll interval). Retries failures until it has an answer; an
     /// error is one that is not retried (the feed was rewritten), and the end of the pages.
-    async fn next_page(&mut self) -> PageRead {
+    async fn next_page(&mut self) -> Result<(u64, Page), FetchError> {
         if self.idle {
             tokio::time::sleep(self.policy.poll_interval).await;
         }
@@ -80,11 +92,11 @@ impl PageReader {
             let verify = self.last_read.clone().filter(|_| self.idle);
             let fetch_at = verify.as_ref().map_or(self.offset, |(at, _)| *at);
             let client = &self.client;
-            let mut entries = retry(&self.monitor, &self.policy.backoff, || {
+            let mut page = retry(&self.monitor, &self.policy.backoff, || {
                 client.fetch_page(fetch_at)
             })
             .await?;
-            if entries.is_empty() && fetch_at < self.known_end {
+            if page.is_empty() && fetch_at < self.known_end {
                 // Perhaps a feed server restarted and not yet reloaded: wait for the events to
                 // come back. If others come back instead, the rewrite check halts.
                 let shrank = FetchErrorKind::Shrunk {
@@ -101,12 +113,12 @@ impl PageReader {
             self.shrunk_polls = 0;
             let mut first_offset = fetch_at;
             if let Some((verified_offset, verified_id)) = &verify {
-                match entries.first() {
-                    Some(first) if first.meta.event_id != *verified_id => {
+                match page.first_id() {
+                    Some(first) if first != *verified_id => {
                         return Err(FetchErrorKind::Rewritten {
                             offset: *verified_offset,
                             expected: verified_id.clone(),
-                            found: first.meta.event_id.clone(),
+                            found: first,
                         }
                         .fetching(
                             FetchTarget::Page,
@@ -114,14 +126,14 @@ impl PageReader {
                         ));
                     }
                     Some(_) => {
-                        entries.remove(0);
+                        let _ = page.take(1);
                         first_offset += 1;
                     }
                     // Handled above: an empty page below a known event is a shrink.
                     None => {}
                 }
             }
-            let Some(last) = entries.last() else {
+            let Some(last) = page.last_id() else {
                 self.monitor.reached_head(self.offset);
                 self.monitor.set_phase(self.reader, ReaderPhase::Live);
                 self.idle = true;
@@ -129,33 +141,68 @@ impl PageReader {
                     self.reported_head = true;
                     tracing::info!(feed = %self.feed, offset = self.offset, "at the head of the feed");
                 }
-                return Ok(Vec::new());
+                return Ok((self.offset, page));
             };
             self.idle = false;
-            self.offset = first_offset + entries.len() as u64;
+            self.offset = first_offset + page.len() as u64;
             self.known_end = self.known_end.max(self.offset);
-            self.last_read = Some((self.offset - 1, last.meta.event_id.clone()));
+            self.last_read = Some((self.offset - 1, last));
             self.monitor.saw_feed_up_to(self.offset);
             if self.reported_head {
                 // New events after the head: reading them counts as catching up.
                 self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
             }
-            return Ok((first_offset..).zip(entries).collect());
+            return Ok((first_offset, page));
         }
     }
 }
 
 impl PageReader {
-    /// Reads pages in a task of its own, keeping up to PAGES_AHEAD of them ready. The pages end
-    /// after an error. The task ends when the receiver goes or its handle is dropped.
+    /// Reads pages in a task of its own, keeping up to CHUNKS_AHEAD chunks of them ready. The
+    /// chunks end after an error. The task ends when the receiver goes or its handle is dropped.
     pub(super) fn spawn(mut self) -> (mpsc::Receiver<PageRead>, AbortOnDropHandle<()>) {
-        let (sender, receiver) = mpsc::channel(PAGES_AHEAD);
+        let (sender, receiver) = mpsc::channel(CHUNKS_AHEAD);
         let task = tokio::spawn(async move {
             loop {
-                let page = self.next_page().await;
-                let last = page.is_err();
-                if sender.send(page).await.is_err() || last {
-                    break;
+                self.budget.room().await;
+                let (first_offset, mut page) = match self.next_page().await {
+                    Ok(read) => read,
+                    Err(err) => {
+                        let _ = sender.send(Err(err)).await;
+                        return;
+                    }
+                };
+                if page.is_empty() {
+                    let head = Chunk {
+                        entries: Vec::new(),
+                        held: None,
+                    };
+                    if sender.send(Ok(head)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut offset = first_offset;
+                while !page.is_empty() {
+                    self.budget.room().await;
+                    let chunk = match page.take(CHUNK) {
+                        Ok(entries) => {
+                            let weight = entries.iter().map(PageEntry::weight).sum();
+                            let count = entries.len() as u64;
+                            let chunk = Chunk {
+                                entries: (offset..).zip(entries).collect(),
+                                held: Some(self.budget.take(weight)),
+                            };
+                            offset += count;
+                            Ok(chunk)
+                        }
+                        Err(reason) => Err(FetchErrorKind::Unreadable(reason)
+                            .fetching(FetchTarget::Page, format!("page at offset {offset}"))),
+                    };
+                    let last = chunk.is_err();
+                    if sender.send(chunk).await.is_err() || last {
+                        return;
+                    }
                 }
             }
         });

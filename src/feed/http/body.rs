@@ -15,14 +15,19 @@ pub(super) enum LimitedBody {
 }
 
 impl LimitedBody {
-    pub(super) fn new(gzipped: bool, limit: usize) -> LimitedBody {
+    /// A body of at most `limit` bytes; `declared` is the Content-Length, already checked
+    /// against the limit.
+    pub(super) fn new(gzipped: bool, limit: usize, declared: Option<u64>) -> LimitedBody {
         if gzipped {
             LimitedBody::Gzipped(Box::new(GzDecoder::new(LimitedBuffer {
                 bytes: Vec::new(),
                 limit,
             })))
         } else {
-            LimitedBody::Plain(Vec::new())
+            // Room for the whole body at once: a large page grown by doubling would briefly
+            // hold one and a half times its size.
+            let declared = declared.map_or(0, |length| usize::try_from(length).unwrap_or(limit));
+            LimitedBody::Plain(Vec::with_capacity(declared.min(limit)))
         }
     }
 
@@ -94,13 +99,13 @@ pub(super) mod tests {
     fn gzip_inflates_in_pieces_and_is_refused_past_the_limit() {
         let text = br#"{"account_id":"a","amount":5}"#.repeat(100);
         let compressed = gzip(&text);
-        let mut answer = LimitedBody::new(true, text.len());
+        let mut answer = LimitedBody::new(true, text.len(), None);
         for piece in compressed.chunks(7) {
             answer.push(piece).unwrap_or_else(|e| panic!("{e}"));
         }
         assert_eq!(answer.finish().map_err(|e| e.to_string()), Ok(text.clone()));
 
-        let mut answer = LimitedBody::new(true, text.len() - 1);
+        let mut answer = LimitedBody::new(true, text.len() - 1, None);
         let refused = answer
             .push(&compressed)
             .and_then(|()| answer.finish().map(|_| ()));
@@ -110,7 +115,7 @@ pub(super) mod tests {
             "{reason:?}"
         );
 
-        let mut answer = LimitedBody::new(true, 1 << 20);
+        let mut answer = LimitedBody::new(true, 1 << 20, None);
         let garbage = answer
             .push(b"this is not gzip at all")
             .and_then(|()| answer.finish().map(|_| ()));

@@ -187,7 +187,7 @@ impl HttpClient {
             .get(header::CONTENT_ENCODING)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let mut body = response.into_body();
-        let mut answer = LimitedBody::new(gzipped, limit);
+        let mut answer = LimitedBody::new(gzipped, limit, declared);
         let mut received = 0;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|err| {
