@@ -7,6 +7,7 @@ use clap::Parser;
 use projector::cli::exit::Exit;
 
 fn main() -> ExitCode {
+    keep_large_blocks_mapped();
     let cli = projector::cli::Cli::parse();
     match projector::cli::run(cli) {
         Ok(exit) => exit.into(),
@@ -16,5 +17,17 @@ fn main() -> ExitCode {
             let _ = writeln!(std::io::stderr(), "projector: {err:#}");
             Exit::for_error(&err).into()
         }
+    }
+}
+
+/// glibc raises its mmap threshold to the largest block freed, so after the first large page
+/// every later one comes from the heap and is not given back to the system: with a fixed
+/// threshold, blocks of 1 MiB or more are mapped and returned when freed (BENCHMARKS.md).
+fn keep_large_blocks_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt sets a parameter of the allocator under its own lock; it has no
+    // precondition.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }

@@ -262,6 +262,7 @@ mod defaults {
         ByteLimit(16 * 1024 * 1024)
     }
 
+    /// As large as the largest page `max_response_bytes` allows, so that one fits.
     pub fn max_buffered_bytes() -> ByteLimit {
         ByteLimit(16 * 1024 * 1024)
     }

@@ -14,6 +14,7 @@ use crate::config::{Config, ConfigError, ConfigSource, FeedConfig};
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
 use crate::projection::ConfiguredProjection;
+use crate::reader::budget::Budget;
 use crate::reader::retry::Backoff;
 use crate::reader::{follow_head, FeedReader, Member, ReadPolicy, Steering};
 use crate::writer::{StartingPoint, Writer, WriterHandle, WriterSettings, WriterThread};
@@ -229,9 +230,11 @@ impl Readers {
             if let Some(proxy) = client.proxy() {
                 tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
             }
+            let budget = Budget::new(feed.max_buffered_bytes.0);
             if feed.find_head {
                 self.tasks.spawn(follow_head(
                     client.clone(),
+                    budget.clone(),
                     monitor.clone(),
                     paused.subscribe(),
                     self.stop.clone(),
@@ -256,6 +259,7 @@ impl Readers {
                         paused: paused.subscribe(),
                         monitor: monitor.clone(),
                         shutdown: self.stop.clone(),
+                        budget: budget.clone(),
                     },
                 );
                 self.tasks.spawn(reader.run());
@@ -289,7 +293,6 @@ fn read_policy(feed: &FeedConfig) -> ReadPolicy {
     ReadPolicy {
         poll_interval: feed.poll_interval.0,
         body_concurrency: feed.body_concurrency.0,
-        max_buffered_bytes: feed.max_buffered_bytes.0,
         backoff: Backoff {
             initial: feed.retry_initial.0,
             max: feed.retry_max.0,

@@ -4,6 +4,7 @@
 //! that cannot be read.
 
 use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -110,20 +111,27 @@ pub(super) fn read_page<F: EntryFormat>(
         let texts = F::list::<&RawValue>(&bytes).map_err(|err| not_a_page::<F>(&bytes, err));
         texts.and_then(|texts| {
             let start = bytes.as_ptr() as usize;
-            let mut ids = HashSet::with_capacity(texts.len());
+            let ids = RandomState::new();
+            let mut id_hashes = Vec::with_capacity(texts.len());
             let mut check = Check::default();
             let mut ranges = VecDeque::new();
-            for text in texts {
+            for (index, text) in texts.iter().enumerate() {
                 let text = text.get();
                 let offset = text.as_ptr() as usize - start;
                 let raw = serde_json::from_str::<F::Raw<'_>>(text)
                     .map_err(|err| not_a_page::<F>(&bytes, in_page(&bytes, offset, &err)))?;
-                if !ids.insert(F::id(&raw).to_string()) {
-                    return Err(listed_twice(F::id(&raw)));
-                }
+                id_hashes.push((ids.hash_one(F::id(&raw)), index));
                 if check.next(&*format, raw).is_some() {
                     ranges.push_back(offset..offset + text.len());
                 }
+            }
+            let id_at = |index: usize| {
+                serde_json::from_str::<F::Raw<'_>>(texts[index].get())
+                    .map(|raw| F::id(&raw).to_string())
+                    .unwrap_or_default()
+            };
+            if let Some(twice) = first_repeated(&mut id_hashes, id_at) {
+                return Err(listed_twice(&twice));
             }
             check.finish()?;
             Ok(ranges)
@@ -178,6 +186,32 @@ fn in_page(bytes: &[u8], offset: usize, err: &serde_json::Error) -> String {
         "{reason} at line {} column {column}",
         lines_before + err.line()
     )
+}
+
+/// The first id an earlier entry has too, as a set filled in order finds it, from the ids'
+/// hashes (with each entry's index) and the id at an index: a large page's ids stay in its text.
+fn first_repeated(
+    id_hashes: &mut [(u64, usize)],
+    id_at: impl Fn(usize) -> String,
+) -> Option<String> {
+    id_hashes.sort_unstable();
+    let mut first: Option<usize> = None;
+    for same_hash in id_hashes.chunk_by(|a, b| a.0 == b.0) {
+        for (later, &(_, index)) in same_hash.iter().enumerate().skip(1) {
+            if first.is_some_and(|first| first < index) {
+                break;
+            }
+            let id = id_at(index);
+            if same_hash[..later]
+                .iter()
+                .any(|&(_, earlier)| id_at(earlier) == id)
+            {
+                first = Some(index);
+                break;
+            }
+        }
+    }
+    first.map(id_at)
 }
 
 fn listed_twice(id: &str) -> String {
@@ -249,6 +283,17 @@ impl Page {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The bytes a page kept as its bytes holds until it is dropped; none for a parsed page,
+    /// whose entries are counted as they are taken.
+    pub fn bytes_held(&self) -> usize {
+        match &self.entries {
+            Entries::Parsed(_) => 0,
+            Entries::Lazy { bytes, ranges, .. } => {
+                bytes.capacity() + ranges.capacity() * std::mem::size_of::<Range<usize>>()
+            }
+        }
     }
 
     /// The id of the first entry not taken yet.
@@ -349,6 +394,8 @@ mod tests {
             r#"[{"id":"a","type":"t"},{"id":"b","type":"t","data":2}]"#,
             r#"[{"id":"a","type":"t","data":1},{"id":"b","type":"t"},{"id":"a","type":"t","data":3}]"#,
             r#"[{"id":"a","type":"t","data":1},{"id":"b","data":2}]"#,
+            r#"[{"id":"a","type":"t","data":1},{"id":"b","type":"t","data":1},{"id":"b","type":"t","data":1},{"id":"a","type":"t","data":1}]"#,
+            r#"[{"id":"a","type":"t","data":1},{"id":"a","type":"t","data":1},{"id":"b"}]"#,
             r#"[{"id":"a","type":"t","data":1},"#,
             "[\n {\"id\":\"a\",\"type\":\"t\",\"data\":1},\n  {\"id\":\"b\",\n \"data\":2}]",
             "[\n {\"id\":\"a\",\"type\":\"t\",\"data\":1},\n  {\"id\":\"b\", \"data\":2}]",
@@ -397,6 +444,22 @@ mod tests {
         assert!(twice.is_err_and(|e| e.contains("lists event id a twice")));
         let shape = ids(r#"[{"id":"a","type":"t","data":1},{"id":"b","data":2}]"#);
         assert!(shape.is_err_and(|e| e.contains("not an inline feed page")));
+    }
+
+    #[test]
+    fn the_repeated_id_found_is_the_one_a_set_filled_in_order_finds_whatever_the_hashes() {
+        let ids = ["a", "b", "c", "b", "a", "c"];
+        let id_at = |index: usize| ids[index].to_string();
+        // Every hash the same: only the ids tell.
+        let mut colliding: Vec<(u64, usize)> = (0..ids.len()).map(|index| (7, index)).collect();
+        assert_eq!(first_repeated(&mut colliding, id_at), Some("b".into()));
+        let mut distinct: Vec<(u64, usize)> = (0..3).map(|index| (7, index)).collect();
+        assert_eq!(first_repeated(&mut distinct, id_at), None);
+        let hashes = RandomState::new();
+        let mut hashed: Vec<(u64, usize)> = (0..ids.len())
+            .map(|index| (hashes.hash_one(ids[index]), index))
+            .collect();
+        assert_eq!(first_repeated(&mut hashed, id_at), Some("b".into()));
     }
 
     #[test]

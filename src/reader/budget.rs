@@ -1,21 +1,26 @@
-//! What one feed's reader holds in memory ahead of its batches, in bytes: the entries of pages
-//! read ahead and the bodies that wait for their turn in feed order share one budget
-//! (`max_buffered_bytes`). Pages are not read further while it is spent, and bodies past the
+//! What one feed's reader holds in memory ahead of its batches, in bytes: a large page being
+//! read, the entries of pages read ahead and the bodies that wait for their turn in feed order
+//! share one budget (`max_buffered_bytes`). Pages are not read further while it is spent, and bodies past the
 //! few the feed waits for are not requested; what is held is given back as it is passed on.
 //!
-//! Taking never waits and may pass the budget (an answer that came in, or one chunk larger
-//! than the whole budget); waiting for room is what bounds it. So the reader holds about the
-//! budget, plus one chunk of entries and one page's bytes.
+//! One page of the feed is fetched and held at a time (`page_slot`), the head probe's and each
+//! reader's: a second page would double what a feed of large pages holds.
+//!
+//! Taking never waits and may pass the budget (an answer that came in, or a page larger than
+//! the whole budget); waiting for room is what bounds it. So the reader holds about the budget,
+//! plus one chunk of entries, or a page larger than the budget and one chunk of it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub struct Budget {
     bytes: usize,
     used: Mutex<usize>,
     /// Notified each time bytes are given back.
     freed: Notify,
+    /// One permit: held while a page is fetched and read.
+    page: Arc<Semaphore>,
 }
 
 /// Bytes taken from a budget, given back when dropped.
@@ -30,7 +35,15 @@ impl Budget {
             bytes,
             used: Mutex::new(0),
             freed: Notify::new(),
+            page: Arc::new(Semaphore::new(1)),
         })
+    }
+
+    /// Waits until no other page of the feed is being fetched or read; the next is this
+    /// holder's until the returned permit is dropped.
+    pub async fn page_slot(&self) -> Option<OwnedSemaphorePermit> {
+        // Never closed, so a permit always comes.
+        self.page.clone().acquire_owned().await.ok()
     }
 
     fn used(&self) -> std::sync::MutexGuard<'_, usize> {
@@ -43,11 +56,20 @@ impl Budget {
 
     /// Waits until some of the budget is free.
     pub async fn room(&self) {
+        self.room_besides(None).await;
+    }
+
+    /// Waits until some of the budget is free, or until nothing but `own` is held: what its
+    /// holder needs to make progress never waits on itself, even if it is larger than the
+    /// budget.
+    pub async fn room_besides(&self, own: Option<&Held>) {
+        let own = own.map_or(0, |held| held.bytes);
         loop {
             // Registered before the check, so bytes given back in between are not missed.
             let mut freed = std::pin::pin!(self.freed.notified());
             freed.as_mut().enable();
-            if self.has_room() {
+            let used = *self.used();
+            if used < self.bytes || used <= own {
                 return;
             }
             freed.await;
@@ -97,5 +119,21 @@ mod tests {
         assert!((&mut waiting).now_or_never().is_some(), "60 of 100 used");
         drop(second);
         assert_eq!(*budget.used(), 0);
+    }
+
+    #[test]
+    fn a_holder_larger_than_the_budget_still_has_room_once_nothing_else_is_held() {
+        let budget = Budget::new(100);
+        let page = budget.take(150);
+        assert!(budget.room_besides(Some(&page)).now_or_never().is_some());
+        let chunk = budget.take(10);
+        let mut waiting = Box::pin(budget.room_besides(Some(&page)));
+        assert!((&mut waiting).now_or_never().is_none(), "its chunk is held");
+        drop(chunk);
+        assert!(
+            (&mut waiting).now_or_never().is_some(),
+            "only the page is held"
+        );
+        assert!(budget.room().now_or_never().is_none(), "others still wait");
     }
 }

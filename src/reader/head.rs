@@ -14,6 +14,8 @@ use crate::feed::error::FetchError;
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
 
+use super::budget::Budget;
+
 /// How often the head is probed again while the feed catches up.
 const PROBE_EVERY: Duration = Duration::from_secs(30);
 /// The first step beyond what is known, in events.
@@ -29,6 +31,19 @@ pub trait PageCount {
 impl PageCount for FeedClient {
     async fn events_at(&self, offset: u64) -> Result<u64, FetchError> {
         Ok(self.fetch_page(offset).await?.len() as u64)
+    }
+}
+
+/// The daemon's probe: its pages take their turn with the readers' (`Budget::page_slot`).
+struct Probe<'a> {
+    client: &'a FeedClient,
+    budget: &'a Budget,
+}
+
+impl PageCount for Probe<'_> {
+    async fn events_at(&self, offset: u64) -> Result<u64, FetchError> {
+        let _slot = self.budget.page_slot().await;
+        self.client.events_at(offset).await
     }
 }
 
@@ -76,6 +91,7 @@ pub async fn find_head(feed: &impl PageCount, known: u64) -> Result<u64, FetchEr
 /// a pause waits for it as for the readers.
 pub async fn follow_head(
     client: FeedClient,
+    budget: Arc<Budget>,
     monitor: Arc<FeedMonitor>,
     mut paused: watch::Receiver<bool>,
     shutdown: CancellationToken,
@@ -93,11 +109,15 @@ pub async fn follow_head(
             continue;
         }
         let known = monitor.head().map_or(0, |(head, _)| head);
+        let probe = Probe {
+            client: &client,
+            budget: &budget,
+        };
         monitor.probing(true);
         let found = tokio::select! {
             _ = shutdown.cancelled() => None,
             _ = paused.wait_for(|&p| p) => None,
-            found = find_head(&client, known) => Some(found),
+            found = find_head(&probe, known) => Some(found),
         };
         monitor.probing(false);
         match found {

@@ -11,7 +11,7 @@
 
 mod batch;
 mod bodies;
-mod budget;
+pub mod budget;
 mod gate;
 mod head;
 mod pages;
@@ -53,7 +53,6 @@ pub struct Member {
 pub struct ReadPolicy {
     pub poll_interval: Duration,
     pub body_concurrency: usize,
-    pub max_buffered_bytes: usize,
     pub backoff: Backoff,
 }
 
@@ -69,6 +68,7 @@ pub struct FeedReader {
     /// This reader's id in `monitor`.
     reader: usize,
     shutdown: CancellationToken,
+    budget: Arc<Budget>,
     passed_over: u64,
     /// Batches committed.
     batches: u64,
@@ -82,6 +82,8 @@ pub struct Steering {
     pub paused: watch::Receiver<bool>,
     pub monitor: Arc<FeedMonitor>,
     pub shutdown: CancellationToken,
+    /// What the feed's readers and its head probe hold, shared.
+    pub budget: Arc<Budget>,
 }
 
 /// Why `follow` stopped following the feed.
@@ -120,6 +122,7 @@ impl FeedReader {
             monitor: steering.monitor,
             reader,
             shutdown: steering.shutdown,
+            budget: steering.budget,
             passed_over: 0,
             batches: 0,
             failures_seen: 0,
@@ -224,14 +227,12 @@ impl FeedReader {
         }
         self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
         let known_end = self.members.iter().map(|m| m.next_offset).max();
-        // A budget per run: whatever the last run held was dropped with it.
-        let budget = Budget::new(self.policy.max_buffered_bytes);
         let (pages, mut page_reading) = PageReader::new(
             self.feed.clone(),
             self.client.clone(),
             (self.monitor.clone(), self.reader),
             self.policy.clone(),
-            budget.clone(),
+            self.budget.clone(),
             (self.start_offset(), known_end.unwrap_or(0)),
         )
         .spawn();
@@ -245,7 +246,7 @@ impl FeedReader {
             pages,
             bodies,
             self.policy.body_concurrency,
-            budget,
+            self.budget.clone(),
         ));
         let mut gathering = Gathering::default();
         let mut pending: Option<PendingBatch> = None;

@@ -2,12 +2,12 @@
 //! next ones ready, so that body requests never drain at a page boundary waiting for a page; at
 //! the head, the feed is polled, and each poll reads the last event read again to notice a feed
 //! that shrank or was rewritten under a running daemon. Pages are handed on in chunks of at most
-//! CHUNK entries, each taken from the feed's budget before it is made, and no page is read
-//! while the budget is spent.
+//! CHUNK entries, each taken from the feed's budget before it is made, as is a large page's
+//! bytes while it is read; no page is read while the budget is spent.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::budget::{Budget, Held};
@@ -81,16 +81,18 @@ impl PageReader {
         }
     }
 
-    /// The next page and the offset of its first entry; empty when the feed has nothing new (the
-    /// next call then waits a poll interval). Retries failures until it has an answer; an
+    /// The next page and the offset of its first entry, with the feed's page slot (held until
+    /// the page is read); empty when the feed has nothing new (the next call then waits a poll
+    /// interval). Retries failures until it has an answer; an
     /// error is one that is not retried (the feed was rewritten), and the end of the pages.
-    async fn next_page(&mut self) -> Result<(u64, Page), FetchError> {
+    async fn next_page(&mut self) -> Result<(u64, Page, Option<OwnedSemaphorePermit>), FetchError> {
         if self.idle {
             tokio::time::sleep(self.policy.poll_interval).await;
         }
         loop {
             let verify = self.last_read.clone().filter(|_| self.idle);
             let fetch_at = verify.as_ref().map_or(self.offset, |(at, _)| *at);
+            let slot = self.budget.page_slot().await;
             let client = &self.client;
             let mut page = retry(&self.monitor, &self.policy.backoff, || {
                 client.fetch_page(fetch_at)
@@ -107,6 +109,7 @@ impl PageReader {
                 self.monitor.failed(&shrank);
                 let delay = self.policy.backoff.delay(self.shrunk_polls, None);
                 self.shrunk_polls = self.shrunk_polls.saturating_add(1);
+                drop(slot);
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -141,7 +144,7 @@ impl PageReader {
                     self.reported_head = true;
                     tracing::info!(feed = %self.feed, offset = self.offset, "at the head of the feed");
                 }
-                return Ok((self.offset, page));
+                return Ok((self.offset, page, slot));
             };
             self.idle = false;
             self.offset = first_offset + page.len() as u64;
@@ -152,7 +155,7 @@ impl PageReader {
                 // New events after the head: reading them counts as catching up.
                 self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
             }
-            return Ok((first_offset, page));
+            return Ok((first_offset, page, slot));
         }
     }
 }
@@ -165,7 +168,7 @@ impl PageReader {
         let task = tokio::spawn(async move {
             loop {
                 self.budget.room().await;
-                let (first_offset, mut page) = match self.next_page().await {
+                let (first_offset, mut page, _slot) = match self.next_page().await {
                     Ok(read) => read,
                     Err(err) => {
                         let _ = sender.send(Err(err)).await;
@@ -182,9 +185,11 @@ impl PageReader {
                     }
                     continue;
                 }
+                // A large page's bytes are held while its entries are made.
+                let page_held = self.budget.take(page.bytes_held());
                 let mut offset = first_offset;
                 while !page.is_empty() {
-                    self.budget.room().await;
+                    self.budget.room_besides(Some(&page_held)).await;
                     let chunk = match page.take(CHUNK) {
                         Ok(entries) => {
                             let weight = entries.iter().map(PageEntry::weight).sum();
