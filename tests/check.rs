@@ -92,3 +92,20 @@ async fn check_warns_of_a_table_the_database_has_with_other_columns() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reads_the_feeds_secrets_as_a_start_would_and_names_the_line_of_one_missing() {
+    let harness = Harness::new(Vec::new()).await;
+    let headers = r#"headers = { Authorization = { file = "missing.token" } }"#;
+    harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, headers);
+    let (code, text) = check(&harness, false);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("consumer.toml:") && text.contains("header Authorization: cannot read"),
+        "{text}"
+    );
+    std::fs::write(harness.dir.path().join("missing.token"), "Bearer x\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, text) = check(&harness, false);
+    assert_eq!(code, Some(0), "{text}");
+}

@@ -1,5 +1,5 @@
-//! `projector check`: validates a config and builds its projections (declarative SQL is prepared
-//! against its schema), and warns of projection tables the database already has with other
+//! `projector check`: validates a config, reads the feeds' secrets and TLS files, and builds its
+//! projections (declarative SQL is prepared against its schema), and warns of projection tables the database already has with other
 //! columns. With `--probe` it also reads each feed's first pages, finds the head, compares the
 //! event types seen with those the projections apply, and tries whether the database can be
 //! written: the mistakes a first run would otherwise show only in its log.
@@ -19,6 +19,10 @@ const PROBE_PAGES: usize = 50;
 pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
     let config = Config::load(path)?;
     let projections = crate::projection::build_all(&config)?;
+    // Secrets read and TLS files loaded as the daemon would at start.
+    for feed in &config.feeds {
+        FeedClient::new(feed, &config.source)?;
+    }
     say!(
         "{}: ok ({} feed{}, {} projection{})",
         path.display(),
