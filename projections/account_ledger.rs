@@ -14,6 +14,10 @@ const CREATED: &str = "account.AccountCreated";
 const CREDITED: &str = "account.AccountCredited";
 const DEBITED: &str = "account.AccountDebited";
 
+/// This module's definition version: change it whenever its tables or what it writes change,
+/// so that databases built by the previous one are rebuilt (or refused, per `on_change`).
+pub const VERSION: &str = "1";
+
 #[derive(Debug, Deserialize)]
 struct AccountCreated {
     account_id: String,
@@ -89,6 +93,10 @@ impl AccountLedger {
 impl Projection for AccountLedger {
     fn event_types(&self) -> Vec<String> {
         vec![CREATED.into(), CREDITED.into(), DEBITED.into()]
+    }
+
+    fn version(&self) -> String {
+        VERSION.into()
     }
 
     fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {

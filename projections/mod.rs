@@ -12,7 +12,7 @@ use crate::projection::Projection;
 pub struct RustModule {
     pub name: &'static str,
     pub description: &'static str,
-    pub build: fn() -> Box<dyn Projection>,
+    pub build: fn() -> std::sync::Arc<dyn Projection>,
 }
 
 /// Every Rust projection module, in a fixed order.
@@ -20,7 +20,7 @@ pub fn all() -> &'static [RustModule] {
     &[RustModule {
         name: "account_ledger",
         description: "per-account ledger of transactions, with counts, totals and last activity",
-        build: || Box::new(account_ledger::AccountLedger),
+        build: || std::sync::Arc::new(account_ledger::AccountLedger),
     }]
 }
 

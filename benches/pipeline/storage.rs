@@ -53,6 +53,7 @@ pub fn storage_limit(
         max_bytes: None,
         synchronous,
         page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
+        file_mode: Some(config.daemon.database_mode.0),
     };
     let mut writer = Writer::open(&config.daemon.database, settings, projections)
         .unwrap_or_else(|e| panic!("{e:#}"));

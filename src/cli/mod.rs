@@ -31,10 +31,13 @@ macro_rules! complain {
 
 mod check;
 mod ctl;
+mod dead_letters;
 #[cfg(feature = "demo")]
 mod demo;
 pub mod exit;
+mod projections;
 mod query;
+mod rebuild;
 mod run;
 
 use std::path::PathBuf;
@@ -104,9 +107,56 @@ pub enum Command {
         /// Query this database file instead of the configured one.
         #[arg(long)]
         database: Option<PathBuf>,
-        /// Print one JSON object per row instead of a table.
+        /// How to print the rows. Large results stream; a table sizes its columns by the
+        /// first 1,000 rows.
+        #[arg(long, value_enum, default_value = "table")]
+        format: query::Format,
+        /// Short for --format json.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+        /// A value for the query's :NAME parameter, as NAME=VALUE (repeatable). Bound as a
+        /// parameter, never pasted into the SQL.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+    },
+    /// Each projection: feed, definition and version, checkpoint, lag, state (running, paused,
+    /// halted, rebuilding, removed from the configuration) and dead letters. Read from the
+    /// database, so it works with or without a running daemon.
+    Projections {
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Rebuild a projection from the feed's start without downtime: a shadow copy is built
+    /// beside the live tables, which stay queryable (and current) until the shadow has caught
+    /// up and replaces them in one transaction. Through the running daemon, or on its own
+    /// until done when none runs (Ctrl-C stops it; it goes on at the next start).
+    Rebuild {
+        /// The projection's name.
+        name: String,
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+        /// Drop the rebuild in progress instead; the live tables stay as they are.
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// The events projections could not apply (`on_error = "skip"`): list, show, retry or
+    /// discard them. A retry applies the event to its projection now, out of its place in the
+    /// feed: safe for a projection whose events commute (sums, counts), wrong for one that
+    /// depends on order (the last value wins).
+    DeadLetters {
+        #[arg(long, short, global = true, default_value = "consumer.toml")]
+        config: PathBuf,
+        /// Only this projection's letters.
+        #[arg(long, global = true)]
+        projection: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<dead_letters::Action>,
     },
     /// Start an embedded bank feed, run the real daemon pipeline over it, and show the result.
     #[cfg(feature = "demo")]
@@ -143,8 +193,30 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             sql,
             config,
             database,
+            format,
             json,
-        } => query::query(&sql, &config, database.as_deref(), json),
+            params,
+        } => {
+            let format = if json { query::Format::Json } else { format };
+            query::query(&sql, &config, database.as_deref(), format, &params)
+        }
+        Command::Projections { config, json } => projections::projections(&config, json),
+        Command::Rebuild {
+            name,
+            config,
+            cancel,
+        } => rebuild::rebuild(&config, &name, cancel),
+        Command::DeadLetters {
+            config,
+            projection,
+            json,
+            action,
+        } => dead_letters::dead_letters(
+            &config,
+            projection.as_deref(),
+            json,
+            action.unwrap_or(dead_letters::Action::List { all: false }),
+        ),
         #[cfg(feature = "demo")]
         Command::Demo {
             events,

@@ -18,8 +18,8 @@ mod values;
 
 pub use error::{ConfigError, Location};
 pub use tables::{
-    DaemonConfig, FeedConfig, FeedFormat, LogFormat, OnError, ProjectionConfig, ProjectionSource,
-    Synchronous, PAGE_CACHE_BYTES,
+    DaemonConfig, FeedConfig, FeedFormat, LogFormat, OnChange, OnError, ProjectionConfig,
+    ProjectionSource, Synchronous, PAGE_CACHE_BYTES,
 };
 pub use values::{
     BodyOrigin, ByteLimit, Concurrency, FeedUrl, FileMode, Interval, Name, SecretSource,

@@ -178,6 +178,8 @@ pub struct ProjectionConfig {
     pub module: Option<Spanned<String>>,
     #[serde(default)]
     pub on_error: OnError,
+    #[serde(default)]
+    pub on_change: OnChange,
 }
 
 /// Where a projection's definition comes from: exactly one of `file` and `module`, as a valid
@@ -216,6 +218,17 @@ pub enum OnError {
     Stop,
     /// Record the event in `projector_dead_letters` and move on.
     Skip,
+}
+
+/// What the daemon does with a projection whose definition changed since its tables were built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnChange {
+    /// Rebuild it from the feed's start in a shadow copy, serving the old tables meanwhile.
+    #[default]
+    Rebuild,
+    /// Refuse to start (or to reload), saying which projection changed and what to run.
+    Refuse,
 }
 
 /// The writer's page cache unless `[daemon] page_cache_bytes` says otherwise.

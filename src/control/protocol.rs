@@ -18,6 +18,9 @@ pub enum Request {
     Resume { feed: Option<String> },
     /// Reload the configuration file, as SIGHUP does, and say whether it was taken.
     Reload,
+    /// Rebuild a projection from the feed's start into a shadow that replaces its tables once
+    /// caught up; or, with `cancel`, drop the rebuild in progress.
+    Rebuild { projection: String, cancel: bool },
     /// Stop gracefully. The reply comes first; the connection closes when the daemon has exited.
     Stop,
 }
@@ -29,14 +32,30 @@ struct RequestLine {
     command: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     feed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    projection: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cancel: bool,
 }
 
-const COMMANDS: &str = "status, pause, resume, reload, stop";
+const COMMANDS: &str = "status, pause, resume, reload, rebuild, stop";
 
 impl TryFrom<RequestLine> for Request {
     type Error = String;
 
     fn try_from(line: RequestLine) -> Result<Request, String> {
+        if line.command == "rebuild" {
+            return match (line.projection, line.feed) {
+                (Some(projection), None) => Ok(Request::Rebuild {
+                    projection,
+                    cancel: line.cancel,
+                }),
+                _ => Err("\"rebuild\" takes a projection, and no feed".into()),
+            };
+        }
+        if line.projection.is_some() || line.cancel {
+            return Err(format!("{:?} takes no projection", line.command));
+        }
         let request = match line.command.as_str() {
             "status" => Request::Status,
             "pause" => return Ok(Request::Pause { feed: line.feed }),
@@ -54,16 +73,23 @@ impl TryFrom<RequestLine> for Request {
 
 impl From<Request> for RequestLine {
     fn from(request: Request) -> RequestLine {
-        let (command, feed) = match request {
-            Request::Status => ("status", None),
-            Request::Pause { feed } => ("pause", feed),
-            Request::Resume { feed } => ("resume", feed),
-            Request::Reload => ("reload", None),
-            Request::Stop => ("stop", None),
-        };
-        RequestLine {
+        let line = |command: &str, feed: Option<String>| RequestLine {
             command: command.to_string(),
             feed,
+            projection: None,
+            cancel: false,
+        };
+        match request {
+            Request::Status => line("status", None),
+            Request::Pause { feed } => line("pause", feed),
+            Request::Resume { feed } => line("resume", feed),
+            Request::Reload => line("reload", None),
+            Request::Stop => line("stop", None),
+            Request::Rebuild { projection, cancel } => RequestLine {
+                projection: Some(projection),
+                cancel,
+                ..line("rebuild", None)
+            },
         }
     }
 }
@@ -315,6 +341,27 @@ pub struct ProjectionStatus {
     /// When it last applied an event (RFC 3339, UTC), since the daemon started.
     #[serde(default)]
     pub last_applied_at: Option<String>,
+    /// Its definition changed since its tables were built: they are served as they are, not
+    /// updated, until its rebuild replaces them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub definition_changed: bool,
+    /// The rebuild in progress, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// A rebuild's progress: its shadow replaces the live tables once it reaches the live
+/// checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    /// The offset of the next event the rebuild applies.
+    pub checkpoint: u64,
+    /// Events left to the feed's head, once the head is known.
+    pub lag: Option<u64>,
+    /// The poison event and error that halted the rebuild, when it is halted.
+    pub halted: Option<String>,
+    #[serde(default)]
+    pub dead_letters: u64,
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub(super) struct Engine {
     stop_readers: CancellationToken,
     /// By feed name, in name order.
     pub(super) feeds: BTreeMap<String, FeedRuntime>,
+    /// Changes when a rebuild has finished: the engine must then start again.
+    rebuilds_finished: watch::Receiver<u64>,
 }
 
 /// The monitors of a stopped engine, by feed name with its URL, so that a reload keeps each
@@ -58,6 +60,7 @@ impl Engine {
         let opened = open_writer(config, projections).await?;
         let starting_points = opened.starting_points();
         let paused_feeds = opened.paused_feeds();
+        let rebuilds_finished = opened.rebuilds_finished();
         let (writer, writer_thread) = opened.spawn().context("starting the writer thread")?;
         let mut readers = Readers {
             writer: writer.clone(),
@@ -88,7 +91,17 @@ impl Engine {
             readers: readers.tasks,
             stop_readers: readers.stop,
             feeds,
+            rebuilds_finished,
         })
+    }
+
+    /// Returns once a rebuild has replaced a projection's tables (the new tables' projection,
+    /// or a frozen one, needs its readers started again).
+    pub(super) async fn rebuild_finished(&mut self) {
+        if self.rebuilds_finished.changed().await.is_err() {
+            // The writer has stopped: no rebuild finishes any more.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The feeds' monitors, to carry over to the next engine.
@@ -183,6 +196,7 @@ async fn open_writer(
         max_bytes,
         synchronous: config.daemon.synchronous,
         page_cache_bytes: Some(config.daemon.page_cache_bytes.0 as u64),
+        file_mode: Some(config.daemon.database_mode.0),
     };
     tokio::task::spawn_blocking(move || Writer::open(&database, settings, projections))
         .await
@@ -241,7 +255,7 @@ impl Readers {
                 ));
             }
             let policy = read_policy(feed);
-            for (next_offset, members) in groups {
+            for ((next_offset, _), members) in groups {
                 tracing::info!(
                     feed = feed.name(),
                     url = %crate::shown::url(&feed.url.0),
@@ -273,12 +287,18 @@ impl Readers {
     }
 }
 
-/// A feed's projections grouped by where they stand, in offset order (a stable log order).
-fn groups_by_checkpoint(points: &[&StartingPoint]) -> BTreeMap<u64, Vec<Member>> {
-    let mut groups: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
-    for point in points {
+/// A feed's projections grouped by where they stand, in offset order (a stable log order). A
+/// rebuild's shadow is read alone, since it is written in a database of its own; a projection
+/// whose definition changed is not read until its rebuild is done.
+fn groups_by_checkpoint(points: &[&StartingPoint]) -> BTreeMap<(u64, String), Vec<Member>> {
+    let mut groups: BTreeMap<(u64, String), Vec<Member>> = BTreeMap::new();
+    for point in points.iter().filter(|point| !point.frozen) {
+        let shadow = match crate::writer::rebuilt_projection(&point.projection) {
+            Some(_) => point.projection.clone(),
+            None => String::new(),
+        };
         groups
-            .entry(point.checkpoint.next_offset)
+            .entry((point.checkpoint.next_offset, shadow))
             .or_default()
             .push(Member {
                 projection: point.projection.clone(),

@@ -8,6 +8,7 @@
 //! survive both a reload and a restart.
 
 mod engine;
+mod rebuild;
 mod supervisor;
 
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,8 @@ use crate::projection::ConfiguredProjection;
 use crate::store;
 use engine::{CarriedMonitors, Engine};
 use supervisor::Supervisor;
+
+pub use rebuild::{cancel_rebuild, rebuild_alone, RebuildEnd};
 
 /// Runs until a `stop` request, then lets every batch in flight commit or roll back whole and
 /// returns. A failing feed never ends it; only a database that cannot be opened does.
@@ -39,8 +42,8 @@ pub async fn run(
     for setting in crate::feed::http::proxy::unusable_settings(|name| std::env::var(name).ok()) {
         tracing::warn!("{setting}");
     }
-    let engine = Engine::start(&config, projections, &CarriedMonitors::new()).await?;
-    let mut supervisor = Supervisor::new(config, engine);
+    let engine = Engine::start(&config, projections.clone(), &CarriedMonitors::new()).await?;
+    let mut supervisor = Supervisor::new(config, projections, engine);
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));
     tracing::info!(

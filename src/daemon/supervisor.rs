@@ -10,6 +10,7 @@ use super::engine::{CarriedMonitors, Engine};
 use crate::config::Config;
 use crate::control::handle::Inbox;
 use crate::control::protocol::{eta_text, DaemonStatus, FeedState, Reply, Request};
+use crate::projection::ConfiguredProjection;
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,8 +23,14 @@ const SLOW_BATCH_WARNED: Duration = Duration::from_secs(30);
 /// How often the log says how a catching-up feed progresses.
 const PROGRESS_LOGGED: Duration = Duration::from_secs(5);
 
+/// A change to the database made while the engine is stopped; says what it did.
+pub(super) type DatabaseChange =
+    Box<dyn FnOnce(&std::path::Path) -> anyhow::Result<String> + Send + 'static>;
+
 pub(super) struct Supervisor {
     pub(super) config: Config,
+    /// The projections the engine runs, as built at the last start or reload.
+    projections: Vec<ConfiguredProjection>,
     /// None only while a reload swaps engines.
     pub(super) engine: Option<Engine>,
     started_at: SystemTime,
@@ -38,9 +45,14 @@ pub(super) struct Supervisor {
 }
 
 impl Supervisor {
-    pub(super) fn new(config: Config, engine: Engine) -> Supervisor {
+    pub(super) fn new(
+        config: Config,
+        projections: Vec<ConfiguredProjection>,
+        engine: Engine,
+    ) -> Supervisor {
         Supervisor {
             config,
+            projections,
             engine: Some(engine),
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -72,6 +84,9 @@ impl Supervisor {
                     if stop {
                         return Ok(());
                     }
+                }
+                () = rebuild_finished(&mut self.engine) => {
+                    let _ = self.restart(None).await?;
                 }
                 _ = refresh.tick() => {
                     self.warn_of_a_slow_batch();
@@ -184,6 +199,7 @@ impl Supervisor {
             Request::Pause { feed } => self.set_paused(feed.as_deref(), true).await,
             Request::Resume { feed } => self.set_paused(feed.as_deref(), false).await,
             Request::Reload => self.reload().await?,
+            Request::Rebuild { projection, cancel } => self.rebuild(&projection, cancel).await?,
             Request::Stop => {
                 tracing::info!("stop requested");
                 Reply::done("stopping")
@@ -287,6 +303,49 @@ impl Supervisor {
         }
     }
 
+    /// Stops the engine, makes `change` to the database (when there is one), and starts the
+    /// engine again from the committed checkpoints with the running configuration: how a
+    /// finished rebuild's projection, or a new one's shadow, gets its readers. A change that
+    /// fails is said in the reply; the engine starts again either way, and only an engine that
+    /// cannot start again is an error.
+    pub(super) async fn restart(
+        &mut self,
+        change: Option<DatabaseChange>,
+    ) -> anyhow::Result<Result<String, String>> {
+        let mut carried = CarriedMonitors::new();
+        if let Some(engine) = self.engine.take() {
+            carried = engine.carried_monitors();
+            engine.stop().await?;
+        }
+        let changed = match change {
+            Some(change) => {
+                let database = self.config.daemon.database.clone();
+                tokio::task::spawn_blocking(move || change(&database))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the change panicked")))
+                    .map_err(|err| format!("{err:#}"))
+            }
+            None => Ok(String::new()),
+        };
+        self.engine = Some(
+            Engine::start(&self.config, self.projections.clone(), &carried)
+                .await
+                .context("starting the readers again")?,
+        );
+        Ok(changed)
+    }
+
+    /// The running configuration's projection `name`, or why there is none.
+    pub(super) fn projection(&self, name: &str) -> Result<ConfiguredProjection, String> {
+        match self.projections.iter().find(|p| p.name == name) {
+            Some(projection) => Ok(projection.clone()),
+            None => Err(format!(
+                "no projection named {name:?} in the running configuration (projections: {})",
+                super::names(self.projections.iter().map(|p| p.name.as_str()))
+            )),
+        }
+    }
+
     /// Reloads the configuration file. A configuration that does not validate is refused and
     /// the running one goes on; one that validates replaces it.
     async fn reload(&mut self) -> anyhow::Result<Reply> {
@@ -317,10 +376,11 @@ impl Supervisor {
             carried = engine.carried_monitors();
             engine.stop().await?;
         }
-        let reply = match Engine::start(&config, projections, &carried).await {
+        let reply = match Engine::start(&config, projections.clone(), &carried).await {
             Ok(engine) => {
                 self.engine = Some(engine);
                 self.config = config;
+                self.projections = projections;
                 self.reloaded_at = Some(SystemTime::now());
                 tracing::info!(
                     feeds = super::names(self.config.feeds.iter().map(|f| f.name())),
@@ -332,10 +392,8 @@ impl Supervisor {
             Err(err) => {
                 let reason = format!("{err:#}");
                 tracing::error!("the new configuration could not start ({reason}); starting the previous one again");
-                let projections = crate::projection::build_all(&self.config)
-                    .context("rebuilding the previous configuration's projections")?;
                 self.engine = Some(
-                    Engine::start(&self.config, projections, &carried)
+                    Engine::start(&self.config, self.projections.clone(), &carried)
                         .await
                         .context("restarting the previous configuration")?,
                 );
@@ -346,5 +404,13 @@ impl Supervisor {
         };
         crate::notify::ready(&self.status().summary());
         Ok(reply)
+    }
+}
+
+/// Returns once the engine's rebuild has finished; never without an engine.
+async fn rebuild_finished(engine: &mut Option<Engine>) {
+    match engine {
+        Some(engine) => engine.rebuild_finished().await,
+        None => std::future::pending().await,
     }
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus};
+use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus, RebuildStatus};
 use crate::feed::error::FetchError;
 use crate::shown::{shortened, ERROR_SHOWN, ID_SHOWN};
-use crate::writer::{BatchOutcome, StartingPoint};
+use crate::writer::{rebuilt_projection, BatchOutcome, StartingPoint};
 pub use hint::hint_for;
 use hint::HintRun;
 
@@ -91,6 +91,8 @@ struct Progress {
 #[derive(Debug, Default)]
 struct ProjectionProgress {
     next_offset: u64,
+    /// Not read until its rebuild is done (see `StartingPoint::frozen`).
+    frozen: bool,
     halted: Option<String>,
     applied: u64,
     dead_letters: u64,
@@ -113,6 +115,7 @@ impl FeedMonitor {
                 .map(|point| {
                     let progress = ProjectionProgress {
                         next_offset: point.checkpoint.next_offset,
+                        frozen: point.frozen,
                         dead_letters: point.dead_letters,
                         ..ProjectionProgress::default()
                     };
@@ -352,9 +355,10 @@ impl FeedMonitor {
         let p = self.progress.borrow();
         let state = p.state(paused);
         let lag_of = |next_offset: u64| p.head.map(|head| head.saturating_sub(next_offset));
-        let projections: Vec<ProjectionStatus> = p
+        let mut projections: Vec<ProjectionStatus> = p
             .projections
             .iter()
+            .filter(|(name, _)| rebuilt_projection(name).is_none())
             .map(|(name, progress)| ProjectionStatus {
                 name: name.clone(),
                 checkpoint: progress.next_offset,
@@ -365,12 +369,28 @@ impl FeedMonitor {
                 last_applied_at: progress
                     .last_applied_at
                     .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+                definition_changed: progress.frozen,
+                rebuild: None,
             })
             .collect();
-        // The lag of the projections still running: a halted one waits for an operator.
+        for (member, progress) in &p.projections {
+            let Some(live) = rebuilt_projection(member) else {
+                continue;
+            };
+            if let Some(status) = projections.iter_mut().find(|pr| pr.name == live) {
+                status.rebuild = Some(RebuildStatus {
+                    checkpoint: progress.next_offset,
+                    lag: lag_of(progress.next_offset),
+                    halted: progress.halted.clone(),
+                    dead_letters: progress.dead_letters,
+                });
+            }
+        }
+        // The lag of the projections still running: a halted one waits for an operator, and
+        // one whose definition changed waits for its rebuild.
         let lag = projections
             .iter()
-            .filter(|pr| pr.halted.is_none())
+            .filter(|pr| pr.halted.is_none() && !pr.definition_changed)
             .filter_map(|pr| pr.lag)
             .max();
         let events_per_second = rate(&p.samples, p.events_seen, Instant::now());

@@ -13,6 +13,7 @@ fn point(name: &str, next_offset: u64) -> StartingPoint {
             last_event_id: None,
         },
         dead_letters: 0,
+        frozen: false,
     }
 }
 

@@ -7,17 +7,22 @@ pub mod shape;
 pub mod sql;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use rusqlite::Transaction;
 
-use crate::config::{Config, ConfigError, OnError, ProjectionConfig, ProjectionSource};
+use crate::config::{Config, ConfigError, OnChange, OnError, ProjectionConfig, ProjectionSource};
 use crate::event::{DecodeError, Event};
 
 /// A read model fed by the events of one feed.
-pub trait Projection: Send {
+pub trait Projection: Send + Sync {
     /// The event types this projection applies; `*` stands for every type. The daemon fetches
     /// bodies only for these and passes over every other entry of the feed.
     fn event_types(&self) -> Vec<String>;
+
+    /// The definition's version, recorded with the checkpoint: a database whose tables an
+    /// earlier version built is rebuilt (or refused, per `on_change`), never silently mixed.
+    fn version(&self) -> String;
 
     /// Creates its tables if they are missing. Runs at every start, inside a transaction.
     fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError>;
@@ -71,13 +76,20 @@ impl EventTypes {
     }
 }
 
-/// A projection built from its `[[projection]]` table, ready to run.
+/// A projection built from its `[[projection]]` table, ready to run. A rebuild applies the
+/// same definition to a shadow database, so the definition is shared.
+#[derive(Clone)]
 pub struct ConfiguredProjection {
     pub name: String,
     pub feed: String,
     pub on_error: OnError,
+    pub on_change: OnChange,
     pub event_types: EventTypes,
-    pub projection: Box<dyn Projection>,
+    /// Where the definition comes from, for people: `file projections/x.toml` or `module x`.
+    pub definition: String,
+    /// The definition's version, as the projection declares it.
+    pub version: String,
+    pub projection: Arc<dyn Projection>,
 }
 
 impl ConfiguredProjection {
@@ -100,7 +112,12 @@ fn build(
     config: &Config,
     projection: &ProjectionConfig,
 ) -> Result<ConfiguredProjection, ConfigError> {
-    let built: Box<dyn Projection> = match projection.source() {
+    let definition = match projection.source() {
+        Some(ProjectionSource::File(file)) => format!("file {}", file.get_ref().display()),
+        Some(ProjectionSource::Module(module)) => format!("module {}", module.get_ref()),
+        None => String::new(),
+    };
+    let built: Arc<dyn Projection> = match projection.source() {
         Some(ProjectionSource::File(file)) => {
             let text = std::fs::read_to_string(file.get_ref()).map_err(|err| {
                 ConfigError::new(
@@ -111,7 +128,7 @@ fn build(
                     ),
                 )
             })?;
-            Box::new(sql::SqlProjection::parse(file.get_ref(), &text)?)
+            Arc::new(sql::SqlProjection::parse(file.get_ref(), &text)?)
         }
         Some(ProjectionSource::Module(module)) => {
             match crate::projections::find(module.get_ref()) {
@@ -142,7 +159,10 @@ fn build(
         name: projection.name().to_string(),
         feed: projection.feed().to_string(),
         on_error: projection.on_error,
+        on_change: projection.on_change,
         event_types: EventTypes::new(built.event_types()),
+        definition,
+        version: built.version(),
         projection: built,
     })
 }

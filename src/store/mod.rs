@@ -3,6 +3,11 @@
 //!
 //! A checkpoint is written in the same transaction as the projection writes it covers; that is
 //! the whole of the exactly-once guarantee, so nothing here commits on its own.
+//! `lifecycle.rs` records what changes over a projection's life (its definition, a halt, a
+//! rebuild), `dead_letters.rs` the events it could not apply.
+
+pub mod dead_letters;
+pub mod lifecycle;
 
 use std::path::Path;
 use std::time::Duration;
@@ -41,6 +46,25 @@ const MIGRATIONS: &[&str] = &[
         feed      TEXT PRIMARY KEY,
         paused_at TEXT NOT NULL
     ) STRICT;",
+    // 3: a projection's life: the definition its tables were built by, where it halted, the
+    // rebuilds in progress, and what became of each dead letter.
+    "ALTER TABLE projector_checkpoints ADD COLUMN definition_version TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN definition TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN schema_objects TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_offset INTEGER;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_event_id TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_error TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_at TEXT;
+    ALTER TABLE projector_dead_letters ADD COLUMN event_meta TEXT;
+    ALTER TABLE projector_dead_letters ADD COLUMN resolution TEXT;
+    ALTER TABLE projector_dead_letters ADD COLUMN resolved_at TEXT;
+    CREATE TABLE projector_rebuilds (
+        projection         TEXT PRIMARY KEY,
+        feed               TEXT NOT NULL,
+        definition_version TEXT NOT NULL,
+        reason             TEXT NOT NULL,
+        started_at         TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// How long a writer waits for a lock held by someone else (an operator's shell, a backup).
@@ -64,6 +88,9 @@ pub struct DeadLetter<'a> {
     pub event_type: &'a str,
     pub payload: Option<String>,
     pub error: String,
+    /// The event's other metadata (aggregate, version, created), as JSON, so a retry can
+    /// give the projection the event as it was.
+    pub event_meta: String,
 }
 
 /// Opens (creating if needed) the database for writing and brings Projector's tables up to date.
@@ -241,7 +268,8 @@ pub fn save_checkpoint(
          VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
          ON CONFLICT (projection) DO UPDATE SET
              feed = excluded.feed, next_offset = excluded.next_offset,
-             last_event_id = excluded.last_event_id, updated_at = excluded.updated_at",
+             last_event_id = excluded.last_event_id, updated_at = excluded.updated_at,
+             halted_offset = NULL, halted_event_id = NULL, halted_error = NULL, halted_at = NULL",
     )?
     .execute(params![
         projection,
@@ -255,8 +283,9 @@ pub fn save_checkpoint(
 pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO projector_dead_letters
-             (projection, feed, event_offset, event_id, event_type, payload, error, recorded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+             (projection, feed, event_offset, event_id, event_type, payload, error, event_meta,
+              recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
     )?
     .execute(params![
         letter.projection,
@@ -265,15 +294,18 @@ pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Re
         letter.event_id,
         letter.event_type,
         letter.payload,
-        letter.error
+        letter.error,
+        letter.event_meta
     ])?;
     Ok(())
 }
 
-/// How many dead letters `projection` has.
+/// How many dead letters of `projection` wait for an operator (neither retried nor discarded).
 pub fn count_dead_letters(conn: &Connection, projection: &str) -> rusqlite::Result<u64> {
     let count: i64 = conn
-        .prepare_cached("SELECT count(*) FROM projector_dead_letters WHERE projection = ?1")?
+        .prepare_cached(
+            "SELECT count(*) FROM projector_dead_letters WHERE projection = ?1 AND resolution IS NULL",
+        )?
         .query_row([projection], |row| row.get(0))?;
     Ok(u64::try_from(count).unwrap_or(0))
 }

@@ -6,11 +6,11 @@
 use rusqlite::{Transaction, TransactionBehavior};
 
 use super::activity::WriterActivity;
-use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, Writer};
+use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, SlotState, Writer};
 use crate::config::OnError;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
-use crate::store::{self, Checkpoint, DeadLetter};
+use crate::store::{self, lifecycle, Checkpoint, DeadLetter};
 
 impl Writer {
     /// Applies a batch in one transaction. On error nothing is committed and no in-memory
@@ -23,26 +23,82 @@ impl Writer {
     /// runs, so after such a batch the feed's next batches start with savepoints, until one
     /// applies without a failure: a feed full of poison events is applied once, not twice.
     pub fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
-        if self.poisoned_feeds.contains(&batch.feed) {
-            let outcome = self.apply_with_savepoints(batch)?;
+        let shadow = self.shadow_of(batch);
+        // A rebuild's poison events are its own, not the live projections'.
+        let poison_key = match shadow {
+            Some(index) => self.shadows[index].member.clone(),
+            None => batch.feed.clone(),
+        };
+        let outcome = if self.poisoned.contains(&poison_key) {
+            let outcome = self.apply_with_savepoints(batch, shadow)?;
             if outcome.halted.is_empty() && outcome.dead_lettered == 0 {
-                self.poisoned_feeds.remove(&batch.feed);
+                self.poisoned.remove(&poison_key);
             }
-            return Ok(outcome);
+            outcome
+        } else {
+            match self.apply_with(batch, shadow, Savepoints::Off) {
+                Ok(outcome) => outcome,
+                Err(Attempt::Failed(err)) => return Err(err),
+                Err(Attempt::NeedsSavepoints) => {
+                    let outcome = self.apply_with_savepoints(batch, shadow)?;
+                    self.poisoned.insert(poison_key);
+                    outcome
+                }
+            }
+        };
+        if let Some(index) = shadow {
+            self.finish_rebuild_if_caught_up(index);
         }
-        match self.apply_with(batch, Savepoints::Off) {
-            Ok(outcome) => Ok(outcome),
-            Err(Attempt::Failed(err)) => Err(err),
-            Err(Attempt::NeedsSavepoints) => {
-                let outcome = self.apply_with_savepoints(batch)?;
-                self.poisoned_feeds.insert(batch.feed.clone());
-                Ok(outcome)
+        Ok(outcome)
+    }
+
+    /// The rebuild whose shadow `batch` is for, if it is for one (a shadow is read alone).
+    fn shadow_of(&self, batch: &Batch) -> Option<usize> {
+        self.shadows
+            .iter()
+            .position(|shadow| batch.projections.contains(&shadow.member))
+    }
+
+    /// Once a rebuild's shadow has caught up with the live checkpoint, its tables replace the
+    /// live ones. A failure is said and tried again after the shadow's next batch.
+    fn finish_rebuild_if_caught_up(&mut self, index: usize) {
+        let shadow = &self.shadows[index];
+        let Some(&live) = self.by_name.get(&shadow.projection) else {
+            return;
+        };
+        let source = self.slots[live].projection.definition.clone();
+        match shadow.swap_into(&mut self.conn, &source) {
+            Ok(false) => {}
+            Ok(true) => {
+                let shadow = self.shadows.remove(index);
+                tracing::info!(
+                    projection = %shadow.projection,
+                    version = %shadow.version,
+                    "rebuilt: the new tables replaced the old ones"
+                );
+                if let Some(&slot) = self.by_name.get(&shadow.member) {
+                    self.slots[slot].state = SlotState::Retired;
+                }
+                let path = shadow.path.clone();
+                drop(shadow);
+                if let Err(err) = crate::store::lifecycle::remove_shadow(&path) {
+                    tracing::warn!(file = %path.display(), "could not remove the rebuild's database: {err}");
+                }
+                self.rebuilt.send_modify(|count| *count += 1);
             }
+            Err(err) => tracing::error!(
+                projection = %shadow.projection,
+                "the rebuild caught up but could not replace the live tables (tried again after its next batch): {err:#}"
+            ),
         }
     }
 
-    fn apply_with_savepoints(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
-        self.apply_with(batch, Savepoints::On)
+    fn apply_with_savepoints(
+        &mut self,
+        batch: &Batch,
+        shadow: Option<usize>,
+    ) -> Result<BatchOutcome, ApplyError> {
+        self.apply_with(batch, shadow, Savepoints::On)
             .map_err(|attempt| match attempt {
                 Attempt::Failed(err) => err,
                 Attempt::NeedsSavepoints => {
@@ -54,6 +110,7 @@ impl Writer {
     fn apply_with(
         &mut self,
         batch: &Batch,
+        shadow: Option<usize>,
         savepoints: Savepoints,
     ) -> Result<BatchOutcome, Attempt> {
         // The batch's projections that still run, by slot.
@@ -61,7 +118,7 @@ impl Writer {
             .projections
             .iter()
             .filter_map(|name| self.by_name.get(name).copied())
-            .filter(|&index| !self.slots[index].halted)
+            .filter(|&index| self.slots[index].state == SlotState::Running)
             .collect();
         let mut halts: Vec<Option<Halt>> = vec![None; members.len()];
         // Per member: events applied, events dead-lettered.
@@ -75,8 +132,11 @@ impl Writer {
         };
 
         let storage = ApplyError::storage;
-        let tx = self
-            .conn
+        let conn = match shadow {
+            Some(index) => &mut self.shadows[index].conn,
+            None => &mut self.conn,
+        };
+        let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(storage)?;
         // The checkpoints as committed, read under the write lock: the database, not this
@@ -125,9 +185,18 @@ impl Writer {
                 let name = &self.slots[index].projection.name;
                 store::save_checkpoint(&tx, name, &batch.feed, &checkpoints[k]).map_err(storage)?;
             }
+            if let Some(halt) = &halts[k] {
+                // Recorded, so that `projector projections` can say it without the daemon.
+                let name = &self.slots[index].projection.name;
+                let error = crate::shown::shortened(&halt.error, crate::shown::ERROR_SHOWN);
+                lifecycle::record_halt(&tx, name, halt.offset, &halt.event_id, &error)
+                    .map_err(storage)?;
+            }
         }
         tx.commit().map_err(storage)?;
-        self.wal.keep_bounded(&self.conn);
+        if shadow.is_none() {
+            self.wal.keep_bounded(&self.conn);
+        }
 
         for (((index, checkpoint), halt), (applied, dead_lettered)) in
             members.into_iter().zip(checkpoints).zip(halts).zip(counts)
@@ -142,7 +211,7 @@ impl Writer {
                 dead_lettered,
             });
             if let Some(halt) = halt {
-                slot.halted = true;
+                slot.state = SlotState::Halted;
                 outcome.halted.push(halt);
             }
         }
@@ -246,6 +315,7 @@ impl Step<'_> {
                     event_type: &event.meta.event_type,
                     payload: event.payload.as_ref().map(|p| p.as_str().to_string()),
                     error: err.to_string(),
+                    event_meta: store::dead_letters::meta_json(&event.meta),
                 };
                 store::insert_dead_letter(self.tx, &letter).map_err(storage)?;
                 Ok(Fate::DeadLettered)

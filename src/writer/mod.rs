@@ -5,15 +5,17 @@
 
 mod activity;
 mod apply;
+mod open;
+mod shadow;
 mod thread;
 mod wal;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+pub use shadow::{rebuilt_projection, schema_objects, shadow_member};
 pub use thread::{PendingBatch, WriterHandle, WriterThread};
 
 use crate::config::Synchronous;
@@ -100,7 +102,19 @@ impl ApplyError {
 /// A projection as the writer holds it.
 struct Slot {
     projection: ConfiguredProjection,
-    halted: bool,
+    state: SlotState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Running,
+    /// Halted by a poison event (`on_error = "stop"`) until the daemon starts again.
+    Halted,
+    /// Its definition changed: the old tables are served as they are while a rebuild builds
+    /// the new ones.
+    Frozen,
+    /// A rebuild's shadow that has replaced the live tables.
+    Retired,
 }
 
 /// Where one projection starts, as read when the writer opened.
@@ -112,6 +126,8 @@ pub struct StartingPoint {
     pub checkpoint: Checkpoint,
     /// Its events recorded in `projector_dead_letters` so far.
     pub dead_letters: u64,
+    /// Not read: its definition changed, and a rebuild replaces its tables.
+    pub frozen: bool,
 }
 
 /// How the writer treats the database file ([daemon] settings).
@@ -122,6 +138,8 @@ pub struct WriterSettings {
     pub synchronous: Synchronous,
     /// `page_cache_bytes`; SQLite's default (2 MiB) if none.
     pub page_cache_bytes: Option<u64>,
+    /// `database_mode`, for the rebuilds' databases; 0600 if none.
+    pub file_mode: Option<u32>,
 }
 
 pub struct Writer {
@@ -129,93 +147,29 @@ pub struct Writer {
     wal: WalPolicy,
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
+    /// The rebuilds in progress.
+    shadows: Vec<shadow::Shadow>,
     /// The checkpoints read at open. After that the database is the only record of them.
     starting_points: Vec<StartingPoint>,
     /// The feeds paused when the writer opened.
     paused_feeds: BTreeSet<String>,
     activity: Arc<WriterActivity>,
-    /// Feeds whose last batch had a poison event: their next batch starts with savepoints.
-    poisoned_feeds: HashSet<String>,
+    /// Feeds (or rebuilds) whose last batch had a poison event: their next batch starts with
+    /// savepoints.
+    poisoned: HashSet<String>,
+    /// Counts the rebuilds finished: the daemon then starts its readers again.
+    rebuilt: tokio::sync::watch::Sender<u64>,
 }
 
 impl Writer {
-    /// Opens the database, sets up every projection's tables and reads their checkpoints and the
-    /// paused feeds, all in one transaction. The caller holds the instance lock
-    /// ([`store::lock_instance`]).
-    pub fn open(
-        path: &Path,
-        settings: WriterSettings,
-        projections: Vec<ConfiguredProjection>,
-    ) -> anyhow::Result<Writer> {
-        use anyhow::Context;
-        let mut conn = store::open_writer(path, settings.synchronous)
-            .with_context(|| format!("opening database {}", path.display()))?;
-        if let Some(bytes) = settings.page_cache_bytes {
-            store::set_page_cache(&conn, bytes)
-                .with_context(|| format!("sizing the page cache of {}", path.display()))?;
-        }
-        if let Some(max_bytes) = settings.max_bytes {
-            store::limit_size(&conn, max_bytes)
-                .with_context(|| format!("limiting the size of {}", path.display()))?;
-        }
-        let mut slots = Vec::with_capacity(projections.len());
-        let mut starting_points = Vec::with_capacity(projections.len());
-        let paused_feeds;
-        {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for projection in projections {
-                projection
-                    .projection
-                    .setup(&tx)
-                    .with_context(|| format!("setting up projection {:?}", projection.name))?;
-                let checkpoint = match store::load_checkpoint(&tx, &projection.name)? {
-                    Some(checkpoint) => checkpoint,
-                    None => {
-                        let fresh = Checkpoint::default();
-                        store::save_checkpoint(&tx, &projection.name, &projection.feed, &fresh)?;
-                        fresh
-                    }
-                };
-                starting_points.push(StartingPoint {
-                    projection: projection.name.clone(),
-                    feed: projection.feed.clone(),
-                    event_types: projection.event_types.clone(),
-                    checkpoint,
-                    dead_letters: store::count_dead_letters(&tx, &projection.name)?,
-                });
-                slots.push(Slot {
-                    projection,
-                    halted: false,
-                });
-            }
-            paused_feeds = store::paused_feeds(&tx)?;
-            tx.commit()?;
-        }
-        let by_name = slots
-            .iter()
-            .enumerate()
-            .map(|(index, slot)| (slot.projection.name.clone(), index))
-            .collect();
-        let activity = Arc::new(WriterActivity::new(
-            slots
-                .iter()
-                .map(|slot| slot.projection.name.clone())
-                .collect(),
-        ));
-        Ok(Writer {
-            conn,
-            wal: WalPolicy::new(path),
-            slots,
-            by_name,
-            starting_points,
-            paused_feeds,
-            activity,
-            poisoned_feeds: HashSet::new(),
-        })
-    }
-
     pub fn starting_points(&self) -> Vec<StartingPoint> {
         self.starting_points.clone()
+    }
+
+    /// Changes each time a rebuild has replaced a projection's tables: its readers must then
+    /// start again from the checkpoints.
+    pub fn rebuilds_finished(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rebuilt.subscribe()
     }
 
     pub fn paused_feeds(&self) -> BTreeSet<String> {

@@ -20,6 +20,9 @@ impl Projection for Summer {
     fn event_types(&self) -> Vec<String> {
         vec!["add".into()]
     }
+    fn version(&self) -> String {
+        "1".into()
+    }
     fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {
         tx.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {0} (total INTEGER NOT NULL, applied INTEGER NOT NULL);
@@ -53,8 +56,11 @@ fn configured(name: &'static str, on_error: OnError) -> ConfiguredProjection {
         name: name.into(),
         feed: "f".into(),
         on_error,
+        on_change: Default::default(),
         event_types: EventTypes::new(["add".to_string()]),
-        projection: Box::new(Summer(name)),
+        definition: "module summer".into(),
+        version: "1".into(),
+        projection: Arc::new(Summer(name)),
     }
 }
 
@@ -159,6 +165,9 @@ impl Projection for Counting {
     fn event_types(&self) -> Vec<String> {
         vec!["add".into()]
     }
+    fn version(&self) -> String {
+        "1".into()
+    }
     fn setup(&self, _: &Transaction) -> Result<(), ProjectionError> {
         Ok(())
     }
@@ -187,8 +196,11 @@ fn after_a_batch_with_a_poison_event_the_next_ones_start_with_savepoints_until_o
             name: "counting".into(),
             feed: "f".into(),
             on_error: OnError::Skip,
+            on_change: Default::default(),
             event_types: EventTypes::new(["add".to_string()]),
-            projection: Box::new(Counting(calls.clone())),
+            definition: "module counting".into(),
+            version: "1".into(),
+            projection: Arc::new(Counting(calls.clone())),
         }],
     )?;
     let mut offset = 0;

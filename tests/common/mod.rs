@@ -182,6 +182,14 @@ impl Harness {
         );
     }
 
+    /// `account_balances` holds exactly the fold of `events`.
+    pub fn assert_exact_balances(&self, events: &[StoredEvent]) {
+        assert_eq!(
+            self.balances(),
+            projector::demo::bank::expected_balances(events)
+        );
+    }
+
     /// Waits until every projection named has checkpointed `offset`.
     pub async fn wait_for_checkpoints(&self, daemon: &mut Daemon, names: &[&str], offset: u64) {
         let what = format!("{names:?} to reach offset {offset}");
