@@ -13,12 +13,20 @@ use std::path::Path;
 const WRITABLE_BY_OTHERS: u32 = 0o022;
 const STICKY: u32 = 0o1000;
 
-/// Creates `folder` and the folders above it that are missing, owner-only.
+/// Creates `folder` and the folders above it that are missing, owner-only whatever the umask
+/// (which another thread may have narrowed for a moment, see `with_private_umask`).
 pub fn create_private_folder(folder: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(folder)
+    if folder.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = folder.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_folder(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(folder) {
+        Ok(()) => std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o700)),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && folder.is_dir() => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 /// Refuses `folder` (which holds `what`) if another user could replace or take the files in
