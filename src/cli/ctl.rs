@@ -267,10 +267,30 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         "projection", "checkpoint", "lag", "applied", "dead letters", "last applied"
     );
     for projection in &feed.projections {
-        let state = match &projection.halted {
+        let mut state = match &projection.halted {
             Some(reason) => format!("halted at {}", escaped(reason)),
+            None if projection.definition_changed => {
+                "definition changed: old tables served until the rebuild replaces them".into()
+            }
             None => "ok".to_string(),
         };
+        if let Some(rebuild) = &projection.rebuild {
+            let _ = write!(
+                state,
+                "; rebuilding: at offset {}{}{}",
+                rebuild.checkpoint,
+                rebuild
+                    .lag
+                    .map_or(String::new(), |lag| format!(", {lag} to go")),
+                rebuild
+                    .halted
+                    .as_ref()
+                    .map_or(String::new(), |reason| format!(
+                        ", halted at {}",
+                        escaped(reason)
+                    ))
+            );
+        }
         let _ = writeln!(
             out,
             "  {:width$}  {:>10}  {:>8}  {:>9}  {:>12}  {:<20}  {state}",

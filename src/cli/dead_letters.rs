@@ -110,20 +110,55 @@ pub fn dead_letters(
             let projections = crate::projection::build_all(&config)?;
             let mut failed = 0;
             for letter in &letters {
-                match retry(&mut conn, &projections, letter) {
-                    Ok(()) => say!(
-                        "dead letter {} (offset {}) applied to {}",
-                        letter.id,
-                        letter.offset,
-                        escaped(&letter.projection)
-                    ),
+                // Retried already, as released by an earlier letter of its aggregate?
+                let Some(letter) = dead_letters::get(&conn, letter.id)? else {
+                    continue;
+                };
+                if letter.resolution.is_some() {
+                    continue;
+                }
+                match retry(&mut conn, &projections, &letter) {
+                    Ok(Retried {
+                        held_back_by: Some(first),
+                        ..
+                    }) => {
+                        // With --all, the first letter was retried before it.
+                        if !all {
+                            failed += 1;
+                            complain!(
+                                "projector: dead letter {first} holds dead letter {}'s aggregate back: retry {first}, which releases {} after it",
+                                letter.id,
+                                letter.id
+                            );
+                        }
+                    }
+                    Ok(retried) => {
+                        if retried.applied > 0 {
+                            say!(
+                                "dead letter {} (offset {}) applied to {}{}",
+                                letter.id,
+                                letter.offset,
+                                escaped(&letter.projection),
+                                match retried.applied {
+                                    1 => String::new(),
+                                    n => format!(", releasing {} parked after it", n - 1),
+                                }
+                            );
+                        }
+                        if let Some((id, error)) = retried.failed {
+                            failed += 1;
+                            complain!(
+                                "projector: dead letter {id} still fails for {}: {}",
+                                escaped(&letter.projection),
+                                escaped(&shortened(&error, ERROR_SHOWN))
+                            );
+                        }
+                    }
                     Err(err) => {
                         failed += 1;
                         complain!(
-                            "projector: dead letter {} (offset {}) still fails for {}: {}",
+                            "projector: dead letter {}: {}",
                             letter.id,
-                            letter.offset,
-                            escaped(&letter.projection),
                             escaped(&shortened(&format!("{err:#}"), ERROR_SHOWN))
                         );
                     }
@@ -143,13 +178,24 @@ fn find(conn: &rusqlite::Connection, id: i64) -> anyhow::Result<StoredLetter> {
         .ok_or_else(|| UsageError(format!("there is no dead letter {id}")).into())
 }
 
-/// Applies `letter` to its projection in a transaction of its own, and records it as retried;
-/// if it fails again, nothing of it stays and the letter keeps waiting, with the new error.
+/// What a retry did.
+struct Retried {
+    /// Letters applied: the one retried, then those of its aggregate it released.
+    applied: usize,
+    /// The letter that failed, with its error; it and those after it keep waiting.
+    failed: Option<(i64, String)>,
+    /// Not tried: this earlier letter of its aggregate holds it back.
+    held_back_by: Option<i64>,
+}
+
+/// Applies `letter` to its projection, then, if it parked its aggregate, the letters waiting
+/// behind it, in order, in one transaction; each in a savepoint, so that one that fails again
+/// leaves nothing behind and keeps waiting (with the new error), with the letters after it.
 fn retry(
     conn: &mut rusqlite::Connection,
     projections: &[crate::projection::ConfiguredProjection],
     letter: &StoredLetter,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Retried> {
     let projection = projections
         .iter()
         .find(|p| p.name == letter.projection)
@@ -159,20 +205,44 @@ fn retry(
                 letter.projection
             )
         })?;
-    let event = letter.event().map_err(anyhow::Error::msg)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    match projection.projection.apply(&tx, &event) {
-        Ok(()) => {
-            dead_letters::resolve(&tx, letter.id, "retried")?;
-            tx.commit()?;
-            Ok(())
+    let mut run = vec![letter.clone()];
+    if let Some(aggregate) = &letter.parks {
+        if let Some(first) = dead_letters::parked_behind(&tx, &letter.projection, aggregate)? {
+            if first != letter.id {
+                return Ok(Retried {
+                    applied: 0,
+                    failed: None,
+                    held_back_by: Some(first),
+                });
+            }
         }
-        Err(err) => {
-            drop(tx);
-            dead_letters::record_error(conn, letter.id, &err.to_string())?;
-            Err(err.into())
+        run.extend(dead_letters::parked_after(&tx, letter)?);
+    }
+    let mut retried = Retried {
+        applied: 0,
+        failed: None,
+        held_back_by: None,
+    };
+    for letter in &run {
+        let event = letter.event().map_err(anyhow::Error::msg)?;
+        tx.execute_batch("SAVEPOINT projector_retry")?;
+        match projection.projection.apply(&tx, &event) {
+            Ok(()) => {
+                tx.execute_batch("RELEASE projector_retry")?;
+                dead_letters::resolve(&tx, letter.id, "retried")?;
+                retried.applied += 1;
+            }
+            Err(err) => {
+                tx.execute_batch("ROLLBACK TO projector_retry; RELEASE projector_retry")?;
+                dead_letters::record_error(&tx, letter.id, &err.to_string())?;
+                retried.failed = Some((letter.id, err.to_string()));
+                break;
+            }
         }
     }
+    tx.commit()?;
+    Ok(retried)
 }
 
 fn render_list(letters: &[StoredLetter]) -> String {

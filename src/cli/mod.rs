@@ -38,6 +38,7 @@ pub mod exit;
 mod projections;
 mod query;
 mod rebuild;
+mod repair;
 mod run;
 
 use std::path::PathBuf;
@@ -142,6 +143,31 @@ pub enum Command {
         #[arg(long)]
         cancel: bool,
     },
+    /// Move the one event a halted projection (`on_error = "stop"`) stopped at into the dead
+    /// letters, and let it go on from the next. Through the running daemon, or directly.
+    Skip {
+        /// The projection's name.
+        name: String,
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+    },
+    /// Move a projection's checkpoint to OFFSET, to apply the feed again from there without a
+    /// shadow. It undoes nothing: the projection's tables keep what the events from OFFSET on
+    /// wrote, and those events are applied again on top (right for upserts that set values,
+    /// wrong for sums and counts: use `rebuild` for those); its dead letters stay. A reset
+    /// past the checkpoint skips the events in between. Asks for confirmation unless --yes.
+    Reset {
+        /// The projection's name.
+        name: String,
+        /// The offset of the first event to apply again.
+        #[arg(long = "to", value_name = "OFFSET")]
+        to: u64,
+        #[arg(long, short, default_value = "consumer.toml")]
+        config: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
     /// The events projections could not apply (`on_error = "skip"`): list, show, retry or
     /// discard them. A retry applies the event to its projection now, out of its place in the
     /// feed: safe for a projection whose events commute (sums, counts), wrong for one that
@@ -206,6 +232,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             config,
             cancel,
         } => rebuild::rebuild(&config, &name, cancel),
+        Command::Skip { name, config } => repair::skip(&config, &name),
+        Command::Reset {
+            name,
+            to,
+            config,
+            yes,
+        } => repair::reset(&config, &name, to, yes),
         Command::DeadLetters {
             config,
             projection,

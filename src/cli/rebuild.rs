@@ -8,49 +8,30 @@ use std::time::{Duration, Instant};
 
 use super::exit::Exit;
 use crate::config::Config;
-use crate::control::client::ControlClient;
 use crate::control::protocol::{eta_text, FeedStatus, Request};
 use crate::daemon::RebuildEnd;
 use crate::shown::escaped;
 
-/// A restart of the daemon's readers fits in this.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often plain (not terminal) output says how far the rebuild is.
 const PLAIN_LINE_EVERY: Duration = Duration::from_secs(5);
 
 pub fn rebuild(config_path: &Path, name: &str, cancel: bool) -> anyhow::Result<Exit> {
     let config = Config::load(config_path)?;
+    let projections = crate::projection::build_all(&config)?;
     let request = Request::Rebuild {
         projection: name.to_string(),
         cancel,
     };
-    match ControlClient::connect(&config.daemon.control_socket, REPLY_TIMEOUT) {
-        Ok(mut client) => {
-            let reply = client.send(&request)?;
-            return Ok(if reply.ok {
-                say!("{}", escaped(reply.message.as_deref().unwrap_or("done")));
-                Exit::Success
-            } else {
-                let error = reply.error.unwrap_or_else(|| "the daemon refused".into());
-                complain!("projector: {}", escaped(&error));
-                Exit::Failure
-            });
-        }
-        Err(err) if err.is_not_running() => {}
-        Err(err) => return Err(err.into()),
-    }
-    let projections = crate::projection::build_all(&config)?;
     if cancel {
         let Some(projection) = projections.iter().find(|p| p.name == name) else {
             anyhow::bail!("no projection named {name:?} in {}", config_path.display());
         };
-        let _lock =
-            crate::store::lock_instance(&config.daemon.database, config.daemon.database_mode.0)?;
-        say!(
-            "{}",
-            crate::daemon::cancel_rebuild(&config.daemon.database, projection)?
-        );
-        return Ok(Exit::Success);
+        return super::repair::through_daemon_or_alone(&config, name, request, |database| {
+            crate::daemon::cancel_rebuild(database, projection)
+        });
+    }
+    if let Some(exit) = super::repair::ask_running_daemon(&config, &request)? {
+        return Ok(exit);
     }
     crate::logging::init("warn", config.daemon.log_format);
     let mut progress = Progress::new(name);

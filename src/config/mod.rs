@@ -168,6 +168,18 @@ impl Config {
                 }
                 (Some(_), None) | (None, Some(_)) => {}
             }
+            let flux = self
+                .feeds
+                .iter()
+                .any(|f| f.name() == projection.feed() && f.format == FeedFormat::Flux);
+            if projection.on_error == OnError::Park && flux {
+                return Err(ConfigError::new(
+                    src.locate(&projection.name),
+                    format!(
+                        "projection {name:?}: on_error = \"park\" parks the later events of a poison event's aggregate, and a Flux feed's pages do not say an event's aggregate; use \"skip\" or \"stop\", or an inline feed"
+                    ),
+                ));
+            }
         }
         if self.projections.is_empty() {
             return Err(ConfigError::new(

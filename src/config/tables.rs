@@ -218,6 +218,9 @@ pub enum OnError {
     Stop,
     /// Record the event in `projector_dead_letters` and move on.
     Skip,
+    /// Record the event, and every later event of its aggregate until it is retried, in
+    /// `projector_dead_letters`, in order; the other aggregates go on.
+    Park,
 }
 
 /// What the daemon does with a projection whose definition changed since its tables were built.

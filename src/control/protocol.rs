@@ -21,6 +21,10 @@ pub enum Request {
     /// Rebuild a projection from the feed's start into a shadow that replaces its tables once
     /// caught up; or, with `cancel`, drop the rebuild in progress.
     Rebuild { projection: String, cancel: bool },
+    /// Move the event a halted projection stopped at into the dead letters, and go on.
+    Skip { projection: String },
+    /// Move a projection's checkpoint to `offset`, replaying from there without a shadow.
+    Reset { projection: String, offset: u64 },
     /// Stop gracefully. The reply comes first; the connection closes when the daemon has exited.
     Stop,
 }
@@ -36,24 +40,44 @@ struct RequestLine {
     projection: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     cancel: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
 }
 
-const COMMANDS: &str = "status, pause, resume, reload, rebuild, stop";
+const COMMANDS: &str = "status, pause, resume, reload, rebuild, skip, reset, stop";
 
 impl TryFrom<RequestLine> for Request {
     type Error = String;
 
     fn try_from(line: RequestLine) -> Result<Request, String> {
-        if line.command == "rebuild" {
-            return match (line.projection, line.feed) {
-                (Some(projection), None) => Ok(Request::Rebuild {
-                    projection,
-                    cancel: line.cancel,
-                }),
-                _ => Err("\"rebuild\" takes a projection, and no feed".into()),
+        let projection_request = match (line.command.as_str(), line.projection.clone()) {
+            ("rebuild", Some(projection)) if line.offset.is_none() => Some(Request::Rebuild {
+                projection,
+                cancel: line.cancel,
+            }),
+            ("skip", Some(projection)) if line.offset.is_none() && !line.cancel => {
+                Some(Request::Skip { projection })
+            }
+            ("reset", Some(projection)) if !line.cancel => line
+                .offset
+                .map(|offset| Request::Reset { projection, offset }),
+            _ => None,
+        };
+        if let Some(request) = projection_request {
+            return match line.feed {
+                Some(_) => Err(format!("{:?} takes no feed", line.command)),
+                None => Ok(request),
             };
         }
-        if line.projection.is_some() || line.cancel {
+        match line.command.as_str() {
+            "rebuild" => {
+                return Err("\"rebuild\" takes a projection (and cancel: true to cancel)".into())
+            }
+            "skip" => return Err("\"skip\" takes a projection".into()),
+            "reset" => return Err("\"reset\" takes a projection and an offset".into()),
+            _ => {}
+        }
+        if line.projection.is_some() || line.cancel || line.offset.is_some() {
             return Err(format!("{:?} takes no projection", line.command));
         }
         let request = match line.command.as_str() {
@@ -78,6 +102,7 @@ impl From<Request> for RequestLine {
             feed,
             projection: None,
             cancel: false,
+            offset: None,
         };
         match request {
             Request::Status => line("status", None),
@@ -89,6 +114,15 @@ impl From<Request> for RequestLine {
                 projection: Some(projection),
                 cancel,
                 ..line("rebuild", None)
+            },
+            Request::Skip { projection } => RequestLine {
+                projection: Some(projection),
+                ..line("skip", None)
+            },
+            Request::Reset { projection, offset } => RequestLine {
+                projection: Some(projection),
+                offset: Some(offset),
+                ..line("reset", None)
             },
         }
     }
@@ -397,10 +431,37 @@ mod tests {
             (br#"{"command":"pause","feed":7}"#, "invalid type"),
             (b"\xff\xfe", "UTF-8"),
             (b"", "bad request"),
+            (br#"{"command":"rebuild"}"#, "takes a projection"),
+            (br#"{"command":"reset","projection":"p"}"#, "and an offset"),
+            (
+                br#"{"command":"status","projection":"p"}"#,
+                "takes no projection",
+            ),
         ] {
             let err = Request::parse(bad).err().unwrap_or_default();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn projection_requests_round_trip() -> anyhow::Result<()> {
+        for request in [
+            Request::Rebuild {
+                projection: "p".into(),
+                cancel: true,
+            },
+            Request::Skip {
+                projection: "p".into(),
+            },
+            Request::Reset {
+                projection: "p".into(),
+                offset: 42,
+            },
+        ] {
+            let line = serde_json::to_string(&request)?;
+            assert_eq!(Request::parse(line.as_bytes()), Ok(request), "{line}");
+        }
+        Ok(())
     }
 
     #[test]

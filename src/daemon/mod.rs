@@ -7,6 +7,7 @@
 //! start, the previous configuration is started again. Pauses live in the database, so they
 //! survive both a reload and a restart.
 
+mod changes;
 mod engine;
 mod rebuild;
 mod supervisor;
@@ -21,7 +22,8 @@ use crate::store;
 use engine::{CarriedMonitors, Engine};
 use supervisor::Supervisor;
 
-pub use rebuild::{cancel_rebuild, rebuild_alone, RebuildEnd};
+pub use changes::{cancel_rebuild, reset_checkpoint, skip_halted_event};
+pub use rebuild::{rebuild_alone, RebuildEnd};
 
 /// Runs until a `stop` request, then lets every batch in flight commit or roll back whole and
 /// returns. A failing feed never ends it; only a database that cannot be opened does.

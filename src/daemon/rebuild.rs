@@ -3,17 +3,17 @@
 //! the live projections), or alone when no daemon runs, until the shadow has replaced the live
 //! tables. The rebuild itself is the writer's (`writer/shadow.rs`).
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use super::changes::{begin_rebuild, cancel_rebuild};
 use super::engine::{CarriedMonitors, Engine};
-use super::supervisor::{DatabaseChange, Supervisor};
-use crate::config::{Config, Synchronous};
+use super::supervisor::Supervisor;
+use crate::config::Config;
 use crate::control::protocol::{FeedStatus, Reply};
 use crate::projection::ConfiguredProjection;
-use crate::store::{self, lifecycle};
+use crate::store;
 
 /// How often a rebuild run alone reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -25,76 +25,15 @@ impl Supervisor {
             Ok(projection) => projection,
             Err(err) => return Ok(Reply::error(err)),
         };
-        let change: DatabaseChange = if cancel {
-            Box::new(move |database| cancel_rebuild(database, &projection))
-        } else {
-            Box::new(move |database| begin_rebuild(database, &projection))
-        };
-        Ok(match self.restart(Some(change)).await? {
-            Ok(message) => {
-                tracing::info!(projection = name, "{message}");
-                Reply::done(message)
+        self.change(name, move |database, _| {
+            if cancel {
+                cancel_rebuild(database, &projection)
+            } else {
+                begin_rebuild(database, &projection)
             }
-            Err(err) => Reply::error(err),
         })
+        .await
     }
-}
-
-/// Records a rebuild of `projection` from offset 0, unless one is in progress.
-pub fn begin_rebuild(database: &Path, projection: &ConfiguredProjection) -> anyhow::Result<String> {
-    let name = &projection.name;
-    let conn = store::open_writer(database, Synchronous::Normal)
-        .with_context(|| format!("opening database {}", database.display()))?;
-    if let Some(rebuild) = lifecycle::rebuilds(&conn)?
-        .into_iter()
-        .find(|r| r.projection == *name)
-    {
-        return Ok(format!(
-            "{name} is being rebuilt already (since {}; {}): `projector projections` shows how far it is",
-            rebuild.started_at, rebuild.reason
-        ));
-    }
-    lifecycle::remove_shadow(&lifecycle::shadow_path(database, name))?;
-    lifecycle::start_rebuild(
-        &conn,
-        name,
-        &projection.feed,
-        &projection.version,
-        lifecycle::ASKED,
-    )?;
-    Ok(format!(
-        "rebuilding {name} from the feed's start; its current tables are served and kept current until the rebuild replaces them (`projector projections` shows its progress)"
-    ))
-}
-
-/// Drops `projection`'s rebuild in progress and its shadow; the live tables stay as they are.
-pub fn cancel_rebuild(
-    database: &Path,
-    projection: &ConfiguredProjection,
-) -> anyhow::Result<String> {
-    let name = &projection.name;
-    let conn = store::open_writer(database, Synchronous::Normal)
-        .with_context(|| format!("opening database {}", database.display()))?;
-    if !lifecycle::rebuilds(&conn)?
-        .iter()
-        .any(|r| r.projection == *name)
-    {
-        anyhow::bail!("{name} is not being rebuilt");
-    }
-    if let Some(recorded) = lifecycle::recorded_definition(&conn, name)? {
-        if recorded.version != projection.version {
-            anyhow::bail!(
-                "{name}'s definition changed since its tables were built (version {}, now {}): its rebuild is how the new definition takes over, so it cannot be cancelled; to keep the old tables, put the previous definition back and reload, which drops the rebuild",
-                recorded.version,
-                projection.version
-            );
-        }
-    }
-    lifecycle::end_rebuild(&conn, name)?;
-    lifecycle::remove_shadow(&lifecycle::shadow_path(database, name))?;
-    Ok(format!(
-        "the rebuild of {name} is cancelled and its shadow dropped; its tables are as they were"
-    ))
 }
 
 /// How a rebuild run alone ended.

@@ -197,9 +197,21 @@ impl Supervisor {
                 ..Reply::default()
             },
             Request::Pause { feed } => self.set_paused(feed.as_deref(), true).await,
-            Request::Resume { feed } => self.set_paused(feed.as_deref(), false).await,
+            Request::Resume { feed } => self.resume(feed.as_deref()).await?,
             Request::Reload => self.reload().await?,
             Request::Rebuild { projection, cancel } => self.rebuild(&projection, cancel).await?,
+            Request::Skip { projection } => {
+                self.change(&projection, move |database, name| {
+                    super::changes::skip_halted_event(database, name)
+                })
+                .await?
+            }
+            Request::Reset { projection, offset } => {
+                self.change(&projection, move |database, name| {
+                    super::changes::reset_checkpoint(database, name, offset)
+                })
+                .await?
+            }
             Request::Stop => {
                 tracing::info!("stop requested");
                 Reply::done("stopping")
@@ -242,6 +254,45 @@ impl Supervisor {
             log_lines_dropped: crate::logging::lines_dropped(),
             stopping: self.stopping,
         }
+    }
+
+    /// Resumes one feed (or all), and retries what is halted on it: projections halted by a
+    /// poison event, a feed halted as rewritten. Their cause may have been fixed (a repaired
+    /// feed; a new definition is taken by a reload, which retries them too).
+    async fn resume(&mut self, feed: Option<&str>) -> anyhow::Result<Reply> {
+        let mut reply = self.set_paused(feed, false).await;
+        if !reply.ok {
+            return Ok(reply);
+        }
+        let halted: Vec<String> = self
+            .status()
+            .feeds
+            .into_iter()
+            .filter(|f| feed.is_none_or(|name| f.name == name))
+            .flat_map(|f| {
+                let feed_halted = (f.state == crate::control::protocol::FeedState::Halted)
+                    .then(|| format!("feed {}", f.name));
+                f.projections
+                    .into_iter()
+                    .filter(|p| {
+                        p.halted.is_some() || p.rebuild.as_ref().is_some_and(|r| r.halted.is_some())
+                    })
+                    .map(|p| p.name)
+                    .chain(feed_halted)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if halted.is_empty() {
+            return Ok(reply);
+        }
+        let retrying = halted.join(", ");
+        tracing::info!("resume: retrying what is halted ({retrying})");
+        if let Err(err) = self.restart(None).await? {
+            return Ok(Reply::error(err));
+        }
+        let message = reply.message.take().unwrap_or_default();
+        reply.message = Some(format!("{message}; retrying what was halted: {retrying}"));
+        Ok(reply)
     }
 
     /// Pauses or resumes one feed (or all): recorded in the database first, so that a crash
@@ -333,6 +384,27 @@ impl Supervisor {
                 .context("starting the readers again")?,
         );
         Ok(changed)
+    }
+
+    /// Makes `change` to projection `name`'s record with the readers stopped, and says what
+    /// it did.
+    pub(super) async fn change(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&std::path::Path, &str) -> anyhow::Result<String> + Send + 'static,
+    ) -> anyhow::Result<Reply> {
+        if let Err(err) = self.projection(name) {
+            return Ok(Reply::error(err));
+        }
+        let owned = name.to_string();
+        let change: DatabaseChange = Box::new(move |database| change(database, &owned));
+        Ok(match self.restart(Some(change)).await? {
+            Ok(message) => {
+                tracing::info!(projection = name, "{message}");
+                Reply::done(message)
+            }
+            Err(err) => Reply::error(err),
+        })
     }
 
     /// The running configuration's projection `name`, or why there is none.

@@ -101,6 +101,8 @@ fn one_halted_projection_is_its_own_not_the_feeds() {
         event_id: "e11".into(),
         event_type: "t".into(),
         error: "bad".into(),
+        payload: None,
+        event_meta: "{}".into(),
     });
     monitor.committed(&outcome);
     monitor.set_phase(both, ReaderPhase::Live);

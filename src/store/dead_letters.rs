@@ -23,6 +23,9 @@ pub struct StoredLetter {
     pub resolved_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
+    /// The aggregate it holds back, when parked (`on_error = "park"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parks: Option<String>,
     #[serde(skip)]
     event_meta: Option<String>,
 }
@@ -76,7 +79,7 @@ impl StoredLetter {
 
 const COLUMNS: &str =
     "id, projection, feed, event_offset, event_id, event_type, error, recorded_at,
-     resolution, resolved_at, payload, event_meta";
+     resolution, resolved_at, payload, event_meta, aggregate";
 
 fn letter(row: &rusqlite::Row) -> rusqlite::Result<StoredLetter> {
     Ok(StoredLetter {
@@ -92,6 +95,7 @@ fn letter(row: &rusqlite::Row) -> rusqlite::Result<StoredLetter> {
         resolved_at: row.get(9)?,
         payload: row.get(10)?,
         event_meta: row.get(11)?,
+        parks: row.get(12)?,
     })
 }
 
@@ -111,6 +115,20 @@ pub fn list(
     rows.collect()
 }
 
+/// The letters waiting behind `first` that its aggregate holds back, in order.
+pub fn parked_after(
+    conn: &Connection,
+    first: &StoredLetter,
+) -> rusqlite::Result<Vec<StoredLetter>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {COLUMNS} FROM projector_dead_letters
+         WHERE projection = ?1 AND aggregate = ?2 AND resolution IS NULL AND id > ?3
+         ORDER BY id"
+    ))?;
+    let rows = statement.query_map(params![first.projection, first.parks, first.id], letter)?;
+    rows.collect()
+}
+
 pub fn get(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredLetter>> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM projector_dead_letters WHERE id = ?1"),
@@ -118,6 +136,19 @@ pub fn get(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredLetter>>
         letter,
     )
     .optional()
+}
+
+/// The first letter of `projection` that holds `aggregate` back, if one waits.
+pub fn parked_behind(
+    conn: &Connection,
+    projection: &str,
+    aggregate: &str,
+) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT min(id) FROM projector_dead_letters
+         WHERE projection = ?1 AND aggregate = ?2 AND resolution IS NULL",
+    )?
+    .query_row(params![projection, aggregate], |row| row.get(0))
 }
 
 /// Records what became of a letter: `retried` (it applied) or `discarded`.

@@ -83,21 +83,60 @@ pub struct HaltRecord {
     pub at: String,
 }
 
+/// The event a projection halted on, as recorded with the halt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaltedEvent {
+    pub offset: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: Option<String>,
+    pub event_meta: String,
+    pub error: String,
+}
+
 pub fn record_halt(
     conn: &Connection,
     projection: &str,
-    offset: u64,
-    event_id: &str,
-    error: &str,
+    event: &HaltedEvent,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "UPDATE projector_checkpoints
          SET halted_offset = ?2, halted_event_id = ?3, halted_error = ?4,
-             halted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             halted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+             halted_event_type = ?5, halted_payload = ?6, halted_event_meta = ?7
          WHERE projection = ?1",
     )?
-    .execute(params![projection, offset_to_sql(offset), event_id, error])?;
+    .execute(params![
+        projection,
+        offset_to_sql(event.offset),
+        event.event_id,
+        event.error,
+        event.event_type,
+        event.payload,
+        event.event_meta
+    ])?;
     Ok(())
+}
+
+/// The event `projection` is halted on, if it is halted.
+pub fn halted_event(conn: &Connection, projection: &str) -> rusqlite::Result<Option<HaltedEvent>> {
+    conn.query_row(
+        "SELECT halted_offset, halted_event_id, halted_event_type, halted_payload,
+                halted_event_meta, halted_error
+         FROM projector_checkpoints WHERE projection = ?1 AND halted_offset IS NOT NULL",
+        [projection],
+        |row| {
+            Ok(HaltedEvent {
+                offset: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
+                event_id: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                event_type: row.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                payload: row.get(3)?,
+                event_meta: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                error: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+            })
+        },
+    )
+    .optional()
 }
 
 /// A projection as the database records it.
@@ -272,7 +311,16 @@ mod tests {
         };
         record_definition(&tx, "p", &definition)?;
         assert_eq!(recorded_definition(&tx, "p")?, Some(definition));
-        record_halt(&tx, "p", 7, "e7", "boom")?;
+        let event = HaltedEvent {
+            offset: 7,
+            event_id: "e7".into(),
+            event_type: "t".into(),
+            payload: Some("{}".into()),
+            event_meta: "{}".into(),
+            error: "boom".into(),
+        };
+        record_halt(&tx, "p", &event)?;
+        assert_eq!(halted_event(&tx, "p")?, Some(event));
         let halted = projection_records(&tx)?.remove(0).halted;
         assert_eq!(
             halted.map(|h| (h.offset, h.error)),
@@ -284,6 +332,7 @@ mod tests {
         };
         save_checkpoint(&tx, "p", "bank", &moved)?;
         assert!(projection_records(&tx)?[0].halted.is_none());
+        assert_eq!(halted_event(&tx, "p")?, None);
         start_rebuild(&tx, "p", "bank", "v2", "asked")?;
         assert_eq!(rebuilds(&tx)?.len(), 1);
         end_rebuild(&tx, "p")?;

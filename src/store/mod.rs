@@ -55,9 +55,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE projector_checkpoints ADD COLUMN halted_event_id TEXT;
     ALTER TABLE projector_checkpoints ADD COLUMN halted_error TEXT;
     ALTER TABLE projector_checkpoints ADD COLUMN halted_at TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_event_type TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_payload TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN halted_event_meta TEXT;
     ALTER TABLE projector_dead_letters ADD COLUMN event_meta TEXT;
+    ALTER TABLE projector_dead_letters ADD COLUMN aggregate TEXT;
     ALTER TABLE projector_dead_letters ADD COLUMN resolution TEXT;
     ALTER TABLE projector_dead_letters ADD COLUMN resolved_at TEXT;
+    CREATE INDEX projector_dead_letters_parked
+        ON projector_dead_letters (projection, aggregate) WHERE resolution IS NULL;
     CREATE TABLE projector_rebuilds (
         projection         TEXT PRIMARY KEY,
         feed               TEXT NOT NULL,
@@ -91,6 +97,8 @@ pub struct DeadLetter<'a> {
     /// The event's other metadata (aggregate, version, created), as JSON, so a retry can
     /// give the projection the event as it was.
     pub event_meta: String,
+    /// The aggregate it holds back, when it was parked (`on_error = "park"`).
+    pub parks: Option<String>,
 }
 
 /// Opens (creating if needed) the database for writing and brings Projector's tables up to date.
@@ -269,7 +277,8 @@ pub fn save_checkpoint(
          ON CONFLICT (projection) DO UPDATE SET
              feed = excluded.feed, next_offset = excluded.next_offset,
              last_event_id = excluded.last_event_id, updated_at = excluded.updated_at,
-             halted_offset = NULL, halted_event_id = NULL, halted_error = NULL, halted_at = NULL",
+             halted_offset = NULL, halted_event_id = NULL, halted_error = NULL, halted_at = NULL,
+             halted_event_type = NULL, halted_payload = NULL, halted_event_meta = NULL",
     )?
     .execute(params![
         projection,
@@ -284,8 +293,8 @@ pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Re
     tx.prepare_cached(
         "INSERT INTO projector_dead_letters
              (projection, feed, event_offset, event_id, event_type, payload, error, event_meta,
-              recorded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+              aggregate, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
     )?
     .execute(params![
         letter.projection,
@@ -295,7 +304,8 @@ pub fn insert_dead_letter(tx: &Transaction, letter: &DeadLetter) -> rusqlite::Re
         letter.event_type,
         letter.payload,
         letter.error,
-        letter.event_meta
+        letter.event_meta,
+        letter.parks
     ])?;
     Ok(())
 }

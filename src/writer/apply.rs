@@ -188,9 +188,15 @@ impl Writer {
             if let Some(halt) = &halts[k] {
                 // Recorded, so that `projector projections` can say it without the daemon.
                 let name = &self.slots[index].projection.name;
-                let error = crate::shown::shortened(&halt.error, crate::shown::ERROR_SHOWN);
-                lifecycle::record_halt(&tx, name, halt.offset, &halt.event_id, &error)
-                    .map_err(storage)?;
+                let event = lifecycle::HaltedEvent {
+                    offset: halt.offset,
+                    event_id: halt.event_id.clone(),
+                    event_type: halt.event_type.clone(),
+                    payload: halt.payload.clone(),
+                    event_meta: halt.event_meta.clone(),
+                    error: halt.error.clone(),
+                };
+                lifecycle::record_halt(&tx, name, &event).map_err(storage)?;
             }
         }
         tx.commit().map_err(storage)?;
@@ -229,8 +235,8 @@ enum Position {
 }
 
 /// Where `event` stands against `checkpoint`. Passing the event just before the checkpoint, its
-/// id must be the one the checkpoint recorded; an event past the next offset is a gap, which the
-/// reader never sends.
+/// id must be the one the checkpoint recorded (a checkpoint an operator reset records none);
+/// an event past the next offset is a gap, which the reader never sends.
 fn position(
     checkpoint: &Checkpoint,
     event: &Event,
@@ -238,7 +244,10 @@ fn position(
 ) -> Result<Position, ApplyError> {
     if event.offset < checkpoint.next_offset {
         if event.offset + 1 == checkpoint.next_offset
-            && checkpoint.last_event_id.as_deref() != Some(event.meta.event_id.as_str())
+            && checkpoint
+                .last_event_id
+                .as_deref()
+                .is_some_and(|id| id != event.meta.event_id)
         {
             return Err(ApplyError::FeedRewritten {
                 projection: projection.to_string(),
@@ -289,6 +298,23 @@ impl Step<'_> {
         }
         self.activity.applying(self.slot, event.offset);
         let storage = ApplyError::storage;
+        let parks = match projection.on_error {
+            OnError::Park => aggregate_of(event),
+            OnError::Stop | OnError::Skip => None,
+        };
+        if let Some(aggregate) = &parks {
+            // An aggregate with an event parked: this one waits behind it, in order.
+            if let Some(first) =
+                store::dead_letters::parked_behind(self.tx, &projection.name, aggregate)
+                    .map_err(storage)?
+            {
+                let error = format!(
+                    "parked behind dead letter {first}, an earlier event of aggregate {aggregate}: retrying that one releases this one"
+                );
+                self.dead_letter(projection, event, error, parks.clone())?;
+                return Ok(Fate::DeadLettered);
+            }
+        }
         let err = match apply_one(self.tx, projection, event, self.savepoints).map_err(storage)? {
             Ok(()) => return Ok(Fate::Applied),
             Err(ProjectionError::Sql(err)) if store::is_storage_failure(&err) => {
@@ -305,23 +331,44 @@ impl Step<'_> {
                 event_id: event.meta.event_id.clone(),
                 event_type: event.meta.event_type.clone(),
                 error: err.to_string(),
+                payload: event.payload.as_ref().map(|p| p.as_str().to_string()),
+                event_meta: store::dead_letters::meta_json(&event.meta),
             })),
-            OnError::Skip => {
-                let letter = DeadLetter {
-                    projection: &projection.name,
-                    feed: self.feed,
-                    event_offset: event.offset,
-                    event_id: &event.meta.event_id,
-                    event_type: &event.meta.event_type,
-                    payload: event.payload.as_ref().map(|p| p.as_str().to_string()),
-                    error: err.to_string(),
-                    event_meta: store::dead_letters::meta_json(&event.meta),
-                };
-                store::insert_dead_letter(self.tx, &letter).map_err(storage)?;
+            OnError::Skip | OnError::Park => {
+                self.dead_letter(projection, event, err.to_string(), parks)?;
                 Ok(Fate::DeadLettered)
             }
         }
     }
+
+    /// Records `event` in the dead letters with `error`; `parks` the aggregate it holds back.
+    fn dead_letter(
+        &self,
+        projection: &ConfiguredProjection,
+        event: &Event,
+        error: String,
+        parks: Option<String>,
+    ) -> Result<(), ApplyError> {
+        let letter = DeadLetter {
+            projection: &projection.name,
+            feed: self.feed,
+            event_offset: event.offset,
+            event_id: &event.meta.event_id,
+            event_type: &event.meta.event_type,
+            payload: event.payload.as_ref().map(|p| p.as_str().to_string()),
+            error,
+            event_meta: store::dead_letters::meta_json(&event.meta),
+            parks,
+        };
+        store::insert_dead_letter(self.tx, &letter).map_err(ApplyError::storage)
+    }
+}
+
+/// The aggregate `event` belongs to, when the feed says (`name/id`).
+fn aggregate_of(event: &Event) -> Option<String> {
+    let meta = &event.meta;
+    (!meta.aggregate_id.is_empty())
+        .then(|| format!("{}/{}", meta.aggregate_name, meta.aggregate_id))
 }
 
 /// Whether each event runs in a savepoint of its own.

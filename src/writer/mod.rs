@@ -66,6 +66,10 @@ pub struct Halt {
     pub event_id: String,
     pub event_type: String,
     pub error: String,
+    /// The event's payload and other metadata, recorded so that `projector skip` can move it
+    /// into the dead letters.
+    pub payload: Option<String>,
+    pub event_meta: String,
 }
 
 /// Why a batch was not committed. Nothing of it was applied.

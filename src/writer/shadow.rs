@@ -228,9 +228,9 @@ impl Shadow {
         tx.execute(
             "INSERT INTO main.projector_dead_letters
                  (projection, feed, event_offset, event_id, event_type, payload, error,
-                  recorded_at, event_meta, resolution, resolved_at)
+                  recorded_at, event_meta, aggregate, resolution, resolved_at)
              SELECT ?1, feed, event_offset, event_id, event_type, payload, error,
-                    recorded_at, event_meta, resolution, resolved_at
+                    recorded_at, event_meta, aggregate, resolution, resolved_at
              FROM projector_shadow.projector_dead_letters WHERE projection = ?2 ORDER BY id",
             params![self.projection, self.member],
         )?;

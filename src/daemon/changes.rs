@@ -1,0 +1,155 @@
+//! The changes an operator makes to a projection's record in the database: start or cancel a
+//! rebuild, skip the event it halted on, reset its checkpoint. The daemon makes them with its
+//! readers stopped (`Supervisor::restart`); with no daemon running, the command makes them
+//! itself, holding the instance lock.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::config::Synchronous;
+use crate::projection::ConfiguredProjection;
+use crate::store::{self, lifecycle, Checkpoint, DeadLetter};
+
+fn open(database: &Path) -> anyhow::Result<Connection> {
+    store::open_writer(database, Synchronous::Normal)
+        .with_context(|| format!("opening database {}", database.display()))
+}
+
+/// Records a rebuild of `projection` from offset 0, unless one is in progress.
+pub fn begin_rebuild(database: &Path, projection: &ConfiguredProjection) -> anyhow::Result<String> {
+    let name = &projection.name;
+    let conn = open(database)?;
+    if let Some(rebuild) = lifecycle::rebuilds(&conn)?
+        .into_iter()
+        .find(|r| r.projection == *name)
+    {
+        return Ok(format!(
+            "{name} is being rebuilt already (since {}; {}): `projector projections` shows how far it is",
+            rebuild.started_at, rebuild.reason
+        ));
+    }
+    lifecycle::remove_shadow(&lifecycle::shadow_path(database, name))?;
+    lifecycle::start_rebuild(
+        &conn,
+        name,
+        &projection.feed,
+        &projection.version,
+        lifecycle::ASKED,
+    )?;
+    Ok(format!(
+        "rebuilding {name} from the feed's start; its current tables are served and kept current until the rebuild replaces them (`projector projections` shows its progress)"
+    ))
+}
+
+/// Drops `projection`'s rebuild in progress and its shadow; the live tables stay as they are.
+pub fn cancel_rebuild(
+    database: &Path,
+    projection: &ConfiguredProjection,
+) -> anyhow::Result<String> {
+    let name = &projection.name;
+    let conn = open(database)?;
+    if !lifecycle::rebuilds(&conn)?
+        .iter()
+        .any(|r| r.projection == *name)
+    {
+        anyhow::bail!("{name} is not being rebuilt");
+    }
+    if let Some(recorded) = lifecycle::recorded_definition(&conn, name)? {
+        if recorded.version != projection.version {
+            anyhow::bail!(
+                "{name}'s definition changed since its tables were built (version {}, now {}): its rebuild is how the new definition takes over, so it cannot be cancelled; to keep the old tables, put the previous definition back and reload, which drops the rebuild",
+                recorded.version,
+                projection.version
+            );
+        }
+    }
+    lifecycle::end_rebuild(&conn, name)?;
+    lifecycle::remove_shadow(&lifecycle::shadow_path(database, name))?;
+    Ok(format!(
+        "the rebuild of {name} is cancelled and its shadow dropped; its tables are as they were"
+    ))
+}
+
+/// Moves the event `projection` halted on into the dead letters, and its checkpoint past it.
+pub fn skip_halted_event(database: &Path, projection: &str) -> anyhow::Result<String> {
+    let mut conn = open(database)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(halted) = lifecycle::halted_event(&tx, projection)? else {
+        anyhow::bail!("{projection} is not halted: there is no event to skip");
+    };
+    let checkpoint = store::load_checkpoint(&tx, projection)?.unwrap_or_default();
+    if checkpoint.next_offset != halted.offset {
+        anyhow::bail!(
+            "{projection} halted at offset {} but its checkpoint is at {} now: nothing skipped",
+            halted.offset,
+            checkpoint.next_offset
+        );
+    }
+    let feed: String = tx.query_row(
+        "SELECT feed FROM projector_checkpoints WHERE projection = ?1",
+        [projection],
+        |row| row.get(0),
+    )?;
+    store::insert_dead_letter(
+        &tx,
+        &DeadLetter {
+            projection,
+            feed: &feed,
+            event_offset: halted.offset,
+            event_id: &halted.event_id,
+            event_type: &halted.event_type,
+            payload: halted.payload.clone(),
+            error: format!("skipped by an operator; it failed with: {}", halted.error),
+            event_meta: halted.event_meta.clone(),
+            parks: None,
+        },
+    )?;
+    let letter = tx.last_insert_rowid();
+    let past = Checkpoint {
+        next_offset: halted.offset + 1,
+        last_event_id: Some(halted.event_id.clone()),
+    };
+    store::save_checkpoint(&tx, projection, &feed, &past)?;
+    tx.commit()?;
+    Ok(format!(
+        "event {} (offset {}) of {projection} moved into the dead letters as dead letter {letter}; {projection} goes on from offset {}",
+        crate::shown::escaped(&halted.event_id),
+        halted.offset,
+        halted.offset + 1
+    ))
+}
+
+/// Moves `projection`'s checkpoint to `offset`: the events from there are applied again (or,
+/// past the checkpoint, never). Its tables and dead letters are left as they are.
+pub fn reset_checkpoint(database: &Path, projection: &str, offset: u64) -> anyhow::Result<String> {
+    let mut conn = open(database)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(checkpoint) = store::load_checkpoint(&tx, projection)? else {
+        anyhow::bail!("the database has no projection {projection:?}");
+    };
+    if lifecycle::rebuilds(&tx)?
+        .iter()
+        .any(|r| r.projection == projection)
+    {
+        anyhow::bail!(
+            "{projection} is being rebuilt: cancel the rebuild first (`projector rebuild {projection} --cancel`)"
+        );
+    }
+    let feed: String = tx.query_row(
+        "SELECT feed FROM projector_checkpoints WHERE projection = ?1",
+        [projection],
+        |row| row.get(0),
+    )?;
+    let reset = Checkpoint {
+        next_offset: offset,
+        last_event_id: None,
+    };
+    store::save_checkpoint(&tx, projection, &feed, &reset)?;
+    tx.commit()?;
+    Ok(format!(
+        "{projection}'s checkpoint moved from offset {} to {offset}",
+        checkpoint.next_offset
+    ))
+}
