@@ -280,6 +280,12 @@ on_change = "refuse"
         changed_balances("first_change"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let output = run(&harness, "check", &[]);
+    assert!(
+        text(&output).contains("its definition changed since its tables were built"),
+        "{}",
+        text(&output)
+    );
     let mut refused = harness.spawn();
     let status = refused.wait_exit().await;
     let log = refused.log();

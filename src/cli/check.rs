@@ -71,8 +71,10 @@ pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
     Ok(if fine { Exit::Success } else { Exit::Failure })
 }
 
-/// Warns of each projection table the database has with other columns than the projection's
-/// setup makes (`CREATE TABLE IF NOT EXISTS` would keep it, and the statements fail).
+/// Says which projections' definitions changed since their tables were built (the next start
+/// rebuilds or refuses them, per `on_change`), and warns of each table the database has with
+/// other columns than an unchanged projection's setup makes (`CREATE TABLE IF NOT EXISTS` would
+/// keep it, and the statements fail).
 fn warn_of_other_shapes(
     config: &Config,
     projections: &[ConfiguredProjection],
@@ -83,6 +85,27 @@ fn warn_of_other_shapes(
     }
     let conn = crate::store::open_reader(database)?;
     for projection in projections {
+        // A database from before versions were recorded has none to compare.
+        let recorded = crate::store::lifecycle::recorded_definition(&conn, &projection.name)
+            .ok()
+            .flatten();
+        if let Some(recorded) = recorded.filter(|r| r.version != projection.version) {
+            let next = match projection.on_change {
+                crate::config::OnChange::Rebuild => {
+                    "the next start or reload rebuilds it, serving its current tables meanwhile"
+                }
+                crate::config::OnChange::Refuse => {
+                    "its on_change is \"refuse\": run `projector rebuild` for it"
+                }
+            };
+            say!(
+                "note: projection {}: its definition changed since its tables were built (version {}, now {}); {next}",
+                projection.name,
+                recorded.version,
+                projection.version
+            );
+            continue;
+        }
         for mismatch in shape::mismatches(&*projection.projection, &conn)? {
             say!(
                 "warning: projection {}: {} has a table {} with columns ({}), but the projection makes it with ({}); it keeps the table as it is, so its statements may fail",
