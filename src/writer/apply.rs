@@ -67,6 +67,7 @@ impl Writer {
             return;
         };
         let source = self.slots[live].projection.definition.clone();
+        let started = std::time::Instant::now();
         match shadow.swap_into(&mut self.conn, &source) {
             Ok(false) => {}
             Ok(true) => {
@@ -74,6 +75,7 @@ impl Writer {
                 tracing::info!(
                     projection = %shadow.projection,
                     version = %shadow.version,
+                    swap = ?started.elapsed(),
                     "rebuilt: the new tables replaced the old ones"
                 );
                 if let Some(&slot) = self.by_name.get(&shadow.member) {

@@ -183,13 +183,7 @@ impl Writer {
                 lifecycle::remove_shadow(&shadow_path)
                     .with_context(|| format!("removing {}", shadow_path.display()))?;
             }
-            let shadow = Shadow::open(
-                path,
-                &projection,
-                &projection.version,
-                settings.file_mode.unwrap_or(0o600),
-                settings.synchronous,
-            )?;
+            let shadow = Shadow::open(path, &projection, &projection.version, &settings)?;
             starting_points.push(StartingPoint {
                 projection: shadow.member.clone(),
                 feed: projection.feed.clone(),

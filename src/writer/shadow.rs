@@ -67,23 +67,25 @@ fn objects_in(conn: &Connection, schema: &str) -> anyhow::Result<Vec<SchemaObjec
 }
 
 impl Shadow {
-    /// Opens (creating with `mode` if it is missing) the shadow of `projection`'s rebuild and
-    /// sets up its tables.
+    /// Opens (creating with the database's mode if it is missing) the shadow of `projection`'s
+    /// rebuild, with the main database's settings, and sets up its tables.
     pub fn open(
         database: &Path,
         projection: &ConfiguredProjection,
         version: &str,
-        mode: u32,
-        synchronous: crate::config::Synchronous,
+        settings: &super::WriterSettings,
     ) -> anyhow::Result<Shadow> {
         use anyhow::Context;
         let path = lifecycle::shadow_path(database, &projection.name);
         drop(
-            crate::files::open_private(&path, mode)
+            crate::files::open_private(&path, settings.file_mode.unwrap_or(0o600))
                 .with_context(|| format!("creating the rebuild's database {}", path.display()))?,
         );
-        let mut conn = store::open_writer(&path, synchronous)
+        let mut conn = store::open_writer(&path, settings.synchronous)
             .with_context(|| format!("opening the rebuild's database {}", path.display()))?;
+        if let Some(bytes) = settings.page_cache_bytes {
+            store::set_page_cache(&conn, bytes)?;
+        }
         let member = shadow_member(&projection.name);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         projection.projection.setup(&tx).with_context(|| {
