@@ -26,6 +26,8 @@ pub mod feed;
 pub mod files;
 /// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
 pub mod logging;
+/// Prometheus metrics, health and readiness.
+pub mod metrics;
 /// The live status of each feed: reader phases, head, lag, rate, errors.
 pub mod monitor;
 /// systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.

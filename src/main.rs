@@ -8,6 +8,7 @@ use projector::cli::exit::Exit;
 
 fn main() -> ExitCode {
     keep_large_blocks_mapped();
+    projector::metrics::note_start();
     let cli = projector::cli::Cli::parse();
     match projector::cli::run(cli) {
         Ok(exit) => exit.into(),

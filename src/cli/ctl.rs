@@ -220,6 +220,13 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
     if let Some(reason) = &feed.halted_reason {
         let _ = writeln!(out, "  halted: {}", escaped(reason));
     }
+    if let Some(seconds) = feed.stalled_seconds {
+        let _ = writeln!(
+            out,
+            "  stalled: the checkpoints have not moved for {} while the head is ahead",
+            eta_text(seconds)
+        );
+    }
     let known = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
     let head = match (feed.head, feed.head_exact) {
         (Some(head), true) => head.to_string(),
@@ -274,6 +281,9 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
             }
             None => "ok".to_string(),
         };
+        if let Some(seconds) = projection.lag_seconds.filter(|s| *s >= 1.0) {
+            let _ = write!(state, "; {} behind in time", eta_text(seconds as u64));
+        }
         if let Some(rebuild) = &projection.rebuild {
             let _ = write!(
                 state,

@@ -103,6 +103,17 @@ impl Config {
                 ),
             ));
         }
+        if let Some(listen) = &self.daemon.metrics_listen {
+            if listen.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::new(
+                    src.locate(listen),
+                    format!(
+                        "metrics_listen {:?} is not an address and port, like \"127.0.0.1:9464\"",
+                        listen.get_ref()
+                    ),
+                ));
+            }
+        }
         let mut feed_names = HashSet::new();
         for feed in &self.feeds {
             if !feed_names.insert(feed.name()) {
@@ -238,6 +249,10 @@ impl Config {
             Some("daemon.database_mode")
         } else if old.log_format != new.log_format {
             Some("daemon.log_format")
+        } else if old.metrics_listen.as_ref().map(|l| l.get_ref())
+            != new.metrics_listen.as_ref().map(|l| l.get_ref())
+        {
+            Some("daemon.metrics_listen")
         } else {
             None
         }

@@ -44,6 +44,13 @@ pub struct DaemonConfig {
     /// statement running is interrupted and the batch rolls back whole, to be read again.
     #[serde(default = "defaults::stop_timeout")]
     pub stop_timeout: Interval,
+    /// Where `GET /metrics` (Prometheus), `/healthz` and `/readyz` are served, e.g.
+    /// "127.0.0.1:9464". Off by default.
+    #[serde(default)]
+    pub metrics_listen: Option<Spanned<String>>,
+    /// `/healthz` answers 503 once the writer has been on one batch this long.
+    #[serde(default = "defaults::stuck_after")]
+    pub stuck_after: Interval,
 }
 
 impl DaemonConfig {
@@ -126,6 +133,10 @@ pub struct FeedConfig {
     /// read until the reader reaches it.
     #[serde(default = "defaults::find_head")]
     pub find_head: bool,
+    /// A feed whose checkpoints have not moved for this long while its head is ahead of them
+    /// (not paused) is `stalled`, and the log says so once.
+    #[serde(default = "defaults::stall_after")]
+    pub stall_after: Interval,
     /// Headers sent with every request to the feed's own origin (never elsewhere), e.g.
     /// `Authorization`; values may come from the environment, a file or a systemd credential.
     #[serde(default)]
@@ -272,6 +283,15 @@ mod defaults {
 
     pub fn find_head() -> bool {
         true
+    }
+
+    pub fn stall_after() -> Interval {
+        Interval(Duration::from_secs(5 * 60))
+    }
+
+    /// Longer than any batch should take, shorter than a systemd watchdog would wait.
+    pub fn stuck_after() -> Interval {
+        Interval(Duration::from_secs(60))
     }
 
     pub fn max_response_bytes() -> ByteLimit {

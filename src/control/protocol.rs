@@ -205,6 +205,8 @@ pub enum FeedState {
     CommitFailing,
     /// Every reader stopped: a poison event under `on_error = "stop"`, or a rewritten feed.
     Halted,
+    /// The checkpoints have not moved for `stall_after` while the head is ahead of them.
+    Stalled,
 }
 
 impl FeedState {
@@ -219,7 +221,27 @@ impl FeedState {
             FeedState::BackingOff => "backing off",
             FeedState::CommitFailing => "commit failing",
             FeedState::Halted => "halted",
+            FeedState::Stalled => "stalled",
         }
+    }
+
+    /// Every state, for the metric that has one series per state.
+    pub const ALL: [FeedState; 10] = [
+        FeedState::Idle,
+        FeedState::Starting,
+        FeedState::CatchingUp,
+        FeedState::Live,
+        FeedState::Pausing,
+        FeedState::Paused,
+        FeedState::BackingOff,
+        FeedState::CommitFailing,
+        FeedState::Halted,
+        FeedState::Stalled,
+    ];
+
+    /// As JSON writes it (`catching_up`), for labels.
+    pub fn label(self) -> String {
+        self.as_str().replace(' ', "_")
     }
 }
 
@@ -348,6 +370,13 @@ pub struct FeedStatus {
     /// host that does not resolve, pages of the other format).
     #[serde(default)]
     pub hint: Option<String>,
+    /// Every reader of the feed has been at its head once since the daemon started.
+    #[serde(default)]
+    pub reached_head: bool,
+    /// How long the checkpoints have not moved while the head is ahead of them, once it is
+    /// `stall_after` or more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_seconds: Option<u64>,
     pub projections: Vec<ProjectionStatus>,
 }
 
@@ -364,6 +393,10 @@ pub struct ProjectionStatus {
     /// The offset of the next event this projection applies (= events applied or passed).
     pub checkpoint: u64,
     pub lag: Option<u64>,
+    /// How old the last event it applied is (now minus the event's `created`), 0 at the head;
+    /// None where the feed gives no time it can read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
     /// The poison event and error that halted it, when it is halted.
     pub halted: Option<String>,
     /// Events it applied since the daemon started.
@@ -519,6 +552,8 @@ mod tests {
                 retries: 0,
                 last_error: None,
                 hint: None,
+                reached_head: false,
+                stalled_seconds: None,
                 projections: Vec::new(),
             }],
             slow_batch: Some(slow),

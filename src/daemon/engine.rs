@@ -222,6 +222,7 @@ impl Readers {
         carried: Option<&(url::Url, Arc<FeedMonitor>)>,
     ) -> anyhow::Result<FeedRuntime> {
         let monitor = Arc::new(FeedMonitor::new(feed.name(), points));
+        monitor.set_stall_after(feed.stall_after.0);
         if let Some((url, previous)) = carried {
             monitor.carry_over(previous, *url == feed.url.0);
         }

@@ -44,10 +44,27 @@ pub async fn run(
     for setting in crate::feed::http::proxy::unusable_settings(|name| std::env::var(name).ok()) {
         tracing::warn!("{setting}");
     }
+    let metrics_listener = match &config.daemon.metrics_listen {
+        Some(address) => Some(crate::metrics::server::bind(address.get_ref()).await?),
+        None => None,
+    };
     let engine = Engine::start(&config, projections.clone(), &CarriedMonitors::new()).await?;
     let mut supervisor = Supervisor::new(config, projections, engine);
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));
+    if let Some(listener) = metrics_listener {
+        let address = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(address, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(crate::metrics::server::serve(
+            listener,
+            inbox.handle(),
+            supervisor.config.daemon.stuck_after.0,
+            stop_serving.clone(),
+        ));
+    }
     tracing::info!(
         database = %supervisor.config.daemon.database.display(),
         socket = %socket_path.display(),

@@ -42,6 +42,8 @@ pub(super) struct Supervisor {
     progress_logged: Instant,
     /// A stop was asked for: the batches in flight are finishing.
     stopping: bool,
+    /// The feeds said to be stalled, so that the log says it once.
+    stalled: std::collections::BTreeSet<String>,
 }
 
 impl Supervisor {
@@ -60,6 +62,7 @@ impl Supervisor {
             slow_batch_warned: None,
             progress_logged: Instant::now(),
             stopping: false,
+            stalled: std::collections::BTreeSet::new(),
         }
     }
 
@@ -91,6 +94,7 @@ impl Supervisor {
                 _ = refresh.tick() => {
                     self.warn_of_a_slow_batch();
                     self.log_progress();
+                    self.log_stalls();
                     if let Some(interval) = watchdog {
                         if self.engine.as_ref().is_some_and(|e| e.is_healthy(interval)) {
                             crate::notify::watchdog();
@@ -166,6 +170,26 @@ impl Supervisor {
                     feed = %feed.name,
                     "catching up: at offset {at}, the head is past {head} (still being found), {rate:.0} events/s"
                 );
+            }
+        }
+    }
+
+    /// Says in the log when a feed becomes stalled, once, and when it moves again.
+    fn log_stalls(&mut self) {
+        for feed in self.status().feeds {
+            let stalled = feed.state == FeedState::Stalled;
+            if stalled && self.stalled.insert(feed.name.clone()) {
+                let last_error = feed.last_error.as_ref().map_or(String::new(), |e| {
+                    format!("; the last error: {}", e.message)
+                });
+                tracing::warn!(
+                    feed = %feed.name,
+                    "stalled: the checkpoints have not moved for {}s while the head is {} events ahead{last_error}",
+                    feed.stalled_seconds.unwrap_or_default(),
+                    feed.lag.unwrap_or_default()
+                );
+            } else if !stalled && self.stalled.remove(&feed.name) {
+                tracing::info!(feed = %feed.name, "no longer stalled");
             }
         }
     }

@@ -68,6 +68,21 @@ pub enum FetchErrorKind {
 }
 
 impl FetchErrorKind {
+    /// A short name of the failure, for the requests metric's `outcome` label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FetchErrorKind::Connect(_) => "connect",
+            FetchErrorKind::Status { .. } => "status",
+            FetchErrorKind::Transfer(_) => "transfer",
+            FetchErrorKind::TooLarge(_) => "too_large",
+            FetchErrorKind::Unreadable(_) => "unreadable",
+            FetchErrorKind::Refused(_) => "refused",
+            FetchErrorKind::OtherFormat { .. } => "other_format",
+            FetchErrorKind::Shrunk { .. } => "shrunk",
+            FetchErrorKind::Rewritten { .. } => "rewritten",
+        }
+    }
+
     /// Whether reading goes on by retrying; false when an operator must decide.
     pub fn is_retried(&self) -> bool {
         !matches!(self, FetchErrorKind::Rewritten { .. })

@@ -53,6 +53,8 @@ impl Http {
 /// A client for one feed; cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct FeedClient {
+    /// The feed's name, for the metrics.
+    name: Arc<str>,
     http: Http,
     /// Without its user and password.
     feed_url: Url,
@@ -87,6 +89,7 @@ impl FeedClient {
             let reqwest = http::reqwest_client::ReqwestClient::new(settings)
                 .map_err(|err| ConfigError::new(source.locate(&feed.name), err))?;
             return Ok(FeedClient {
+                name: feed.name().into(),
                 http: Http::Reqwest(reqwest),
                 feed_url,
                 format: feed.format,
@@ -95,6 +98,7 @@ impl FeedClient {
         }
         let http = Http::Hyper(HttpClient::new(settings, access.clone(), tls));
         Ok(FeedClient {
+            name: feed.name().into(),
             http,
             feed_url,
             format: feed.format,
@@ -116,6 +120,19 @@ impl FeedClient {
 
     /// The page of entries starting at `offset`; empty at the head of the feed.
     pub async fn fetch_page(&self, offset: u64) -> Result<Page, FetchError> {
+        let started = std::time::Instant::now();
+        let page = self.fetch_page_uncounted(offset).await;
+        let failure = page.as_ref().err().map(|err| &err.kind);
+        crate::metrics::metrics().request(
+            &self.name,
+            "page",
+            started.elapsed().as_secs_f64(),
+            failure,
+        );
+        page
+    }
+
+    async fn fetch_page_uncounted(&self, offset: u64) -> Result<Page, FetchError> {
         let mut url = self.feed_url.clone();
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
@@ -152,6 +169,23 @@ impl FeedClient {
 
     /// The payload of an entry whose body is `At(url)`, and the size of the body in bytes.
     pub async fn fetch_body(
+        &self,
+        entry: &PageEntry,
+        url: &Uri,
+    ) -> Result<(Payload, usize), FetchError> {
+        let started = std::time::Instant::now();
+        let body = self.fetch_body_uncounted(entry, url).await;
+        let failure = body.as_ref().err().map(|err| &err.kind);
+        crate::metrics::metrics().request(
+            &self.name,
+            "body",
+            started.elapsed().as_secs_f64(),
+            failure,
+        );
+        body
+    }
+
+    async fn fetch_body_uncounted(
         &self,
         entry: &PageEntry,
         url: &Uri,

@@ -86,6 +86,13 @@ struct Progress {
     /// The last batch was refused by the database; the next commit clears it.
     commit_failing: bool,
     last_error: Option<(String, SystemTime)>,
+    /// Every reader has been at the head at once, since start.
+    reached_head: bool,
+    /// When a checkpoint last moved (or the monitor started).
+    moved_at: Option<Instant>,
+    /// How long the checkpoints may stand still while the head is ahead before the feed is
+    /// `stalled`.
+    stall_after: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +104,8 @@ struct ProjectionProgress {
     applied: u64,
     dead_letters: u64,
     last_applied_at: Option<SystemTime>,
+    /// The `created` time of the last event it went past, where the feed gives one it reads.
+    last_created: Option<SystemTime>,
 }
 
 /// A run of failed requests, logged when it starts and when it ends rather than per retry.
@@ -129,6 +138,7 @@ impl FeedMonitor {
                 .unwrap_or(0),
             // The baseline of the rate, so that the first batch counts in it.
             samples: [(Instant::now(), 0)].into(),
+            moved_at: Some(Instant::now()),
             ..Progress::default()
         };
         FeedMonitor {
@@ -155,6 +165,7 @@ impl FeedMonitor {
                 }
             }
             if same_feed {
+                p.reached_head = old.reached_head;
                 p.head = old.head;
                 p.head_exact = old.head_exact;
                 p.read_up_to = p.read_up_to.max(old.read_up_to);
@@ -177,10 +188,24 @@ impl FeedMonitor {
             .send_if_modified(|p| match p.readers.get_mut(reader) {
                 Some(current) if *current != phase => {
                     *current = phase;
+                    if p.readers
+                        .iter()
+                        .all(|r| *r == ReaderPhase::Live || r.is_parked())
+                        && p.readers.contains(&ReaderPhase::Live)
+                    {
+                        p.reached_head = true;
+                    }
                     true
                 }
                 _ => false,
             });
+    }
+
+    /// Sets how long the checkpoints may stand still, the head ahead, before the feed is
+    /// `stalled` (`stall_after`).
+    pub fn set_stall_after(&self, stall_after: Duration) {
+        self.progress
+            .send_modify(|p| p.stall_after = Some(stall_after));
     }
 
     /// Waits until no reader and no head probe makes requests or writes any more.
@@ -249,11 +274,19 @@ impl FeedMonitor {
     pub fn committed(&self, outcome: &BatchOutcome) {
         let now = Instant::now();
         let wall = SystemTime::now();
+        let metrics = crate::metrics::metrics();
         self.progress.send_modify(|p| {
             p.commit_failing = false;
             let range = &outcome.offsets;
             let first_new = range.start.max(p.read_up_to);
-            p.events_read += range.end.saturating_sub(first_new);
+            let read = range.end.saturating_sub(first_new);
+            p.events_read += read;
+            metrics
+                .events_read
+                .get_or_create(&crate::metrics::FeedLabels {
+                    feed: self.feed.clone(),
+                })
+                .inc_by(read);
             p.read_up_to = p.read_up_to.max(range.end);
             p.events_seen += range.end - range.start;
             p.samples.push_back((now, p.events_seen));
@@ -265,12 +298,32 @@ impl FeedMonitor {
                 p.samples.pop_front();
             }
             for done in &outcome.projections {
+                let labels = crate::metrics::ProjectionLabels {
+                    feed: self.feed.clone(),
+                    projection: done.projection.clone(),
+                };
+                metrics
+                    .events_applied
+                    .get_or_create(&labels)
+                    .inc_by(done.applied as u64);
+                if done.dead_lettered > 0 {
+                    metrics
+                        .dead_letters
+                        .get_or_create(&labels)
+                        .inc_by(done.dead_lettered as u64);
+                }
                 if let Some(projection) = p.projections.get_mut(&done.projection) {
+                    if done.checkpoint.next_offset > projection.next_offset {
+                        p.moved_at = Some(now);
+                    }
                     projection.next_offset = done.checkpoint.next_offset;
                     projection.applied += done.applied as u64;
                     projection.dead_letters += done.dead_lettered as u64;
                     if done.applied > 0 {
                         projection.last_applied_at = Some(wall);
+                    }
+                    if let Some(created) = &done.last_created {
+                        projection.last_created = crate::metrics::created::parse(created);
                     }
                 }
             }
@@ -291,6 +344,7 @@ impl FeedMonitor {
     /// A request failed and will be retried.
     pub fn failed(&self, err: &FetchError) {
         let message = shortened(&err.to_string(), ERROR_SHOWN).into_owned();
+        self.count_retry();
         self.progress.send_modify(|p| {
             p.retries += 1;
             match p.streak.as_mut() {
@@ -317,11 +371,21 @@ impl FeedMonitor {
     /// as the feed's state until a batch commits; the reader logs it and retries.
     pub fn commit_failed(&self, message: String) {
         let message = shortened(&message, ERROR_SHOWN).into_owned();
+        self.count_retry();
         self.progress.send_modify(|p| {
             p.commit_failing = true;
             p.retries += 1;
             p.last_error = Some((message, SystemTime::now()));
         });
+    }
+
+    fn count_retry(&self) {
+        crate::metrics::metrics()
+            .retries
+            .get_or_create(&crate::metrics::FeedLabels {
+                feed: self.feed.clone(),
+            })
+            .inc();
     }
 
     /// Failures so far in the current streak (0 when the feed is healthy).
@@ -353,8 +417,17 @@ impl FeedMonitor {
     /// The feed as `status` shows it; `url` and `paused` are the supervisor's to know.
     pub fn snapshot(&self, url: &str, paused: bool) -> FeedStatus {
         let p = self.progress.borrow();
-        let state = p.state(paused);
+        let mut state = p.state(paused);
         let lag_of = |next_offset: u64| p.head.map(|head| head.saturating_sub(next_offset));
+        let wall = SystemTime::now();
+        // Nothing is late at the head; behind it, as old as the last event applied.
+        let lag_seconds_of = |progress: &ProjectionProgress| match lag_of(progress.next_offset) {
+            Some(0) => Some(0.0),
+            _ => progress.last_created.map(|created| {
+                wall.duration_since(created)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            }),
+        };
         let mut projections: Vec<ProjectionStatus> = p
             .projections
             .iter()
@@ -363,6 +436,7 @@ impl FeedMonitor {
                 name: name.clone(),
                 checkpoint: progress.next_offset,
                 lag: lag_of(progress.next_offset),
+                lag_seconds: lag_seconds_of(progress),
                 halted: progress.halted.clone(),
                 applied: progress.applied,
                 dead_letters: progress.dead_letters,
@@ -393,6 +467,21 @@ impl FeedMonitor {
             .filter(|pr| pr.halted.is_none() && !pr.definition_changed)
             .filter_map(|pr| pr.lag)
             .max();
+        let stalled_for = p.moved_at.map(|at| at.elapsed()).filter(|still| {
+            let running = matches!(
+                state,
+                FeedState::Starting
+                    | FeedState::CatchingUp
+                    | FeedState::Live
+                    | FeedState::BackingOff
+            );
+            running
+                && lag.is_some_and(|lag| lag > 0)
+                && p.stall_after.is_some_and(|after| *still >= after)
+        });
+        if stalled_for.is_some() {
+            state = FeedState::Stalled;
+        }
         let events_per_second = rate(&p.samples, p.events_seen, Instant::now());
         let eta_seconds = match (state, lag) {
             (FeedState::CatchingUp, Some(lag)) if p.head_exact && events_per_second >= 1.0 => {
@@ -418,6 +507,8 @@ impl FeedMonitor {
                 at: humantime::format_rfc3339_seconds(*at).to_string(),
             }),
             hint: p.hints.given.clone(),
+            reached_head: p.reached_head,
+            stalled_seconds: stalled_for.map(|d| d.as_secs()),
             projections,
         }
     }

@@ -35,6 +35,7 @@ fn batch(offsets: std::ops::Range<u64>, projections: &[(&str, usize, usize)]) ->
                 },
                 applied: *applied,
                 dead_lettered: *dead_lettered,
+                last_created: Some("Sun Nov 22 19:04:21 2026".into()),
             })
             .collect(),
         offsets,
@@ -181,4 +182,32 @@ fn rate_covers_the_last_window_and_falls_to_zero_when_idle() {
     assert_eq!(rate(&VecDeque::new(), 0, at(5)), 0.0);
     // Nothing read for a long time: the baseline is the last sample, so the rate is 0.
     assert_eq!(rate(&samples, 3000, at(100)), 0.0);
+}
+
+#[test]
+fn checkpoints_standing_behind_the_head_past_stall_after_are_a_stall_with_a_lag_in_seconds() {
+    let monitor = monitor(&[("a", 0)]);
+    let reader = monitor.add_reader();
+    monitor.set_phase(reader, ReaderPhase::CatchingUp);
+    monitor.committed(&batch(0..10, &[("a", 10, 0)]));
+    monitor.saw_feed_up_to(50);
+    assert_eq!(monitor.snapshot("u", false).state, FeedState::CatchingUp);
+    monitor.set_stall_after(Duration::ZERO);
+    let status = monitor.snapshot("u", false);
+    assert_eq!(status.state, FeedState::Stalled);
+    assert!(status.stalled_seconds.is_some());
+    let lag = status.projections[0].lag_seconds.unwrap_or_default();
+    let created = crate::metrics::created::parse("Sun Nov 22 19:04:21 2026")
+        .and_then(|at| SystemTime::now().duration_since(at).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    assert!((lag - created).abs() < 5.0, "{lag} {created}");
+    // Paused, or at the head, is no stall; nor is it late.
+    assert_eq!(monitor.snapshot("u", true).state, FeedState::Pausing);
+    monitor.committed(&batch(10..50, &[("a", 40, 0)]));
+    let status = monitor.snapshot("u", false);
+    assert_ne!(status.state, FeedState::Stalled);
+    assert_eq!(status.projections[0].lag_seconds, Some(0.0));
+    assert!(!status.reached_head);
+    monitor.set_phase(reader, ReaderPhase::Live);
+    assert!(monitor.snapshot("u", false).reached_head);
 }

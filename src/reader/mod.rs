@@ -70,6 +70,7 @@ pub struct FeedReader {
     shutdown: CancellationToken,
     budget: Arc<Budget>,
     passed_over: u64,
+    passed_over_counter: prometheus_client::metrics::counter::Counter,
     /// Batches committed.
     batches: u64,
     /// The feed's failures counted when the reader last took stock (see `note_recovery`).
@@ -112,6 +113,10 @@ impl FeedReader {
         steering: Steering,
     ) -> FeedReader {
         let reader = steering.monitor.add_reader();
+        let passed_over_counter = crate::metrics::metrics()
+            .events_passed_over
+            .get_or_create(&crate::metrics::FeedLabels { feed: feed.clone() })
+            .clone();
         FeedReader {
             feed,
             client,
@@ -124,6 +129,7 @@ impl FeedReader {
             shutdown: steering.shutdown,
             budget: steering.budget,
             passed_over: 0,
+            passed_over_counter,
             batches: 0,
             failures_seen: 0,
             applied: 0,
@@ -332,6 +338,7 @@ impl FeedReader {
             .any(|m| m.event_types.contains(&event.meta.event_type));
         if !handled && first_new.is_some_and(|first| event.offset >= first) {
             self.passed_over += 1;
+            self.passed_over_counter.inc();
         }
         gathering.push(fetched);
         Ok(())

@@ -152,6 +152,7 @@ impl Writer {
             .collect::<Result<_, _>>()
             .map_err(storage)?;
         let mut checkpoints = committed.clone();
+        let mut last_created: Vec<Option<&str>> = vec![None; members.len()];
         for event in &batch.events {
             for (k, &index) in members.iter().enumerate() {
                 let projection = &self.slots[index].projection;
@@ -179,6 +180,7 @@ impl Writer {
                 }
                 checkpoints[k].next_offset = event.offset + 1;
                 checkpoints[k].last_event_id = Some(event.meta.event_id.clone());
+                last_created[k] = Some(&event.meta.created);
             }
         }
         self.activity.committing();
@@ -206,8 +208,12 @@ impl Writer {
             self.wal.keep_bounded(&self.conn);
         }
 
-        for (((index, checkpoint), halt), (applied, dead_lettered)) in
-            members.into_iter().zip(checkpoints).zip(halts).zip(counts)
+        for ((((index, checkpoint), halt), (applied, dead_lettered)), last_created) in members
+            .into_iter()
+            .zip(checkpoints)
+            .zip(halts)
+            .zip(counts)
+            .zip(last_created)
         {
             let slot = &mut self.slots[index];
             outcome.applied += applied;
@@ -217,6 +223,7 @@ impl Writer {
                 checkpoint,
                 applied,
                 dead_lettered,
+                last_created: last_created.map(str::to_string),
             });
             if let Some(halt) = halt {
                 slot.state = SlotState::Halted;

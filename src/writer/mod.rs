@@ -56,6 +56,9 @@ pub struct ProjectionOutcome {
     pub applied: usize,
     /// Events of this batch it recorded as dead letters (`on_error = "skip"`).
     pub dead_lettered: usize,
+    /// The `created` of the last event this batch moved its checkpoint past, as the feed
+    /// wrote it.
+    pub last_created: Option<String>,
 }
 
 /// A projection stopped at an event it could not apply.

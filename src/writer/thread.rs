@@ -46,6 +46,7 @@ impl Writer {
     fn run_job(&mut self, job: Job) {
         match job {
             Job::Apply { batch, reply } => {
+                let started = Instant::now();
                 // A panicking projection is a bug, but it must not take the other feeds down:
                 // its transaction rolls back as it unwinds, and the batch fails.
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&batch)))
@@ -59,6 +60,13 @@ impl Writer {
                             "a projection panicked: {message}"
                         )))
                     });
+                if result.is_ok() {
+                    crate::metrics::metrics().batch(
+                        &batch.feed,
+                        started.elapsed().as_secs_f64(),
+                        batch.events.len(),
+                    );
+                }
                 if matches!(result, Err(ApplyError::Full(_))) {
                     // The write-ahead log may hold the space the next batch needs.
                     let _ = self.wal.truncate(&self.conn);

@@ -1,0 +1,339 @@
+//! Watched from outside, against the real binary: `/metrics` read by a Prometheus text parser
+//! while a faulty feed is consumed (counters exact against what the feed served), `/readyz`
+//! before and after the head, `/healthz` turning 503 on a stall and on a halt and back to 200
+//! once resolved, and the lag in seconds of a feed that stops answering bodies.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime};
+
+use common::{poison_first_credit, projector, wait_for, wait_for_log, Daemon, Harness};
+use projector::demo::bank::{self, CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED};
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+use projector::demo::faults::{Fault, Target};
+
+const BOTH: &[&str] = &["account_balances", "account_ledger"];
+
+/// The address the daemon serves metrics on, from its log.
+async fn metrics_address(daemon: &mut Daemon) -> String {
+    wait_for_log(daemon, "serving /metrics").await;
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("serving /metrics"))
+        .unwrap_or_default();
+    line.split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .trim_matches('"')
+        .to_string()
+}
+
+/// GET `path`: the status code and the body.
+fn get(address: &str, path: &str) -> (u16, String) {
+    let mut stream =
+        std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("{address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// `/metrics`, parsed as Prometheus parses it: value by name and sorted labels.
+fn scrape(address: &str) -> BTreeMap<String, f64> {
+    let (code, body) = get(address, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|line| Ok(line.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}: {body}"));
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|sample| {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            labels.sort();
+            Some((format!("{}{{{}}}", sample.metric, labels.join(",")), value))
+        })
+        .collect()
+}
+
+fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {:#?}", samples.keys().collect::<Vec<_>>()))
+}
+
+/// The sum of the samples of `metric` whose labels include every one of `labels`.
+fn sum(samples: &BTreeMap<String, f64>, metric: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(key, _)| {
+            key.starts_with(&format!("{metric}{{"))
+                && labels.iter().all(|label| key.contains(label))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn config_with_metrics(harness: &Harness, projections: &str, feed_extra: &str) {
+    harness.write_config_with_daemon(
+        &harness.server.url(),
+        projections,
+        feed_extra,
+        "metrics_listen = \"127.0.0.1:0\"\n",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_counters_are_exact_against_what_a_faulty_feed_served() {
+    let events = bank::generate(40, 3000);
+    let harness = Harness::new(events.clone()).await;
+    config_with_metrics(&harness, BOTH_PROJECTIONS, "");
+    harness.server.set_delay(Duration::from_millis(5));
+    let mut daemon = harness.spawn();
+    let address = metrics_address(&mut daemon).await;
+    let (code, body) = get(&address, "/readyz");
+    assert_eq!(code, 503, "ready before the head: {body}");
+    assert!(body.contains("has not reached its head"), "{body}");
+    harness.server.set_delay(Duration::ZERO);
+    harness.server.random_faults(40, 0.05);
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 3000).await;
+    wait_for(&mut daemon, "readiness", || {
+        get(&address, "/readyz").0 == 200
+    })
+    .await;
+    let (code, body) = get(&address, "/healthz");
+    assert_eq!(code, 200, "{body}");
+
+    // Paused, the daemon has no request in flight: what it counted is what the feed served.
+    let output = harness.ctl(&["pause"]);
+    assert!(output.status.success());
+    let samples = scrape(&address);
+    let count = |types: &[&str]| {
+        events
+            .iter()
+            .filter(|e| types.contains(&e.event_type.as_str()))
+            .count() as f64
+    };
+    let handled = count(&[CREATED, CREDITED, DEBITED]);
+    assert_eq!(
+        value(&samples, "projector_events_read_total{feed=bank}"),
+        3000.0
+    );
+    for projection in BOTH {
+        assert_eq!(
+            value(
+                &samples,
+                &format!("projector_events_applied_total{{feed=bank,projection={projection}}}")
+            ),
+            handled
+        );
+        assert_eq!(
+            value(
+                &samples,
+                &format!("projector_checkpoint_offset{{feed=bank,projection={projection}}}")
+            ),
+            3000.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                &format!("projector_lag_events{{feed=bank,projection={projection}}}")
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                &format!("projector_lag_seconds{{feed=bank,projection={projection}}}")
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        value(&samples, "projector_events_passed_over_total{feed=bank}"),
+        count(&[STATEMENT_REQUESTED])
+    );
+    let served_bodies: u64 = [CREATED, CREDITED, DEBITED, STATEMENT_REQUESTED]
+        .iter()
+        .map(|t| harness.server.body_requests(t))
+        .sum();
+    assert_eq!(
+        sum(&samples, "projector_requests_total", &["kind=page"]),
+        harness.server.page_requests() as f64
+    );
+    assert_eq!(
+        sum(&samples, "projector_requests_total", &["kind=body"]),
+        served_bodies as f64
+    );
+    let failed = sum(&samples, "projector_requests_total", &[])
+        - sum(&samples, "projector_requests_total", &["outcome=ok"]);
+    assert!(harness.server.faults_injected() > 0);
+    assert_eq!(failed, harness.server.faults_injected() as f64);
+    assert_eq!(
+        value(&samples, "projector_retries_total{feed=bank}"),
+        failed
+    );
+    assert_eq!(
+        value(&samples, "projector_feed_state{feed=bank,state=paused}"),
+        1.0
+    );
+    assert_eq!(value(&samples, "projector_paused{feed=bank}"), 1.0);
+    assert_eq!(sum(&samples, "projector_feed_state", &[]), 1.0);
+    assert!(sum(&samples, "projector_batch_events_count", &[]) >= 1.0);
+    assert_eq!(sum(&samples, "projector_batch_events_sum", &[]), 3000.0);
+    assert!(value(&samples, "process_resident_memory_bytes{}") > 1e6);
+    assert!(value(&samples, "process_start_time_seconds{}") > 1.7e9);
+    let (code, _) = get(&address, "/nothing");
+    assert_eq!(code, 404);
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_turns_503_on_a_stall_and_a_halt_and_back_once_resolved() {
+    let all = bank::generate(41, 1400);
+    let harness = Harness::new(all[..1000].to_vec()).await;
+    config_with_metrics(&harness, BOTH_PROJECTIONS, "stall_after = \"1s\"\n");
+    let mut daemon = harness.spawn();
+    let address = metrics_address(&mut daemon).await;
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;
+    assert_eq!(get(&address, "/healthz").0, 200);
+
+    // The feed stops answering bodies: the checkpoints stand still behind the head.
+    harness
+        .server
+        .inject(Target::Bodies, Fault::Status(500), 1_000_000);
+    harness.server.append(all[1000..1200].to_vec());
+    wait_for(&mut daemon, "the stall", || {
+        get(&address, "/healthz").0 == 503
+    })
+    .await;
+    let (_, body) = get(&address, "/healthz");
+    assert!(body.contains("feed bank is stalled"), "{body}");
+    let samples = scrape(&address);
+    assert_eq!(
+        value(&samples, "projector_feed_state{feed=bank,state=stalled}"),
+        1.0
+    );
+    let lag = value(
+        &samples,
+        "projector_lag_seconds{feed=bank,projection=account_balances}",
+    );
+    // Entries of a type no projection applies need no body, so it may stand past 1000.
+    let checkpoint = value(
+        &samples,
+        "projector_checkpoint_offset{feed=bank,projection=account_balances}",
+    ) as usize;
+    assert!((1000..1200).contains(&checkpoint), "{checkpoint}");
+    let created = projector::metrics::created::parse(&all[checkpoint - 1].created)
+        .unwrap_or_else(|| panic!("unreadable created"));
+    let expected = SystemTime::now()
+        .duration_since(created)
+        .unwrap_or_default()
+        .as_secs_f64();
+    assert!(
+        (lag - expected).abs() < 120.0,
+        "lag {lag}s, expected about {expected}s"
+    );
+    let head = value(&samples, "projector_head_offset{feed=bank}");
+    assert!(head > checkpoint as f64, "head {head}");
+    assert_eq!(
+        value(
+            &samples,
+            "projector_lag_events{feed=bank,projection=account_balances}"
+        ),
+        head - checkpoint as f64
+    );
+    let status = harness.feed_status("bank");
+    assert_eq!(status["state"], "stalled", "{status}");
+    wait_for_log(&mut daemon, "stalled: the checkpoints have not moved").await;
+
+    harness.server.clear_faults();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1200).await;
+    wait_for(&mut daemon, "health again", || {
+        get(&address, "/healthz").0 == 200
+    })
+    .await;
+    wait_for_log(&mut daemon, "no longer stalled").await;
+    assert_eq!(
+        daemon
+            .log()
+            .matches("stalled: the checkpoints have not moved")
+            .count(),
+        1
+    );
+
+    // A poison event halts the ledger: unhealthy, until it is skipped.
+    let mut more = all[1200..].to_vec();
+    poison_first_credit(&mut more);
+    harness.server.append(more);
+    wait_for(&mut daemon, "the halt", || {
+        get(&address, "/healthz").0 == 503
+    })
+    .await;
+    let (_, body) = get(&address, "/healthz");
+    assert!(
+        body.contains("projection account_ledger is halted"),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &scrape(&address),
+            "projector_projection_halted{feed=bank,projection=account_ledger}"
+        ),
+        1.0
+    );
+    // The poison halts both shipped projections; each is skipped past it.
+    let config = harness.config_path();
+    for projection in BOTH {
+        let output = projector(&[
+            "skip",
+            projection,
+            "--config",
+            config.to_str().unwrap_or_default(),
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 1400).await;
+    wait_for(&mut daemon, "health after the skip", || {
+        get(&address, "/healthz").0 == 200
+    })
+    .await;
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
