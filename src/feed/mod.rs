@@ -120,15 +120,9 @@ impl FeedClient {
 
     /// The page of entries starting at `offset`; empty at the head of the feed.
     pub async fn fetch_page(&self, offset: u64) -> Result<Page, FetchError> {
-        let started = std::time::Instant::now();
+        let counted = crate::metrics::metrics().request(&self.name, "page");
         let page = self.fetch_page_uncounted(offset).await;
-        let failure = page.as_ref().err().map(|err| &err.kind);
-        crate::metrics::metrics().request(
-            &self.name,
-            "page",
-            started.elapsed().as_secs_f64(),
-            failure,
-        );
+        counted.ended(page.as_ref().err().map(|err| &err.kind));
         page
     }
 
@@ -173,15 +167,9 @@ impl FeedClient {
         entry: &PageEntry,
         url: &Uri,
     ) -> Result<(Payload, usize), FetchError> {
-        let started = std::time::Instant::now();
+        let counted = crate::metrics::metrics().request(&self.name, "body");
         let body = self.fetch_body_uncounted(entry, url).await;
-        let failure = body.as_ref().err().map(|err| &err.kind);
-        crate::metrics::metrics().request(
-            &self.name,
-            "body",
-            started.elapsed().as_secs_f64(),
-            failure,
-        );
+        counted.ended(body.as_ref().err().map(|err| &err.kind));
         body
     }
 

@@ -38,7 +38,8 @@ pub struct RequestLabels {
     /// `page` or `body`.
     pub kind: &'static str,
     /// `ok`, or how it failed: `connect`, `status`, `transfer`, `too_large`, `unreadable`,
-    /// `refused`, `other_format`, `shrunk`, `rewritten`.
+    /// `refused`, `other_format`, `shrunk`, `rewritten`; `cancelled` if it was dropped
+    /// unfinished (a pause, a stop).
     pub outcome: &'static str,
 }
 
@@ -63,6 +64,36 @@ pub struct Metrics {
     registry: Registry,
     /// One scrape at a time sets the gauges and encodes them.
     scrape: std::sync::Mutex<()>,
+}
+
+/// A request to the feed under way, counted when it ends.
+pub struct CountedRequest {
+    metrics: &'static Metrics,
+    feed: String,
+    kind: &'static str,
+    started: std::time::Instant,
+    ended: bool,
+}
+
+impl CountedRequest {
+    /// The request ended: well, or with `failure`.
+    pub fn ended(mut self, failure: Option<&FetchErrorKind>) {
+        self.ended = true;
+        let outcome = failure.map_or("ok", FetchErrorKind::label);
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .count_request(&self.feed, self.kind, seconds, outcome);
+    }
+}
+
+impl Drop for CountedRequest {
+    fn drop(&mut self) {
+        if !self.ended {
+            let seconds = self.started.elapsed().as_secs_f64();
+            self.metrics
+                .count_request(&self.feed, self.kind, seconds, "cancelled");
+        }
+    }
 }
 
 /// The process's metrics: one set, for as long as it runs.
@@ -145,18 +176,19 @@ impl Metrics {
         metrics
     }
 
-    /// Counts a request to the feed that took `seconds`, by how it ended.
-    pub fn request(
-        &self,
-        feed: &str,
-        kind: &'static str,
-        seconds: f64,
-        failure: Option<&FetchErrorKind>,
-    ) {
-        let outcome = match failure {
-            None => "ok",
-            Some(kind) => kind.label(),
-        };
+    /// Counts a request to the feed when it ends, or, dropped before (a pause, a stop), as
+    /// `cancelled`.
+    pub fn request(&'static self, feed: &str, kind: &'static str) -> CountedRequest {
+        CountedRequest {
+            metrics: self,
+            feed: feed.to_string(),
+            kind,
+            started: std::time::Instant::now(),
+            ended: false,
+        }
+    }
+
+    fn count_request(&self, feed: &str, kind: &'static str, seconds: f64, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
                 feed: feed.to_string(),

@@ -1,4 +1,5 @@
-//! `[daemon] metrics_listen`: `GET /metrics` in the Prometheus text format, `GET /healthz` and
+//! `[daemon] metrics_listen`: `GET /metrics` in the OpenMetrics text format (which Prometheus
+//! reads), `GET /healthz` and
 //! `GET /readyz` (200, or 503 with a JSON body naming the reasons). Each answer asks the daemon
 //! for its status through the same handle as the control socket.
 
@@ -89,7 +90,9 @@ async fn answer<B>(
             let mut response = plain(StatusCode::OK, super::metrics().render(&status));
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             response
         }

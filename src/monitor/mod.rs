@@ -237,6 +237,7 @@ impl FeedMonitor {
             if p.head.is_some_and(|head| head >= end) {
                 return false;
             }
+            p.note_head_moving(end);
             p.head = Some(end);
             p.head_exact = false;
             true
@@ -264,6 +265,7 @@ impl FeedMonitor {
             if p.head.is_some_and(|seen| seen > head) {
                 return false;
             }
+            p.note_head_moving(head);
             p.head = Some(head);
             p.head_exact = true;
             true
@@ -306,12 +308,11 @@ impl FeedMonitor {
                     .events_applied
                     .get_or_create(&labels)
                     .inc_by(done.applied as u64);
-                if done.dead_lettered > 0 {
-                    metrics
-                        .dead_letters
-                        .get_or_create(&labels)
-                        .inc_by(done.dead_lettered as u64);
-                }
+                // Created at 0 too, so that a rate over it starts from the beginning.
+                metrics
+                    .dead_letters
+                    .get_or_create(&labels)
+                    .inc_by(done.dead_lettered as u64);
                 if let Some(projection) = p.projections.get_mut(&done.projection) {
                     if done.checkpoint.next_offset > projection.next_offset {
                         p.moved_at = Some(now);
@@ -515,6 +516,22 @@ impl FeedMonitor {
 }
 
 impl Progress {
+    /// The head moves to `head`: if the projections were all at the old one, the time they
+    /// stand still behind the head starts now, not at their last move.
+    fn note_head_moving(&mut self, head: u64) {
+        let caught_up = match self.head {
+            None => true,
+            Some(old) => self
+                .projections
+                .values()
+                .filter(|p| p.halted.is_none() && !p.frozen)
+                .all(|p| p.next_offset >= old),
+        };
+        if caught_up && self.head.is_none_or(|old| head > old) {
+            self.moved_at = Some(Instant::now());
+        }
+    }
+
     fn state(&self, paused: bool) -> FeedState {
         let readers = &self.readers;
         if readers.is_empty() {
