@@ -414,3 +414,58 @@ async fn health_turns_503_on_a_stall_and_a_halt_and_back_once_resolved() {
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_figures_are_pushed_to_graphite_in_its_plaintext_protocol() {
+    let events = bank::generate(42, 300);
+    let harness = Harness::new(events.clone()).await;
+    let graphite = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let address = graphite.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    harness.write_config_with_daemon(
+        &harness.server.url(),
+        BOTH_PROJECTIONS,
+        "",
+        &format!(
+            "[daemon.graphite]\naddress = \"{address}\"\nprefix = \"test\"\ninterval = \"50ms\"\n"
+        ),
+    );
+    let received = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let into = received.clone();
+    std::thread::spawn(move || {
+        for stream in graphite.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text);
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&text);
+        }
+    });
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
+    let wanted = "test.bank.account_balances.checkpoint_offset 300 ";
+    wait_for(&mut daemon, "the pushed checkpoint", || {
+        received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(wanted)
+    })
+    .await;
+    let text = received.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let line = text
+        .lines()
+        .rev()
+        .find(|line| line.starts_with(wanted))
+        .unwrap_or_default();
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    let at: u64 = fields[2].parse().unwrap_or_else(|e| panic!("{e}: {line}"));
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    assert!(now.abs_diff(at) < 60, "{line}");
+    assert!(text.contains("test.bank.events_read 300 "), "{text}");
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}

@@ -51,6 +51,22 @@ pub struct DaemonConfig {
     /// `/healthz` answers 503 once the writer has been on one batch this long.
     #[serde(default = "defaults::stuck_after")]
     pub stuck_after: Interval,
+    /// Push the figures to Graphite too (`[daemon.graphite]`). Off by default.
+    #[serde(default)]
+    pub graphite: Option<GraphiteConfig>,
+}
+
+/// `[daemon.graphite]`: where and how often the figures are pushed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphiteConfig {
+    /// Graphite's plaintext listener, `host:port` (usually port 2003).
+    pub address: String,
+    /// The first component of every path.
+    #[serde(default = "defaults::graphite_prefix")]
+    pub prefix: String,
+    #[serde(default = "defaults::graphite_interval")]
+    pub interval: Interval,
 }
 
 impl DaemonConfig {
@@ -287,6 +303,14 @@ mod defaults {
 
     pub fn stall_after() -> Interval {
         Interval(Duration::from_secs(5 * 60))
+    }
+
+    pub fn graphite_prefix() -> String {
+        "projector".into()
+    }
+
+    pub fn graphite_interval() -> Interval {
+        Interval(Duration::from_secs(10))
     }
 
     /// Longer than any batch should take, shorter than a systemd watchdog would wait.

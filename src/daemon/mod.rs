@@ -52,6 +52,16 @@ pub async fn run(
     let mut supervisor = Supervisor::new(config, projections, engine);
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));
+    if let Some(graphite) = supervisor.config.daemon.graphite.clone() {
+        tracing::info!(address = %graphite.address, "pushing to graphite every {}", humantime::format_duration(graphite.interval.0));
+        tokio::spawn(crate::metrics::graphite::push(
+            graphite.address,
+            graphite.prefix,
+            graphite.interval.0,
+            inbox.handle(),
+            stop_serving.clone(),
+        ));
+    }
     if let Some(listener) = metrics_listener {
         let address = listener
             .local_addr()

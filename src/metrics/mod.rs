@@ -5,6 +5,7 @@
 
 pub mod created;
 mod gauges;
+pub mod graphite;
 pub mod health;
 mod process;
 pub mod server;
