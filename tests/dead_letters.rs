@@ -5,45 +5,19 @@
 
 mod common;
 
-use common::{poison_first_credit, projector, wait_for, Harness};
+use common::{output_text, poison_first_credit, projector, wait_for, Harness};
 use projector::demo::bank::{self, CREDITED};
 use projector::demo::feed_server::StoredEvent;
-
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// `projector <args> --config <harness config>`.
-fn run(harness: &Harness, args: &[&str]) -> std::process::Output {
-    let config = harness.config_path();
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--config", config.to_str().unwrap_or_default()]);
-    projector(&all)
-}
 
 fn letters(harness: &Harness, args: &[&str]) -> Vec<serde_json::Value> {
     let mut all = vec!["dead-letters", "list", "--json"];
     all.extend_from_slice(args);
-    let output = run(harness, &all);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&all);
+    assert!(output.status.success(), "{}", output_text(&output));
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
         .collect()
-}
-
-fn projection(harness: &Harness, name: &str) -> serde_json::Value {
-    let output = run(harness, &["projections", "--json"]);
-    assert!(output.status.success(), "{}", text(&output));
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .into_iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("no projection {name}"))
 }
 
 /// A copy of `event` under a new id.
@@ -98,17 +72,21 @@ async fn dead_letters_are_listed_shown_retried_late_and_discarded() {
         waiting[0].get("payload").is_none(),
         "list leaves payloads to show"
     );
-    assert_eq!(projection(&harness, "account_balances")["dead_letters"], 2);
+    assert_eq!(harness.projection("account_balances")["dead_letters"], 2);
     let early = waiting[0]["id"].to_string();
     let hopeless = waiting[1]["id"].to_string();
-    let output = run(&harness, &["dead-letters", "show", &early]);
-    assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains(&credit.body), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "show", &early]);
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains(&credit.body),
+        "{}",
+        output_text(&output)
+    );
 
     // The account exists now: the early credit applies when retried, while the daemon runs.
     // A sum commutes, so applied late it gives the balance it would have given in order.
-    let output = run(&harness, &["dead-letters", "retry", &early]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "retry", &early]);
+    assert!(output.status.success(), "{}", output_text(&output));
     let mut expected = bank::expected_balances(&events);
     expected.remove("nobody");
     let account = body_field(&credit, "account_id")
@@ -119,12 +97,16 @@ async fn dead_letters_are_listed_shown_retried_late_and_discarded() {
     assert_eq!(harness.balances(), expected);
 
     // The hopeless one fails again, keeps waiting with its error, and is then discarded.
-    let output = run(&harness, &["dead-letters", "retry", "--all"]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(text(&output).contains("still fails"), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "retry", "--all"]);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("still fails"),
+        "{}",
+        output_text(&output)
+    );
     assert_eq!(letters(&harness, &[]).len(), 1);
-    let output = run(&harness, &["dead-letters", "discard", &hopeless]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "discard", &hopeless]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(letters(&harness, &[]).is_empty());
     let all = letters(&harness, &["--all"]);
     let resolutions: Vec<&str> = all
@@ -133,15 +115,15 @@ async fn dead_letters_are_listed_shown_retried_late_and_discarded() {
         .collect();
     assert_eq!(resolutions, ["retried", "discarded"]);
     assert!(all.iter().all(|l| l["resolved_at"].is_string()));
-    let output = run(&harness, &["dead-letters", "discard", &hopeless]);
+    let output = harness.run(&["dead-letters", "discard", &hopeless]);
     assert!(!output.status.success());
     assert!(
-        text(&output).contains("discarded already"),
+        output_text(&output).contains("discarded already"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
-    let output = run(&harness, &["dead-letters", "show", "999"]);
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "show", "999"]);
+    assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
     assert_eq!(harness.balances(), expected);
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
@@ -164,10 +146,10 @@ async fn a_halted_projection_is_resumed_once_its_feed_is_repaired_and_skipped_pa
     harness.write_config(&harness.server.url(), LEDGER_ONLY, "");
     let mut daemon = harness.spawn_running().await;
     wait_for(&mut daemon, "the ledger to halt", || {
-        projection(&harness, "account_ledger")["state"] == "halted"
+        harness.projection("account_ledger")["state"] == "halted"
     })
     .await;
-    let view = projection(&harness, "account_ledger");
+    let view = harness.projection("account_ledger");
     assert_eq!(view["halted"]["offset"], poison, "{view}");
     assert_eq!(
         view["halted"]["event_id"],
@@ -180,27 +162,31 @@ async fn a_halted_projection_is_resumed_once_its_feed_is_repaired_and_skipped_pa
     // The feed is repaired at the source (same event id, a good payload); resume retries.
     harness.server.replace(repaired.clone());
     let output = harness.ctl(&["resume"]);
-    assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("retrying"), "{}", text(&output));
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("retrying"),
+        "{}",
+        output_text(&output)
+    );
     harness
         .wait_for_checkpoints(&mut daemon, &["account_ledger"], 1000)
         .await;
-    assert_eq!(projection(&harness, "account_ledger")["state"], "running");
+    assert_eq!(harness.projection("account_ledger")["state"], "running");
 
     // A poison that will never be repaired: skipped into the dead letters, and on it goes.
     let mut poisoned_more = all[1000..].to_vec();
     let second = poison_first_credit(&mut poisoned_more);
     harness.server.append(poisoned_more.clone());
     wait_for(&mut daemon, "the ledger to halt again", || {
-        projection(&harness, "account_ledger")["state"] == "halted"
+        harness.projection("account_ledger")["state"] == "halted"
     })
     .await;
-    let output = run(&harness, &["skip", "account_ledger"]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["skip", "account_ledger"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(
-        text(&output).contains("moved into the dead letters"),
+        output_text(&output).contains("moved into the dead letters"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     harness
         .wait_for_checkpoints(&mut daemon, &["account_ledger"], 1300)
@@ -218,9 +204,13 @@ async fn a_halted_projection_is_resumed_once_its_feed_is_repaired_and_skipped_pa
         harness.count("SELECT count(*) FROM account_ledger_entries"),
         common::credits_and_debits(&applied)
     );
-    let output = run(&harness, &["skip", "account_ledger"]);
+    let output = harness.run(&["skip", "account_ledger"]);
     assert!(!output.status.success());
-    assert!(text(&output).contains("not halted"), "{}", text(&output));
+    assert!(
+        output_text(&output).contains("not halted"),
+        "{}",
+        output_text(&output)
+    );
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 }
@@ -310,9 +300,13 @@ on_error = "park"
 
     // A later one waits for the first.
     let second = parked[1]["id"].to_string();
-    let output = run(&harness, &["dead-letters", "retry", &second]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(text(&output).contains("holds"), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "retry", &second]);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("holds"),
+        "{}",
+        output_text(&output)
+    );
 
     // The bug is fixed, keeping the version (the tables need no rebuild); retrying the first
     // releases the rest in order, while the daemon runs.
@@ -322,12 +316,12 @@ on_error = "park"
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let first = parked[0]["id"].to_string();
-    let output = run(&harness, &["dead-letters", "retry", &first]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["dead-letters", "retry", &first]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(
-        text(&output).contains(&format!("releasing {} parked after it", held.len() - 1)),
+        output_text(&output).contains(&format!("releasing {} parked after it", held.len() - 1)),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     assert_eq!(harness.balances(), expected);
     assert!(letters(&harness, &[]).is_empty());
@@ -356,11 +350,12 @@ fn park_on_a_flux_feed_is_refused_at_the_projection() {
     );
     toml.write(&config).unwrap_or_else(|e| panic!("{e}"));
     let output = projector(&["check", "--config", config.to_str().unwrap_or_default()]);
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
     assert!(
-        text(&output).contains("on_error = \"park\"") && text(&output).contains("Flux"),
+        output_text(&output).contains("on_error = \"park\"")
+            && output_text(&output).contains("Flux"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
 }
 
@@ -376,13 +371,17 @@ async fn reset_moves_a_checkpoint_with_confirmation_alone_or_through_the_daemon(
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 
-    let output = run(&harness, &["reset", "account_ledger", "--to", "0"]);
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
-    assert!(text(&output).contains("--yes"), "{}", text(&output));
+    let output = harness.run(&["reset", "account_ledger", "--to", "0"]);
+    assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("--yes"),
+        "{}",
+        output_text(&output)
+    );
     assert_eq!(harness.checkpoints()["account_ledger"], 500);
 
-    let output = run(&harness, &["reset", "account_ledger", "--to", "0", "--yes"]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["reset", "account_ledger", "--to", "0", "--yes"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert_eq!(harness.checkpoints()["account_ledger"], 0);
     // What reset does not undo: the ledger's rows are there, so replaying its first event
     // conflicts with them and halts it.
@@ -390,22 +389,19 @@ async fn reset_moves_a_checkpoint_with_confirmation_alone_or_through_the_daemon(
     wait_for(
         &mut daemon,
         "the replay to halt on the rows it did not undo",
-        || projection(&harness, "account_ledger")["state"] == "halted",
+        || harness.projection("account_ledger")["state"] == "halted",
     )
     .await;
-    let output = run(
-        &harness,
-        &["reset", "account_ledger", "--to", "500", "--yes"],
-    );
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["reset", "account_ledger", "--to", "500", "--yes"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(
-        text(&output).contains("from offset 0 to 500"),
+        output_text(&output).contains("from offset 0 to 500"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     assert_eq!(harness.checkpoints()["account_ledger"], 500);
     wait_for(&mut daemon, "the ledger to run again", || {
-        projection(&harness, "account_ledger")["state"] == "running"
+        harness.projection("account_ledger")["state"] == "running"
     })
     .await;
     assert_eq!(
@@ -429,49 +425,40 @@ async fn query_prints_csv_with_named_parameters_bound() {
         .next()
         .unwrap_or_else(|| panic!("no account"));
     let param = format!("account={account}");
-    let output = run(
-        &harness,
-        &[
-            "query",
-            "SELECT account_id, balance FROM account_balances WHERE account_id = :account",
-            "--param",
-            &param,
-            "--format",
-            "csv",
-        ],
-    );
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&[
+        "query",
+        "SELECT account_id, balance FROM account_balances WHERE account_id = :account",
+        "--param",
+        &param,
+        "--format",
+        "csv",
+    ]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         format!("account_id,balance\n{account},{balance}\n")
     );
-    let output = run(
-        &harness,
-        &[
-            "query",
-            "SELECT 'a,\"b\"' AS text, :n + 1 AS n, NULL AS missing",
-            "--param",
-            "n=41",
-            "--format",
-            "csv",
-        ],
-    );
+    let output = harness.run(&[
+        "query",
+        "SELECT 'a,\"b\"' AS text, :n + 1 AS n, NULL AS missing",
+        "--param",
+        "n=41",
+        "--format",
+        "csv",
+    ]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         "text,n,missing\n\"a,\"\"b\"\"\",42,\n"
     );
     // A value is bound, never pasted into the SQL.
-    let output = run(
-        &harness,
-        &[
-            "query",
-            "SELECT count(*) AS n FROM account_balances WHERE account_id = :account",
-            "--param",
-            "account=' OR 1=1 --",
-            "--format",
-            "json",
-        ],
-    );
+    let output = harness.run(&[
+        "query",
+        "SELECT count(*) AS n FROM account_balances WHERE account_id = :account",
+        "--param",
+        "account=' OR 1=1 --",
+        "--format",
+        "json",
+    ]);
     assert_eq!(String::from_utf8_lossy(&output.stdout), "{\"n\":0}\n");
     for (params, says) in [
         (&["--param", "nope=1"][..], "no parameter :nope"),
@@ -483,9 +470,13 @@ async fn query_prints_csv_with_named_parameters_bound() {
             "SELECT * FROM account_balances WHERE account_id = :account",
         ];
         args.extend_from_slice(params);
-        let output = run(&harness, &args);
-        assert_eq!(output.status.code(), Some(2), "{}", text(&output));
-        assert!(text(&output).contains(says), "{says}: {}", text(&output));
+        let output = harness.run(&args);
+        assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
+        assert!(
+            output_text(&output).contains(says),
+            "{says}: {}",
+            output_text(&output)
+        );
     }
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");

@@ -292,6 +292,13 @@ async fn the_counters_are_exact_against_what_a_faulty_feed_served() {
     assert!(value(&samples, "process_start_time_seconds{}") > 1.7e9);
     let (code, _) = get(&address, "/nothing");
     assert_eq!(code, 404);
+    // A reload keeps the counters.
+    let output = harness.ctl(&["reload"]);
+    assert!(output.status.success());
+    assert_eq!(
+        value(&scrape(&address), "projector_events_read_total{feed=bank}"),
+        3000.0
+    );
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 }

@@ -9,43 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{projector, wait_for, wait_for_log, Harness};
+use common::{output_text, wait_for, wait_for_log, Harness};
 use projector::demo::bank;
 use projector::demo::feed_server::StoredEvent;
 
 const BOTH: &[&str] = &["account_balances", "account_ledger"];
-
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// `projector <command> --config <harness config> <args>`.
-fn run(harness: &Harness, command: &str, args: &[&str]) -> std::process::Output {
-    let config = harness.config_path();
-    let mut all = vec![command];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--config", config.to_str().unwrap_or_default()]);
-    projector(&all)
-}
-
-/// `projector projections --json`, as a list of objects.
-fn projections(harness: &Harness) -> Vec<serde_json::Value> {
-    let output = run(harness, "projections", &["--json"]);
-    assert!(output.status.success(), "{}", text(&output));
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
-}
-
-fn projection(harness: &Harness, name: &str) -> serde_json::Value {
-    projections(harness)
-        .into_iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("no projection {name}"))
-}
 
 /// Where the rebuild of `name` stands, read from its shadow database (0 before it exists).
 fn shadow_offset(harness: &Harness, name: &str) -> u64 {
@@ -121,15 +89,15 @@ async fn a_rebuild_under_concurrent_readers_and_new_events_swaps_in_whole() {
     let readers = start_readers(&harness, served.clone(), stop.clone());
     // Slow enough that the readers and new events overlap the rebuild.
     harness.server.set_delay(Duration::from_millis(1));
-    let output = run(&harness, "rebuild", &["account_balances"]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["rebuild", "account_balances"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(
-        text(&output).contains("rebuilding account_balances"),
+        output_text(&output).contains("rebuilding account_balances"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     wait_for(&mut daemon, "the rebuild to start", || {
-        projection(&harness, "account_balances")["state"] == "rebuilding"
+        harness.projection("account_balances")["state"] == "rebuilding"
     })
     .await;
     // The live model keeps being updated while the rebuild runs.
@@ -152,7 +120,7 @@ async fn a_rebuild_under_concurrent_readers_and_new_events_swaps_in_whole() {
     }
     assert!(checked > 10, "the readers checked only {checked} times");
     harness.assert_exact(&all);
-    let view = projection(&harness, "account_balances");
+    let view = harness.projection("account_balances");
     assert_eq!(view["state"], "running", "{view}");
     assert!(view.get("rebuild").is_none(), "{view}");
     assert!(
@@ -175,8 +143,8 @@ async fn a_rebuild_killed_midway_resumes_from_its_own_checkpoint_and_cancel_drop
     harness.wait_for_checkpoints(&mut daemon, BOTH, 3000).await;
 
     harness.server.set_delay(Duration::from_millis(5));
-    let output = run(&harness, "rebuild", &["account_ledger"]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["rebuild", "account_ledger"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     wait_for(&mut daemon, "the rebuild to be under way", || {
         shadow_offset(&harness, "account_ledger") > 0
     })
@@ -203,16 +171,20 @@ async fn a_rebuild_killed_midway_resumes_from_its_own_checkpoint_and_cancel_drop
 
     // Cancel: the shadow goes, the live tables stay.
     harness.server.set_delay(Duration::from_millis(5));
-    let output = run(&harness, "rebuild", &["account_ledger"]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["rebuild", "account_ledger"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     wait_for(&mut daemon, "the second rebuild to be under way", || {
         shadow_offset(&harness, "account_ledger") > 0
     })
     .await;
-    let output = run(&harness, "rebuild", &["account_ledger", "--cancel"]);
-    assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("cancelled"), "{}", text(&output));
-    let view = projection(&harness, "account_ledger");
+    let output = harness.run(&["rebuild", "account_ledger", "--cancel"]);
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("cancelled"),
+        "{}",
+        output_text(&output)
+    );
+    let view = harness.projection("account_ledger");
     assert!(view.get("rebuild").is_none(), "{view}");
     assert!(!std::path::Path::new(&format!(
         "{}.rebuild-account_ledger",
@@ -220,12 +192,12 @@ async fn a_rebuild_killed_midway_resumes_from_its_own_checkpoint_and_cancel_drop
     ))
     .exists());
     harness.assert_exact(&all);
-    let output = run(&harness, "rebuild", &["account_ledger", "--cancel"]);
+    let output = harness.run(&["rebuild", "account_ledger", "--cancel"]);
     assert!(!output.status.success());
     assert!(
-        text(&output).contains("not being rebuilt"),
+        output_text(&output).contains("not being rebuilt"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
@@ -259,7 +231,7 @@ on_change = "refuse"
     harness
         .wait_for_checkpoints(&mut daemon, &["account_balances"], 3000)
         .await;
-    let first_version = projection(&harness, "account_balances")["version"].clone();
+    let first_version = harness.projection("account_balances")["version"].clone();
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 
@@ -280,11 +252,11 @@ on_change = "refuse"
         changed_balances("first_change"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let output = run(&harness, "check", &[]);
+    let output = harness.run(&["check"]);
     assert!(
-        text(&output).contains("its definition changed since its tables were built"),
+        output_text(&output).contains("its definition changed since its tables were built"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     let mut refused = harness.spawn();
     let status = refused.wait_exit().await;
@@ -296,21 +268,25 @@ on_change = "refuse"
             && log.contains("projector rebuild account_balances"),
         "{log}"
     );
-    let view = projection(&harness, "account_balances");
+    let view = harness.projection("account_balances");
     assert_eq!(view["version"], first_version, "{view}");
     assert!(view["configured_version"].is_string(), "{view}");
     harness.assert_exact_balances(&all);
 
     // Rebuilt on its own, with no daemon running.
-    let output = run(&harness, "rebuild", &["account_balances"]);
-    assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("rebuilt"), "{}", text(&output));
+    let output = harness.run(&["rebuild", "account_balances"]);
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("rebuilt"),
+        "{}",
+        output_text(&output)
+    );
     assert_eq!(
         harness.count("SELECT min(first_change) FROM account_balances"),
         7
     );
     harness.assert_exact_balances(&all);
-    let view = projection(&harness, "account_balances");
+    let view = harness.projection("account_balances");
     assert_ne!(view["version"], first_version, "{view}");
     assert!(view.get("configured_version").is_none(), "{view}");
 
@@ -350,7 +326,7 @@ async fn projections_lists_each_with_and_without_a_daemon_and_a_removed_one() {
     let harness = Harness::new(all.clone()).await;
     let mut daemon = harness.spawn_running().await;
     harness.wait_for_checkpoints(&mut daemon, BOTH, 500).await;
-    let views = projections(&harness);
+    let views = harness.projections();
     assert_eq!(views.len(), 2, "{views:?}");
     for view in &views {
         assert_eq!(view["state"], "running", "{view}");
@@ -359,20 +335,21 @@ async fn projections_lists_each_with_and_without_a_daemon_and_a_removed_one() {
         assert_eq!(view["last_event_id"], all[499].id.as_str(), "{view}");
         assert_eq!(view["dead_letters"], 0, "{view}");
     }
-    let ledger = projection(&harness, "account_ledger");
+    let ledger = harness.projection("account_ledger");
     assert_eq!(ledger["definition"], "module account_ledger", "{ledger}");
     assert_eq!(ledger["version"], "1", "{ledger}");
-    let output = run(&harness, "projections", &[]);
-    assert!(output.status.success(), "{}", text(&output));
+    let output = harness.run(&["projections"]);
+    assert!(output.status.success(), "{}", output_text(&output));
     assert!(
-        text(&output).contains("account_ledger  feed bank  module account_ledger  version 1"),
+        output_text(&output)
+            .contains("account_ledger  feed bank  module account_ledger  version 1"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 
-    assert_eq!(projection(&harness, "account_ledger")["state"], "stopped");
+    assert_eq!(harness.projection("account_ledger")["state"], "stopped");
     harness.write_config(
         &harness.server.url(),
         r#"
@@ -383,7 +360,7 @@ file = "account_balances.toml"
 "#,
         "",
     );
-    let ledger = projection(&harness, "account_ledger");
+    let ledger = harness.projection("account_ledger");
     assert_eq!(ledger["state"], "removed", "{ledger}");
     assert_eq!(ledger["definition"], "module account_ledger", "{ledger}");
 }

@@ -64,62 +64,11 @@ impl Writer {
                 };
                 let recorded = lifecycle::recorded_definition(&tx, &name)?;
                 let rebuild = rebuilds.iter().find(|r| r.projection == name);
-                let building_current = rebuild.is_some_and(|r| r.version == current.version);
-                let changed_from = recorded
-                    .as_ref()
-                    .map(|r| r.version.clone())
-                    .filter(|version| *version != current.version);
-                let mut fresh = false;
-                let mut dropped = false;
-                if let Some(old) = &changed_from {
-                    if !building_current {
-                        match projection.on_change {
-                            OnChange::Refuse => anyhow::bail!(
-                                "projection {name:?}'s definition changed since its tables were built (version {old}, now {}), and its on_change is \"refuse\": run `projector rebuild {name}` to rebuild it from the feed's start (its current tables are served until the rebuild replaces them), or put the previous definition back",
-                                current.version
-                            ),
-                            OnChange::Rebuild => {
-                                tracing::warn!(
-                                    projection = %name,
-                                    "the definition changed since the tables were built (version {old}, now {}): rebuilding from the feed's start; the current tables are served as they are until the rebuild replaces them",
-                                    current.version
-                                );
-                                let reason = format!("the definition changed from version {old}");
-                                lifecycle::start_rebuild(
-                                    &tx,
-                                    &name,
-                                    &projection.feed,
-                                    &current.version,
-                                    &reason,
-                                )?;
-                                fresh = true;
-                            }
-                        }
-                    }
-                } else if let Some(rebuild) = rebuild.filter(|_| !building_current) {
-                    if rebuild.reason.starts_with(lifecycle::ASKED) {
-                        // Rebuilding a definition that has changed since: start again with
-                        // this one.
-                        let reason =
-                            format!("{}; the definition changed during it", lifecycle::ASKED);
-                        lifecycle::start_rebuild(
-                            &tx,
-                            &name,
-                            &projection.feed,
-                            &current.version,
-                            &reason,
-                        )?;
-                        fresh = true;
-                    } else {
-                        // The definition is back to the one the tables were built by: the
-                        // rebuild towards the other one is dropped.
-                        tracing::info!(projection = %name, "the definition is the one the tables were built by again: dropping the rebuild towards version {}", rebuild.version);
-                        lifecycle::end_rebuild(&tx, &name)?;
-                        dropped = true;
-                        dropped_rebuilds.push(name.clone());
-                    }
+                let settled = settle(&tx, &projection, recorded.as_ref(), rebuild)?;
+                if settled.dropped {
+                    dropped_rebuilds.push(name.clone());
                 }
-                let frozen = changed_from.is_some();
+                let frozen = settled.frozen;
                 if !frozen {
                     projection
                         .projection
@@ -145,7 +94,7 @@ impl Writer {
                     dead_letters: store::count_dead_letters(&tx, &name)?,
                     frozen,
                 });
-                if (rebuild.is_some() && !dropped) || fresh {
+                if let Some(fresh) = settled.shadow {
                     to_open.push(ShadowToOpen {
                         projection: projection.clone(),
                         fresh,
@@ -226,4 +175,73 @@ impl Writer {
             rebuilt: tokio::sync::watch::Sender::new(0),
         })
     }
+}
+
+/// What opening does about a projection, given the definition its tables were built by.
+struct Settled {
+    /// Its definition changed: its tables are served as they are until its rebuild is done.
+    frozen: bool,
+    /// It is being rebuilt; true if its shadow starts again from nothing.
+    shadow: Option<bool>,
+    /// A rebuild towards another definition was dropped.
+    dropped: bool,
+}
+
+/// Decides whether `projection` runs, is rebuilt (its rebuild started afresh or not), or is
+/// refused (`on_change = "refuse"`), against the definition `recorded` and the `rebuild` in
+/// progress; records a rebuild that starts or ends.
+fn settle(
+    tx: &rusqlite::Transaction,
+    projection: &ConfiguredProjection,
+    recorded: Option<&Definition>,
+    rebuild: Option<&lifecycle::Rebuild>,
+) -> anyhow::Result<Settled> {
+    let name = &projection.name;
+    let version = &projection.version;
+    let changed_from = recorded
+        .map(|r| r.version.clone())
+        .filter(|old| old != version);
+    let building_current = rebuild.is_some_and(|r| r.version == *version);
+    let restart_reason = match (&changed_from, rebuild) {
+        _ if building_current => None,
+        (Some(old), _) => match projection.on_change {
+            OnChange::Refuse => anyhow::bail!(
+                "projection {name:?}'s definition changed since its tables were built (version {old}, now {version}), and its on_change is \"refuse\": run `projector rebuild {name}` to rebuild it from the feed's start (its current tables are served until the rebuild replaces them), or put the previous definition back"
+            ),
+            OnChange::Rebuild => {
+                tracing::warn!(
+                    projection = %name,
+                    "the definition changed since the tables were built (version {old}, now {version}): rebuilding from the feed's start; the current tables are served as they are until the rebuild replaces them"
+                );
+                Some(format!("the definition changed from version {old}"))
+            }
+        },
+        // Rebuilding a definition that has changed since: start again with this one.
+        (None, Some(rebuild)) if rebuild.reason.starts_with(lifecycle::ASKED) => {
+            Some(format!("{}; the definition changed during it", lifecycle::ASKED))
+        }
+        (None, Some(rebuild)) => {
+            tracing::info!(
+                projection = %name,
+                "the definition is the one the tables were built by again: dropping the rebuild towards version {}",
+                rebuild.version
+            );
+            lifecycle::end_rebuild(tx, name)?;
+            return Ok(Settled {
+                frozen: false,
+                shadow: None,
+                dropped: true,
+            });
+        }
+        (None, None) => None,
+    };
+    if let Some(reason) = &restart_reason {
+        lifecycle::start_rebuild(tx, name, &projection.feed, version, reason)?;
+    }
+    let fresh = restart_reason.is_some();
+    Ok(Settled {
+        frozen: changed_from.is_some(),
+        shadow: (rebuild.is_some() || fresh).then_some(fresh),
+        dropped: false,
+    })
 }

@@ -128,6 +128,30 @@ impl Harness {
         projector(&all)
     }
 
+    /// Runs `projector <args> --config <this config>` to completion.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config_path();
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--config", config.to_str().unwrap_or_default()]);
+        projector(&all)
+    }
+
+    /// `projector projections --json`: each projection as the database records it.
+    pub fn projections(&self) -> Vec<serde_json::Value> {
+        let output = self.run(&["projections", "--json"]);
+        assert!(output.status.success(), "{}", output_text(&output));
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", output_text(&output)))
+    }
+
+    /// The projection `name` of `projections --json`.
+    pub fn projection(&self, name: &str) -> serde_json::Value {
+        self.projections()
+            .into_iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no projection {name}"))
+    }
+
     /// `ctl status --json`, parsed: the daemon's status object.
     pub fn status(&self) -> serde_json::Value {
         let output = self.ctl(&["status", "--json"]);
@@ -380,6 +404,15 @@ pub async fn wait_for_log(daemon: &mut Daemon, needle: &str) {
             .contains(needle)
     })
     .await;
+}
+
+/// What a command printed, stdout then stderr.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Runs a CLI command of the real binary to completion.
