@@ -87,11 +87,7 @@ pub fn skip_halted_event(database: &Path, projection: &str) -> anyhow::Result<St
             checkpoint.next_offset
         );
     }
-    let feed: String = tx.query_row(
-        "SELECT feed FROM projector_checkpoints WHERE projection = ?1",
-        [projection],
-        |row| row.get(0),
-    )?;
+    let feed = feed_of(&tx, projection)?;
     store::insert_dead_letter(
         &tx,
         &DeadLetter {
@@ -137,11 +133,7 @@ pub fn reset_checkpoint(database: &Path, projection: &str, offset: u64) -> anyho
             "{projection} is being rebuilt: cancel the rebuild first (`projector rebuild {projection} --cancel`)"
         );
     }
-    let feed: String = tx.query_row(
-        "SELECT feed FROM projector_checkpoints WHERE projection = ?1",
-        [projection],
-        |row| row.get(0),
-    )?;
+    let feed = feed_of(&tx, projection)?;
     let reset = Checkpoint {
         next_offset: offset,
         last_event_id: None,
@@ -152,4 +144,13 @@ pub fn reset_checkpoint(database: &Path, projection: &str, offset: u64) -> anyho
         "{projection}'s checkpoint moved from offset {} to {offset}",
         checkpoint.next_offset
     ))
+}
+
+/// The feed `projection`'s checkpoint is of.
+fn feed_of(conn: &Connection, projection: &str) -> rusqlite::Result<String> {
+    conn.query_row(
+        "SELECT feed FROM projector_checkpoints WHERE projection = ?1",
+        [projection],
+        |row| row.get(0),
+    )
 }
