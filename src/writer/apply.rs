@@ -66,6 +66,18 @@ impl Writer {
         let Some(&live) = self.by_name.get(&shadow.projection) else {
             return;
         };
+        // Most batches of a rebuild leave it behind the live checkpoint: said without
+        // attaching the shadow.
+        let behind = match (
+            shadow.checkpoint(),
+            live_checkpoint(&self.conn, &shadow.projection),
+        ) {
+            (Ok(rebuilt), Ok(live)) => rebuilt.next_offset < live,
+            _ => false,
+        };
+        if behind {
+            return;
+        }
         let source = self.slots[live].projection.definition.clone();
         let started = std::time::Instant::now();
         match shadow.swap_into(&mut self.conn, &source) {
@@ -232,6 +244,12 @@ impl Writer {
         }
         Ok(outcome)
     }
+}
+
+/// The next offset of `projection`'s committed checkpoint (0 before it has one).
+fn live_checkpoint(conn: &rusqlite::Connection, projection: &str) -> rusqlite::Result<u64> {
+    let tx = conn.unchecked_transaction()?;
+    store::load_checkpoint(&tx, projection).map(|c| c.unwrap_or_default().next_offset)
 }
 
 /// Where an event stands against a projection's checkpoint.
