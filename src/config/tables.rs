@@ -132,6 +132,10 @@ pub struct FeedConfig {
     /// How many event bodies are fetched at once (order is kept).
     #[serde(default = "defaults::body_concurrency")]
     pub body_concurrency: Concurrency,
+    /// While pages come back full, how many are asked for at once, kept in order (1: one
+    /// after the other). Pages of 1 MiB or more are read one at a time.
+    #[serde(default = "defaults::page_lookahead")]
+    pub page_lookahead: Concurrency,
     /// The first retry delay after a failed request; it doubles up to `retry_max`.
     #[serde(default = "defaults::retry_initial")]
     pub retry_initial: Interval,
@@ -281,6 +285,9 @@ mod defaults {
     /// answers it has (measured in BENCHMARKS.md).
     pub fn body_concurrency() -> Concurrency {
         Concurrency(32)
+    }
+    pub fn page_lookahead() -> Concurrency {
+        Concurrency(4)
     }
     pub fn retry_initial() -> Interval {
         Interval(Duration::from_millis(100))

@@ -314,6 +314,7 @@ fn read_policy(feed: &FeedConfig) -> ReadPolicy {
     ReadPolicy {
         poll_interval: feed.poll_interval.0,
         body_concurrency: feed.body_concurrency.0,
+        page_lookahead: feed.page_lookahead.0,
         backoff: Backoff {
             initial: feed.retry_initial.0,
             max: feed.retry_max.0,

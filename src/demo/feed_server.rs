@@ -49,6 +49,9 @@ struct Shared {
     page_size: usize,
     inline_page_size: AtomicUsize,
     page_requests: AtomicU64,
+    /// Page requests being answered now, and the most there were at once.
+    pages_in_flight: AtomicU64,
+    most_pages_in_flight: AtomicU64,
     body_requests: Mutex<HashMap<String, u64>>,
     faults_injected: AtomicU64,
     /// How long every answer waits before it is sent, in microseconds: a feed across a network.
@@ -175,6 +178,8 @@ impl FeedServer {
             page_size: 20,
             inline_page_size: AtomicUsize::new(DEFAULT_INLINE_PAGE_SIZE),
             page_requests: AtomicU64::new(0),
+            pages_in_flight: AtomicU64::new(0),
+            most_pages_in_flight: AtomicU64::new(0),
             body_requests: Mutex::new(HashMap::new()),
             faults_injected: AtomicU64::new(0),
             delay_micros: AtomicU64::new(0),
@@ -351,6 +356,11 @@ impl FeedServer {
         self.shared.page_requests.load(Ordering::Relaxed)
     }
 
+    /// The most page requests answered at once so far.
+    pub fn most_pages_in_flight(&self) -> u64 {
+        self.shared.most_pages_in_flight.load(Ordering::Relaxed)
+    }
+
     /// How many times bodies of events of `event_type` were asked for.
     pub fn body_requests(&self, event_type: &str) -> u64 {
         self.shared
@@ -419,6 +429,15 @@ async fn inline_page(
     page(FeedFormat::Inline, &shared, &uri, &headers, &query).await
 }
 
+/// Counts a request out of a count of those in flight when it is answered (or dropped).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn page(
     format: FeedFormat,
     shared: &Shared,
@@ -427,6 +446,11 @@ async fn page(
     query: &HashMap<String, String>,
 ) -> Response {
     shared.page_requests.fetch_add(1, Ordering::Relaxed);
+    let in_flight = shared.pages_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    shared
+        .most_pages_in_flight
+        .fetch_max(in_flight, Ordering::Relaxed);
+    let _answered = InFlight(&shared.pages_in_flight);
     shared.record(uri, headers);
     shared.delay().await;
     let offset = match query.get("offset").map(|text| text.parse::<i64>()) {

@@ -53,6 +53,8 @@ pub struct Member {
 pub struct ReadPolicy {
     pub poll_interval: Duration,
     pub body_concurrency: usize,
+    /// Pages asked for at once while they come back full.
+    pub page_lookahead: usize,
     pub backoff: Backoff,
 }
 

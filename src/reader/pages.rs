@@ -4,7 +4,15 @@
 //! that shrank or was rewritten under a running daemon. Pages are handed on in chunks of at most
 //! CHUNK entries, each taken from the feed's budget before it is made, as is a large page's
 //! bytes while it is read; no page is read while the budget is spent.
+//!
+//! While pages come back full, the offsets of the next ones are known (offset + page length):
+//! up to `page_lookahead` of them are asked for at once and taken in order, so that a feed
+//! across a network costs a round trip per `page_lookahead` pages, not per page. A page that
+//! comes back short or empty ends the run, and what was asked for past it is dropped unread.
+//! Only small pages are read ahead (under 1 MiB, as the last one was), and only while the
+//! budget has room.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -53,6 +61,16 @@ pub(super) struct PageReader {
     idle: bool,
     reported_head: bool,
     shrunk_polls: u32,
+    /// Pages asked for ahead, in offset order, the first at `offset`.
+    ahead: VecDeque<PageAhead>,
+    /// How many entries a full page of this feed has: the most a page had so far.
+    full_page: usize,
+}
+
+/// A page asked for before its turn.
+struct PageAhead {
+    offset: u64,
+    fetch: AbortOnDropHandle<Result<Page, FetchError>>,
 }
 
 impl PageReader {
@@ -78,6 +96,58 @@ impl PageReader {
             idle: false,
             reported_head: false,
             shrunk_polls: 0,
+            ahead: VecDeque::new(),
+            full_page: 0,
+        }
+    }
+
+    /// The page asked for ahead at `offset`, once it has come back; None if there is none
+    /// (what was asked for at other offsets is dropped).
+    async fn take_ahead(&mut self, offset: u64) -> Option<Result<Page, FetchError>> {
+        while self
+            .ahead
+            .front()
+            .is_some_and(|ahead| ahead.offset < offset)
+        {
+            self.ahead.pop_front();
+        }
+        match self.ahead.front() {
+            Some(ahead) if ahead.offset == offset => {}
+            _ => {
+                self.ahead.clear();
+                return None;
+            }
+        }
+        let ahead = self.ahead.pop_front()?;
+        // A task that did not finish (it cannot panic) is asked again in turn.
+        ahead.fetch.await.ok()
+    }
+
+    /// After a page of `len` entries, of which `small` says it was under 1 MiB: while pages
+    /// come back full, keeps up to `page_lookahead` of the next ones asked for.
+    fn read_ahead(&mut self, len: usize, small: bool) {
+        self.full_page = self.full_page.max(len);
+        if !small || len < self.full_page || self.policy.page_lookahead <= 1 {
+            // A short page: the head is near, and the offsets after it are not known.
+            self.ahead.clear();
+            return;
+        }
+        let full = self.full_page as u64;
+        if self.ahead.front().is_some_and(|a| a.offset != self.offset) {
+            self.ahead.clear();
+        }
+        let mut next = self
+            .ahead
+            .back()
+            .map_or(self.offset, |last| last.offset + full);
+        while self.ahead.len() < self.policy.page_lookahead && self.budget.has_room() {
+            let client = self.client.clone();
+            let fetch = tokio::spawn(async move { client.fetch_page(next).await });
+            self.ahead.push_back(PageAhead {
+                offset: next,
+                fetch: AbortOnDropHandle::new(fetch),
+            });
+            next += full;
         }
     }
 
@@ -92,12 +162,32 @@ impl PageReader {
         loop {
             let verify = self.last_read.clone().filter(|_| self.idle);
             let fetch_at = verify.as_ref().map_or(self.offset, |(at, _)| *at);
-            let slot = self.budget.page_slot().await;
-            let client = &self.client;
-            let mut page = retry(&self.monitor, &self.policy.backoff, || {
-                client.fetch_page(fetch_at)
-            })
-            .await?;
+            let ahead = match verify {
+                Some(_) => {
+                    self.ahead.clear();
+                    None
+                }
+                None => self.take_ahead(fetch_at).await,
+            };
+            let (mut page, slot) = match ahead {
+                Some(Ok(page)) => (page, None),
+                failed => {
+                    if let Some(Err(err)) = failed {
+                        if !err.kind.is_retried() {
+                            return Err(err);
+                        }
+                        // Asked for again below, with backoff.
+                        self.monitor.failed(&err);
+                    }
+                    let slot = self.budget.page_slot().await;
+                    let client = &self.client;
+                    let page = retry(&self.monitor, &self.policy.backoff, || {
+                        client.fetch_page(fetch_at)
+                    })
+                    .await?;
+                    (page, slot)
+                }
+            };
             if page.is_empty() && fetch_at < self.known_end {
                 // Perhaps a feed server restarted and not yet reloaded: wait for the events to
                 // come back. If others come back instead, the rewrite check halts.
@@ -148,6 +238,9 @@ impl PageReader {
             };
             self.idle = false;
             self.offset = first_offset + page.len() as u64;
+            if verify.is_none() {
+                self.read_ahead(page.len(), page.bytes_held() == 0);
+            }
             self.known_end = self.known_end.max(self.offset);
             self.last_read = Some((self.offset - 1, last));
             self.monitor.saw_feed_up_to(self.offset);
