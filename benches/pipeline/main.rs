@@ -20,6 +20,9 @@
 //!
 //! `cargo bench -- --large-pages [--against BINARY]` runs only the case of the largest pages
 //! the defaults allow (with another build too).
+//! `cargo bench -- --remote --events 20000 [--against BINARY]` runs only the remote case: the feed answering every
+//! request after 2 ms and after 5 ms, the Flux catch-up against the remote limit and against a
+//! sequential consumer.
 //! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each
 //! other: pairs of Flux catch-ups, one with hyper-util's client and one with reqwest's, the order
 //! alternating from pair to pair, and the medians of events/s and CPU an event for each.
@@ -28,6 +31,7 @@
 
 mod ab;
 mod large_pages;
+mod remote;
 mod runs;
 mod storage;
 mod wire;
@@ -65,6 +69,8 @@ struct Options {
     against: Option<PathBuf>,
     /// Only the largest pages case.
     large_pages: bool,
+    /// Only the remote case.
+    remote: bool,
 }
 
 fn options() -> Options {
@@ -75,6 +81,7 @@ fn options() -> Options {
         http_ab: 0,
         against: None,
         large_pages: false,
+        remote: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -88,6 +95,7 @@ fn options() -> Options {
             "--runs" => options.runs = value(),
             "--http-ab" => options.http_ab = value(),
             "--large-pages" => options.large_pages = true,
+            "--remote" => options.remote = true,
             "--against" => {
                 let path = args
                     .next()
@@ -147,6 +155,30 @@ fn main() {
             println!(
                 "--http-ab compares against a reqwest client that only `--features http-ab` builds"
             );
+        }
+        return;
+    }
+    if options.remote {
+        println!(
+            "remote case: {} bank events, Flux, both shipped projections, {} runs",
+            options.events, options.runs
+        );
+        for binary in std::iter::once(&binary).chain(&options.against) {
+            println!("{}:", binary.display());
+            let remotes: Vec<remote::Remote> = [2, 5]
+                .into_iter()
+                .map(|ms| {
+                    runtime.block_on(remote::remote(
+                        binary,
+                        &server,
+                        &events,
+                        sync,
+                        std::time::Duration::from_millis(ms),
+                        options.runs,
+                    ))
+                })
+                .collect();
+            remote::print(&remotes);
         }
         return;
     }

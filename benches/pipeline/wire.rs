@@ -70,14 +70,12 @@ impl WireLoad {
     /// Requests a second over 3 seconds, at CONNECTIONS connections, from the daemon's HTTP
     /// client in this process (when wrk is not installed).
     pub async fn client_rate(&self) -> f64 {
-        let settings = HttpSettings {
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
-            max_response_bytes: 64 << 20,
-            idle_connections: CONNECTIONS,
-        };
-        let tls = tls::default_config().unwrap_or_else(|e| panic!("{e}"));
-        let client = HttpClient::new(settings, Access::anywhere(), tls);
+        self.client_rate_at(CONNECTIONS).await
+    }
+
+    /// The same at `connections` connections.
+    pub async fn client_rate_at(&self, connections: usize) -> f64 {
+        let client = client(connections);
         let urls: Arc<Vec<hyper::Uri>> = Arc::new(
             self.paths
                 .iter()
@@ -89,7 +87,7 @@ impl WireLoad {
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs(3);
         let started = Instant::now();
-        let workers: Vec<_> = (0..CONNECTIONS)
+        let workers: Vec<_> = (0..connections)
             .map(|worker| {
                 let (client, urls, done) = (client.clone(), urls.clone(), done.clone());
                 tokio::spawn(async move {
@@ -99,7 +97,7 @@ impl WireLoad {
                         if client.get(url).await.is_ok() {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
-                        index += CONNECTIONS;
+                        index += connections;
                     }
                 })
             })
@@ -109,4 +107,16 @@ impl WireLoad {
         }
         done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
     }
+}
+
+/// The daemon's HTTP client, keeping `connections` connections.
+pub fn client(connections: usize) -> HttpClient {
+    let settings = HttpSettings {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        max_response_bytes: 64 << 20,
+        idle_connections: connections,
+    };
+    let tls = tls::default_config().unwrap_or_else(|e| panic!("{e}"));
+    HttpClient::new(settings, Access::anywhere(), tls)
 }
