@@ -15,11 +15,13 @@
 //!   largest batch, one transaction each, with no HTTP; with both projections and with
 //!   `account_balances` alone;
 //! - start-up to the first request, on a warm database (Flux);
-//! - live latency: with `poll_interval = "100ms"`, from an event appearing on the (Flux) feed to
-//!   its checkpoint being visible to a reader, p50 and p99 over 3,000 events.
+//! - live latency: with `poll_interval = "100ms"`, and with `live = "sse"` besides, from an
+//!   event appearing on the (Flux) feed to its checkpoint being visible to a reader, p50 and
+//!   p99 over 3,000 events.
 //!
 //! `cargo bench -- --large-pages [--against BINARY]` runs only the case of the largest pages
 //! the defaults allow (with another build too).
+//! `cargo bench -- --live` runs only the live latency, polled and with `live = "sse"`.
 //! `cargo bench -- --remote --events 20000 [--against BINARY]` runs only the remote case: the feed answering every
 //! request after 2 ms and after 5 ms, the Flux catch-up against the remote limit and against a
 //! sequential consumer.
@@ -71,6 +73,8 @@ struct Options {
     large_pages: bool,
     /// Only the remote case.
     remote: bool,
+    /// Only the live latency, polled and pushed.
+    live: bool,
 }
 
 fn options() -> Options {
@@ -82,6 +86,7 @@ fn options() -> Options {
         against: None,
         large_pages: false,
         remote: false,
+        live: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -96,6 +101,7 @@ fn options() -> Options {
             "--http-ab" => options.http_ab = value(),
             "--large-pages" => options.large_pages = true,
             "--remote" => options.remote = true,
+            "--live" => options.live = true,
             "--against" => {
                 let path = args
                     .next()
@@ -154,6 +160,23 @@ fn main() {
         } else {
             println!(
                 "--http-ab compares against a reqwest client that only `--features http-ab` builds"
+            );
+        }
+        return;
+    }
+    if options.live {
+        for sse in [false, true] {
+            let (p50, p99) = runtime.block_on(live_latency(
+                &binary,
+                &events[..LIVE_EVENTS.min(events.len())],
+                sync,
+                sse,
+            ));
+            println!(
+                "live latency, poll_interval 100 ms{}: p50 {:.1} ms, p99 {:.1} ms",
+                if sse { " and live = \"sse\"" } else { "" },
+                p50.as_secs_f64() * 1000.0,
+                p99.as_secs_f64() * 1000.0
             );
         }
         return;
@@ -279,6 +302,13 @@ fn main() {
         &binary,
         &events[..LIVE_EVENTS.min(events.len())],
         sync,
+        false,
+    ));
+    let live_sse = runtime.block_on(live_latency(
+        &binary,
+        &events[..LIVE_EVENTS.min(events.len())],
+        sync,
+        true,
     ));
 
     let runs = options.runs;
@@ -383,6 +413,11 @@ fn main() {
         LIVE_EVENTS.min(options.events),
         live.0.as_secs_f64() * 1e3,
         live.1.as_secs_f64() * 1e3
+    );
+    println!(
+        "| live latency, the same with live = \"sse\" | p50 {:.1} ms, p99 {:.1} ms | |",
+        live_sse.0.as_secs_f64() * 1e3,
+        live_sse.1.as_secs_f64() * 1e3
     );
     print_large_pages(&large_bank, &large_tiny);
 }

@@ -216,11 +216,13 @@ pub async fn start_up(binary: &Path, server: &FeedServer, caught_up: &Path) -> D
 }
 
 /// Events appended one by one at random moments to a feed the daemon follows with a 100 ms poll
-/// interval; for each, the time until a reader sees its checkpoint. Returns (p50, p99).
+/// interval (and, with `sse`, told of each by the feed's live stream); for each, the time until
+/// a reader sees its checkpoint. Returns (p50, p99).
 pub async fn live_latency(
     binary: &Path,
     events: &[StoredEvent],
     synchronous: Synchronous,
+    sse: bool,
 ) -> (Duration, Duration) {
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new())
         .await
@@ -231,11 +233,23 @@ pub async fn live_latency(
         projections: Projections::Both,
     };
     let config = write_config(dir.path(), flux, &server.url(), "100ms", synchronous);
+    if sse {
+        let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+        let live = format!(
+            "poll_interval = \"100ms\"\nlive = \"sse\"\nlive_url = \"{}\"",
+            server.live_url()
+        );
+        std::fs::write(&config, text.replace("poll_interval = \"100ms\"", &live))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let database = dir.path().join("projector.db");
     let child = spawn(binary, &config);
-    // Wait until the daemon polls the (empty) feed.
+    // Wait until the daemon polls the (empty) feed, and holds the live stream.
     while server.page_requests() < 2 {
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if sse {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total = events.len();
     let appended: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =

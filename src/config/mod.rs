@@ -18,7 +18,7 @@ mod values;
 
 pub use error::{ConfigError, Location};
 pub use tables::{
-    DaemonConfig, FeedConfig, FeedFormat, LogFormat, OnChange, OnError, ProjectionConfig,
+    DaemonConfig, FeedConfig, FeedFormat, Live, LogFormat, OnChange, OnError, ProjectionConfig,
     ProjectionSource, Synchronous, PAGE_CACHE_BYTES,
 };
 pub use values::{
@@ -133,6 +133,15 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            if feed.live == Live::Sse && feed.live_url.is_none() {
+                return Err(ConfigError::new(
+                    src.locate(&feed.name),
+                    format!(
+                        "feed {:?}: live = \"sse\" needs live_url, the publisher's event stream",
+                        feed.name()
+                    ),
+                ));
             }
             if feed.retry_max.0 < feed.retry_initial.0 {
                 return Err(ConfigError::new(

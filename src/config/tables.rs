@@ -132,6 +132,12 @@ pub struct FeedConfig {
     /// How many event bodies are fetched at once (order is kept).
     #[serde(default = "defaults::body_concurrency")]
     pub body_concurrency: Concurrency,
+    /// How the reader learns, at the head, that the feed moved: by polling every
+    /// `poll_interval` ("poll"), or told at once by a Server-Sent-Events stream at `live_url`
+    /// ("sse"), polling as before while the stream is down.
+    #[serde(default)]
+    pub live: Live,
+    pub live_url: Option<Spanned<FeedUrl>>,
     /// While pages come back full, how many are asked for at once, kept in order (1: one
     /// after the other). Pages of 1 MiB or more are read one at a time.
     #[serde(default = "defaults::page_lookahead")]
@@ -238,6 +244,15 @@ impl ProjectionConfig {
     pub fn feed(&self) -> &str {
         &self.feed.get_ref().0
     }
+}
+
+/// How the reader learns that the feed moved, at its head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Live {
+    #[default]
+    Poll,
+    Sse,
 }
 
 /// What a projection does with an event it cannot apply (a poison event).

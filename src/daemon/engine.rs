@@ -256,6 +256,20 @@ impl Readers {
                 ));
             }
             let policy = read_policy(feed);
+            let moved = match (&feed.live, &feed.live_url) {
+                (crate::config::Live::Sse, Some(live_url)) => {
+                    let (moved, watching) = watch::channel(0);
+                    self.tasks.spawn(crate::feed::live::follow(
+                        client.clone(),
+                        live_url.get_ref().0.clone(),
+                        moved,
+                        policy.backoff,
+                        self.stop.clone(),
+                    ));
+                    Some(watching)
+                }
+                _ => None,
+            };
             for ((next_offset, _), members) in groups {
                 tracing::info!(
                     feed = feed.name(),
@@ -275,6 +289,7 @@ impl Readers {
                         monitor: monitor.clone(),
                         shutdown: self.stop.clone(),
                         budget: budget.clone(),
+                        moved: moved.clone(),
                     },
                 );
                 self.tasks.spawn(reader.run());

@@ -45,6 +45,8 @@ struct Store {
 
 struct Shared {
     store: RwLock<Store>,
+    /// The feed's head, changed at each append: what the live stream (`/live`) says.
+    head: tokio::sync::watch::Sender<u64>,
     faults: Mutex<Faults>,
     page_size: usize,
     inline_page_size: AtomicUsize,
@@ -174,6 +176,7 @@ impl FeedServer {
     ) -> std::io::Result<FeedServer> {
         let shared = Arc::new(Shared {
             store: RwLock::new(Store::default()),
+            head: tokio::sync::watch::Sender::new(0),
             faults: Mutex::new(Faults::default()),
             page_size: 20,
             inline_page_size: AtomicUsize::new(DEFAULT_INLINE_PAGE_SIZE),
@@ -194,6 +197,7 @@ impl FeedServer {
             .route("/events", get(flux_page))
             .route("/events/{id}", get(body))
             .route("/inline", get(inline_page))
+            .route("/live", get(live))
             .with_state(shared.clone());
         // TCP_NODELAY on each connection, as Go's net/http and nginx set it: with Nagle on, a
         // client that pipelines requests waits for its own delayed ACKs (see BENCHMARKS.md).
@@ -295,6 +299,12 @@ impl FeedServer {
             store.by_id.insert(event.id.clone(), store.events.len());
             store.events.push(event);
         }
+        self.shared.head.send_replace(store.events.len() as u64);
+    }
+
+    /// The URL of the live stream, for `live = "sse"`.
+    pub fn live_url(&self) -> String {
+        format!("{}://{}/live", self.shared.scheme, self.addr)
     }
 
     /// Replaces the whole feed, as a producer that rewrote or reset its history would.
@@ -427,6 +437,24 @@ async fn inline_page(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     page(FeedFormat::Inline, &shared, &uri, &headers, &query).await
+}
+
+/// The live stream: a Server-Sent-Event each time the feed grows, its id the new head offset.
+async fn live(
+    State(shared): State<Arc<Shared>>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    let head = shared.head.subscribe();
+    let moves = futures_util::stream::unfold(head, |mut head| async move {
+        head.changed().await.ok()?;
+        let at = *head.borrow_and_update();
+        let event = axum::response::sse::Event::default()
+            .id(at.to_string())
+            .data("moved");
+        Some((Ok(event), head))
+    });
+    axum::response::sse::Sse::new(moves)
 }
 
 /// Counts a request out of a count of those in flight when it is answered (or dropped).

@@ -15,6 +15,7 @@ pub mod error;
 pub mod flux;
 pub mod http;
 pub mod inline;
+pub mod live;
 pub mod page;
 
 use std::sync::Arc;
@@ -116,6 +117,22 @@ impl FeedClient {
         parse_uri(self.feed_url.as_str())
             .ok()
             .and_then(|uri| http.proxy_for(&uri))
+    }
+
+    /// Opens the live stream at `url` (`live = "sse"`).
+    pub async fn open_live(
+        &self,
+        url: &url::Url,
+        last_event_id: Option<&str>,
+    ) -> Result<hyper::body::Incoming, FetchErrorKind> {
+        let uri = parse_uri(url.as_str()).map_err(FetchErrorKind::Unreadable)?;
+        match &self.http {
+            Http::Hyper(http) => http.open_event_stream(&uri, last_event_id).await,
+            #[cfg(feature = "http-ab")]
+            Http::Reqwest(_) => Err(FetchErrorKind::Refused(
+                "the reqwest client of the A/B has no live stream".into(),
+            )),
+        }
     }
 
     /// The page of entries starting at `offset`; empty at the head of the feed.

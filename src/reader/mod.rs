@@ -71,6 +71,7 @@ pub struct FeedReader {
     reader: usize,
     shutdown: CancellationToken,
     budget: Arc<Budget>,
+    moved: Option<watch::Receiver<u64>>,
     passed_over: u64,
     passed_over_counter: prometheus_client::metrics::counter::Counter,
     /// Batches committed.
@@ -87,6 +88,8 @@ pub struct Steering {
     pub shutdown: CancellationToken,
     /// What the feed's readers and its head probe hold, shared.
     pub budget: Arc<Budget>,
+    /// Changes when the live stream says the feed moved (`live = "sse"`).
+    pub moved: Option<watch::Receiver<u64>>,
 }
 
 /// Why `follow` stopped following the feed.
@@ -130,6 +133,7 @@ impl FeedReader {
             reader,
             shutdown: steering.shutdown,
             budget: steering.budget,
+            moved: steering.moved,
             passed_over: 0,
             passed_over_counter,
             batches: 0,
@@ -242,6 +246,7 @@ impl FeedReader {
             self.policy.clone(),
             self.budget.clone(),
             (self.start_offset(), known_end.unwrap_or(0)),
+            self.moved.clone(),
         )
         .spawn();
         let bodies = BodyReader {

@@ -65,6 +65,8 @@ pub(super) struct PageReader {
     ahead: VecDeque<PageAhead>,
     /// How many entries a full page of this feed has: the most a page had so far.
     full_page: usize,
+    /// Changes when the live stream says the feed moved.
+    moved: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 /// A page asked for before its turn.
@@ -82,6 +84,7 @@ impl PageReader {
         policy: ReadPolicy,
         budget: Arc<Budget>,
         (start, known_end): (u64, u64),
+        moved: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> PageReader {
         PageReader {
             feed,
@@ -98,6 +101,7 @@ impl PageReader {
             shrunk_polls: 0,
             ahead: VecDeque::new(),
             full_page: 0,
+            moved,
         }
     }
 
@@ -157,7 +161,7 @@ impl PageReader {
     /// error is one that is not retried (the feed was rewritten), and the end of the pages.
     async fn next_page(&mut self) -> Result<(u64, Page, Option<OwnedSemaphorePermit>), FetchError> {
         if self.idle {
-            tokio::time::sleep(self.policy.poll_interval).await;
+            crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut()).await;
         }
         loop {
             let verify = self.last_read.clone().filter(|_| self.idle);

@@ -140,12 +140,54 @@ impl HttpClient {
         )))
     }
 
+    /// Opens a Server-Sent-Events stream at `url` (sending `Last-Event-ID` when there is one)
+    /// and returns its body as it comes, once the answer is a 2xx; no redirect is followed.
+    pub async fn open_event_stream(
+        &self,
+        url: &Uri,
+        last_event_id: Option<&str>,
+    ) -> Result<Incoming, FetchErrorKind> {
+        let mut extra = vec![(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        )];
+        if let Some(id) = last_event_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+            extra.push((header::HeaderName::from_static("last-event-id"), id));
+        }
+        let connect = self.settings.connect_timeout + self.settings.request_timeout;
+        let response = tokio::time::timeout(connect, self.send_with(url, &extra))
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchErrorKind::Transfer(format!(
+                    "no answer after {connect:?}"
+                )))
+            })?;
+        if !response.status().is_success() {
+            return Err(refused(response.status(), response.headers()));
+        }
+        Ok(response.into_body())
+    }
+
     async fn send(&self, url: &Uri) -> Result<Response<Incoming>, FetchErrorKind> {
+        self.send_with(
+            url,
+            &[(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"))],
+        )
+        .await
+    }
+
+    async fn send_with(
+        &self,
+        url: &Uri,
+        headers: &[(header::HeaderName, HeaderValue)],
+    ) -> Result<Response<Incoming>, FetchErrorKind> {
         let mut request = Request::get(url.clone())
             .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
-            .header(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"))
             .body(Empty::new())
             .map_err(|err| FetchErrorKind::Transfer(format!("the request is not valid: {err}")))?;
+        for (name, value) in headers {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
         if let Some(authorization) = self.proxies.forward_authorization(url) {
             request
                 .headers_mut()
