@@ -1,6 +1,7 @@
-//! `live = "sse"` against the real binary: at the head, a message on the publisher's event
-//! stream makes the reader fetch at once (with an hour between polls, only the stream can have
-//! told it), and a stream that cannot be reached leaves the feed polled as before.
+//! `live = "sse"` and `live = "long-poll"` against the real binary: at the head, a message on
+//! the publisher's event stream, or the answer to a page request the feed held, brings new
+//! events at once (with an hour between polls, nothing else can have), and a stream that cannot
+//! be reached leaves the feed polled as before.
 
 mod common;
 
@@ -38,6 +39,29 @@ async fn a_message_on_the_live_stream_makes_the_reader_fetch_at_once() {
     for (at, event) in all[500..].iter().enumerate() {
         harness.server.append(vec![event.clone()]);
         // An hour between polls: only the stream can have said the feed moved.
+        harness
+            .wait_for_checkpoints(&mut daemon, BOTH, 501 + at as u64)
+            .await;
+    }
+    harness.assert_exact(&all);
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_request_held_at_the_head_brings_new_events_at_once() {
+    let all = bank::generate(62, 560);
+    let harness = Harness::new(all[..500].to_vec()).await;
+    config(
+        &harness,
+        "1h",
+        "live = \"long-poll\"\nlong_poll_wait = \"20s\"\n",
+    );
+    let mut daemon = harness.spawn();
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 500).await;
+    for (at, event) in all[500..].iter().enumerate() {
+        harness.server.append(vec![event.clone()]);
+        // An hour between polls: only the held request can have brought it.
         harness
             .wait_for_checkpoints(&mut daemon, BOTH, 501 + at as u64)
             .await;

@@ -21,7 +21,8 @@
 //!
 //! `cargo bench -- --large-pages [--against BINARY]` runs only the case of the largest pages
 //! the defaults allow (with another build too).
-//! `cargo bench -- --live` runs only the live latency, polled and with `live = "sse"`.
+//! `cargo bench -- --live` runs only the live latency: polled, with `live = "sse"` and with
+//! `live = "long-poll"`.
 //! `cargo bench -- --remote --events 20000 [--against BINARY]` runs only the remote case: the feed answering every
 //! request after 2 ms and after 5 ms, the Flux catch-up against the remote limit and against a
 //! sequential consumer.
@@ -165,16 +166,15 @@ fn main() {
         return;
     }
     if options.live {
-        for sse in [false, true] {
+        for live in ["poll", "sse", "long-poll"] {
             let (p50, p99) = runtime.block_on(live_latency(
                 &binary,
                 &events[..LIVE_EVENTS.min(events.len())],
                 sync,
-                sse,
+                live,
             ));
             println!(
-                "live latency, poll_interval 100 ms{}: p50 {:.1} ms, p99 {:.1} ms",
-                if sse { " and live = \"sse\"" } else { "" },
+                "live latency, poll_interval 100 ms, live = {live:?}: p50 {:.1} ms, p99 {:.1} ms",
                 p50.as_secs_f64() * 1000.0,
                 p99.as_secs_f64() * 1000.0
             );
@@ -302,13 +302,13 @@ fn main() {
         &binary,
         &events[..LIVE_EVENTS.min(events.len())],
         sync,
-        false,
+        "poll",
     ));
     let live_sse = runtime.block_on(live_latency(
         &binary,
         &events[..LIVE_EVENTS.min(events.len())],
         sync,
-        true,
+        "sse",
     ));
 
     let runs = options.runs;

@@ -216,13 +216,13 @@ pub async fn start_up(binary: &Path, server: &FeedServer, caught_up: &Path) -> D
 }
 
 /// Events appended one by one at random moments to a feed the daemon follows with a 100 ms poll
-/// interval (and, with `sse`, told of each by the feed's live stream); for each, the time until
-/// a reader sees its checkpoint. Returns (p50, p99).
+/// interval and `live` ("poll", "sse" told by the feed's live stream, or "long-poll"); for
+/// each, the time until a reader sees its checkpoint. Returns (p50, p99).
 pub async fn live_latency(
     binary: &Path,
     events: &[StoredEvent],
     synchronous: Synchronous,
-    sse: bool,
+    live: &str,
 ) -> (Duration, Duration) {
     let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new())
         .await
@@ -233,13 +233,13 @@ pub async fn live_latency(
         projections: Projections::Both,
     };
     let config = write_config(dir.path(), flux, &server.url(), "100ms", synchronous);
-    if sse {
+    if live != "poll" {
         let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
-        let live = format!(
-            "poll_interval = \"100ms\"\nlive = \"sse\"\nlive_url = \"{}\"",
+        let keys = format!(
+            "poll_interval = \"100ms\"\nlive = \"{live}\"\nlive_url = \"{}\"",
             server.live_url()
         );
-        std::fs::write(&config, text.replace("poll_interval = \"100ms\"", &live))
+        std::fs::write(&config, text.replace("poll_interval = \"100ms\"", &keys))
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let database = dir.path().join("projector.db");
@@ -248,7 +248,7 @@ pub async fn live_latency(
     while server.page_requests() < 2 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    if sse {
+    if live != "poll" {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total = events.len();

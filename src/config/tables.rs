@@ -138,6 +138,10 @@ pub struct FeedConfig {
     #[serde(default)]
     pub live: Live,
     pub live_url: Option<Spanned<FeedUrl>>,
+    /// With `live = "long-poll"`: how long the feed may hold a page request at its head
+    /// (sent as `wait=SECONDS`); the request's timeout is raised by as much.
+    #[serde(default = "defaults::long_poll_wait")]
+    pub long_poll_wait: Interval,
     /// While pages come back full, how many are asked for at once, kept in order (1: one
     /// after the other). Pages of 1 MiB or more are read one at a time.
     #[serde(default = "defaults::page_lookahead")]
@@ -253,6 +257,8 @@ pub enum Live {
     #[default]
     Poll,
     Sse,
+    #[serde(rename = "long-poll")]
+    LongPoll,
 }
 
 /// What a projection does with an event it cannot apply (a poison event).
@@ -300,6 +306,9 @@ mod defaults {
     /// answers it has (measured in BENCHMARKS.md).
     pub fn body_concurrency() -> Concurrency {
         Concurrency(32)
+    }
+    pub fn long_poll_wait() -> Interval {
+        Interval(Duration::from_secs(30))
     }
     pub fn page_lookahead() -> Concurrency {
         Concurrency(4)

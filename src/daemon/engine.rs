@@ -330,6 +330,7 @@ fn read_policy(feed: &FeedConfig) -> ReadPolicy {
         poll_interval: feed.poll_interval.0,
         body_concurrency: feed.body_concurrency.0,
         page_lookahead: feed.page_lookahead.0,
+        long_poll: (feed.live == crate::config::Live::LongPoll).then_some(feed.long_poll_wait.0),
         backoff: Backoff {
             initial: feed.retry_initial.0,
             max: feed.retry_max.0,

@@ -493,6 +493,19 @@ async fn page(
                 .into_response()
         }
     };
+    // Long-poll (`wait=SECONDS`): at the head, the answer waits for events, or the time.
+    if let Some(seconds) = query.get("wait").and_then(|text| text.parse::<u64>().ok()) {
+        let mut head = shared.head.subscribe();
+        let waited = std::time::Duration::from_secs(seconds);
+        let _ = tokio::time::timeout(waited, async {
+            while (*head.borrow_and_update() as usize) <= offset {
+                if head.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
     let json = {
         let store = shared.store.read().unwrap_or_else(PoisonError::into_inner);
         let page_size = match format {

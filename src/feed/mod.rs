@@ -19,6 +19,7 @@ pub mod live;
 pub mod page;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::Uri;
 use url::Url;
@@ -45,6 +46,15 @@ impl Http {
     async fn get(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
         match self {
             Http::Hyper(client) => client.get(url).await,
+            #[cfg(feature = "http-ab")]
+            Http::Reqwest(client) => client.get(url).await,
+        }
+    }
+
+    /// As `get`, with `extra` more time for the answer (a long-poll's wait).
+    async fn get_within(&self, url: &Uri, extra: Duration) -> Result<Vec<u8>, FetchErrorKind> {
+        match self {
+            Http::Hyper(client) => client.get_within(url, extra).await,
             #[cfg(feature = "http-ab")]
             Http::Reqwest(client) => client.get(url).await,
         }
@@ -143,15 +153,44 @@ impl FeedClient {
         page
     }
 
+    /// The page at `offset`, which the feed may hold for up to `wait` until it has events
+    /// there (`live = "long-poll"`, `wait=SECONDS`); empty if none came.
+    pub async fn fetch_page_waiting(
+        &self,
+        offset: u64,
+        wait: Duration,
+    ) -> Result<Page, FetchError> {
+        let counted = crate::metrics::metrics().request(&self.name, "page");
+        let page = self.fetch_page_uncounted_waiting(offset, Some(wait)).await;
+        counted.ended(page.as_ref().err().map(|err| &err.kind));
+        page
+    }
+
     async fn fetch_page_uncounted(&self, offset: u64) -> Result<Page, FetchError> {
+        self.fetch_page_uncounted_waiting(offset, None).await
+    }
+
+    async fn fetch_page_uncounted_waiting(
+        &self,
+        offset: u64,
+        wait: Option<Duration>,
+    ) -> Result<Page, FetchError> {
         let mut url = self.feed_url.clone();
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string());
+        if let Some(wait) = wait {
+            url.query_pairs_mut()
+                .append_pair("wait", &wait.as_secs().max(1).to_string());
+        }
         let what = || format!("page at offset {offset} ({})", crate::shown::url(&url));
         let failed = |kind: FetchErrorKind| kind.fetching(FetchTarget::Page, what());
         let uri =
             parse_uri(url.as_str()).map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
-        let bytes = self.http.get(&uri).await.map_err(failed)?;
+        let bytes = match wait {
+            Some(wait) => self.http.get_within(&uri, wait).await,
+            None => self.http.get(&uri).await,
+        }
+        .map_err(failed)?;
         let unread = match self.read_page(bytes, self.format) {
             Ok(page) => return Ok(page),
             Err(unread) => unread,

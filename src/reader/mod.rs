@@ -55,6 +55,8 @@ pub struct ReadPolicy {
     pub body_concurrency: usize,
     /// Pages asked for at once while they come back full.
     pub page_lookahead: usize,
+    /// `live = "long-poll"`: at the head, the next page is asked for with this wait.
+    pub long_poll: Option<Duration>,
     pub backoff: Backoff,
 }
 

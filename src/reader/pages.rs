@@ -127,6 +127,21 @@ impl PageReader {
         ahead.fetch.await.ok()
     }
 
+    /// At the head with `live = "long-poll"`: asks for the page after the head, which the feed
+    /// holds until events come or `wait` passes; the page, if events came. A feed that answers
+    /// at once with nothing does not hold requests: the poll interval is waited instead.
+    async fn long_poll(&mut self, wait: std::time::Duration) -> Option<Page> {
+        let started = tokio::time::Instant::now();
+        match self.client.fetch_page_waiting(self.offset, wait).await {
+            Ok(page) if !page.is_empty() => return Some(page),
+            Ok(_) if started.elapsed() >= wait / 2 => return None,
+            Ok(_) => {}
+            Err(err) => self.monitor.failed(&err),
+        }
+        crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut()).await;
+        None
+    }
+
     /// After a page of `len` entries, of which `small` says it was under 1 MiB: while pages
     /// come back full, keeps up to `page_lookahead` of the next ones asked for.
     fn read_ahead(&mut self, len: usize, small: bool) {
@@ -160,18 +175,31 @@ impl PageReader {
     /// interval). Retries failures until it has an answer; an
     /// error is one that is not retried (the feed was rewritten), and the end of the pages.
     async fn next_page(&mut self) -> Result<(u64, Page, Option<OwnedSemaphorePermit>), FetchError> {
+        let mut waited = None;
         if self.idle {
-            crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut()).await;
+            match self.policy.long_poll {
+                Some(wait) => waited = self.long_poll(wait).await,
+                None => {
+                    crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut())
+                        .await
+                }
+            }
         }
         loop {
-            let verify = self.last_read.clone().filter(|_| self.idle);
+            // A page a long-poll brought is the next one, read without the check of the last
+            // event, which the next poll at the head makes.
+            let verify = self
+                .last_read
+                .clone()
+                .filter(|_| self.idle && waited.is_none());
             let fetch_at = verify.as_ref().map_or(self.offset, |(at, _)| *at);
-            let ahead = match verify {
-                Some(_) => {
+            let ahead = match (waited.take(), &verify) {
+                (Some(page), _) => Some(Ok(page)),
+                (None, Some(_)) => {
                     self.ahead.clear();
                     None
                 }
-                None => self.take_ahead(fetch_at).await,
+                (None, None) => self.take_ahead(fetch_at).await,
             };
             let (mut page, slot) = match ahead {
                 Some(Ok(page)) => (page, None),

@@ -105,7 +105,13 @@ impl HttpClient {
 
     /// GETs `url` and returns the whole body of a 2xx answer, inflated if it was gzipped.
     pub async fn get(&self, url: &Uri) -> Result<Vec<u8>, FetchErrorKind> {
-        let timeout = self.settings.request_timeout;
+        self.get_within(url, Duration::ZERO).await
+    }
+
+    /// As `get`, with `extra` more time than `request_timeout` for the answer (the wait of a
+    /// long-poll, which the feed may hold that long).
+    pub async fn get_within(&self, url: &Uri, extra: Duration) -> Result<Vec<u8>, FetchErrorKind> {
+        let timeout = self.settings.request_timeout + extra;
         tokio::time::timeout(timeout, self.get_following_redirects(url))
             .await
             .unwrap_or_else(|_| {
