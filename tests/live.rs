@@ -23,6 +23,26 @@ fn config(harness: &Harness, poll_interval: &str, feed_keys: &str) {
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Appends the events of `all` after `from` one at a time, each seen applied before the next
+/// (with an hour between polls, only the live mode under test can have brought it); then the
+/// read model is exact and the daemon stops cleanly.
+async fn see_each_event_as_it_is_appended(
+    harness: &Harness,
+    mut daemon: common::Daemon,
+    all: &[projector::demo::feed_server::StoredEvent],
+    from: usize,
+) {
+    for (at, event) in all[from..].iter().enumerate() {
+        harness.server.append(vec![event.clone()]);
+        harness
+            .wait_for_checkpoints(&mut daemon, BOTH, (from + at + 1) as u64)
+            .await;
+    }
+    harness.assert_exact(all);
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_on_the_live_stream_makes_the_reader_fetch_at_once() {
     let all = bank::generate(60, 600);
@@ -36,16 +56,7 @@ async fn a_message_on_the_live_stream_makes_the_reader_fetch_at_once() {
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 500).await;
     wait_for_log(&mut daemon, "live stream open").await;
-    for (at, event) in all[500..].iter().enumerate() {
-        harness.server.append(vec![event.clone()]);
-        // An hour between polls: only the stream can have said the feed moved.
-        harness
-            .wait_for_checkpoints(&mut daemon, BOTH, 501 + at as u64)
-            .await;
-    }
-    harness.assert_exact(&all);
-    let (status, log) = daemon.terminate().await;
-    assert!(status.success(), "{log}");
+    see_each_event_as_it_is_appended(&harness, daemon, &all, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -59,16 +70,7 @@ async fn a_page_request_held_at_the_head_brings_new_events_at_once() {
     );
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 500).await;
-    for (at, event) in all[500..].iter().enumerate() {
-        harness.server.append(vec![event.clone()]);
-        // An hour between polls: only the held request can have brought it.
-        harness
-            .wait_for_checkpoints(&mut daemon, BOTH, 501 + at as u64)
-            .await;
-    }
-    harness.assert_exact(&all);
-    let (status, log) = daemon.terminate().await;
-    assert!(status.success(), "{log}");
+    see_each_event_as_it_is_appended(&harness, daemon, &all, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
