@@ -240,8 +240,12 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-pub fn load_checkpoint(tx: &Transaction, projection: &str) -> rusqlite::Result<Option<Checkpoint>> {
-    tx.prepare_cached(
+/// `projection`'s committed checkpoint; inside the writer's transaction, what it has written.
+pub fn load_checkpoint(
+    conn: &Connection,
+    projection: &str,
+) -> rusqlite::Result<Option<Checkpoint>> {
+    conn.prepare_cached(
         "SELECT next_offset, last_event_id FROM projector_checkpoints WHERE projection = ?1",
     )?
     .query_row([projection], |row| checkpoint_at(row, 0))

@@ -70,9 +70,9 @@ impl Writer {
         // attaching the shadow.
         let behind = match (
             shadow.checkpoint(),
-            live_checkpoint(&self.conn, &shadow.projection),
+            store::load_checkpoint(&self.conn, &shadow.projection),
         ) {
-            (Ok(rebuilt), Ok(live)) => rebuilt.next_offset < live,
+            (Ok(rebuilt), Ok(live)) => rebuilt.next_offset < live.unwrap_or_default().next_offset,
             _ => false,
         };
         if behind {
@@ -244,12 +244,6 @@ impl Writer {
         }
         Ok(outcome)
     }
-}
-
-/// The next offset of `projection`'s committed checkpoint (0 before it has one).
-fn live_checkpoint(conn: &rusqlite::Connection, projection: &str) -> rusqlite::Result<u64> {
-    let tx = conn.unchecked_transaction()?;
-    store::load_checkpoint(&tx, projection).map(|c| c.unwrap_or_default().next_offset)
 }
 
 /// Where an event stands against a projection's checkpoint.

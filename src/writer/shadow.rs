@@ -107,8 +107,7 @@ impl Shadow {
 
     /// Where the shadow stands.
     pub fn checkpoint(&self) -> rusqlite::Result<Checkpoint> {
-        let tx = self.conn.unchecked_transaction()?;
-        store::load_checkpoint(&tx, &self.member).map(Option::unwrap_or_default)
+        store::load_checkpoint(&self.conn, &self.member).map(Option::unwrap_or_default)
     }
 
     /// The dead letters the rebuild recorded so far.
