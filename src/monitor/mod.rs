@@ -15,10 +15,12 @@ use tokio::sync::watch;
 
 use crate::control::protocol::{FeedState, FeedStatus, LastError, ProjectionStatus, RebuildStatus};
 use crate::feed::error::FetchError;
+use crate::metrics::{metrics, FeedLabels, ProjectionLabels};
 use crate::shown::{shortened, ERROR_SHOWN, ID_SHOWN};
 use crate::writer::{rebuilt_projection, BatchOutcome, StartingPoint};
 pub use hint::hint_for;
 use hint::HintRun;
+use prometheus_client::metrics::counter::Counter;
 
 /// The window the recent rate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -61,6 +63,9 @@ impl ReaderPhase {
 pub struct FeedMonitor {
     feed: String,
     progress: watch::Sender<Progress>,
+    /// The feed's series of the process's metrics, which outlive the monitor (a reload).
+    events_read: Counter,
+    retries: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +111,9 @@ struct ProjectionProgress {
     last_applied_at: Option<SystemTime>,
     /// The `created` time of the last event it went past, where the feed gives one it reads.
     last_created: Option<SystemTime>,
+    /// Its series of the process's metrics.
+    applied_total: Counter,
+    dead_letters_total: Counter,
 }
 
 /// A run of failed requests, logged when it starts and when it ends rather than per retry.
@@ -122,10 +130,17 @@ impl FeedMonitor {
             projections: points
                 .iter()
                 .map(|point| {
+                    let labels = ProjectionLabels {
+                        feed: feed.to_string(),
+                        projection: point.projection.clone(),
+                    };
                     let progress = ProjectionProgress {
                         next_offset: point.checkpoint.next_offset,
                         frozen: point.frozen,
                         dead_letters: point.dead_letters,
+                        // Created at 0, so that a rate over them starts from the beginning.
+                        applied_total: metrics().events_applied.get_or_create(&labels).clone(),
+                        dead_letters_total: metrics().dead_letters.get_or_create(&labels).clone(),
                         ..ProjectionProgress::default()
                     };
                     (point.projection.clone(), progress)
@@ -141,9 +156,14 @@ impl FeedMonitor {
             moved_at: Some(Instant::now()),
             ..Progress::default()
         };
+        let labels = FeedLabels {
+            feed: feed.to_string(),
+        };
         FeedMonitor {
             feed: feed.to_string(),
             progress: watch::Sender::new(progress),
+            events_read: metrics().events_read.get_or_create(&labels).clone(),
+            retries: metrics().retries.get_or_create(&labels).clone(),
         }
     }
 
@@ -276,19 +296,13 @@ impl FeedMonitor {
     pub fn committed(&self, outcome: &BatchOutcome) {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let metrics = crate::metrics::metrics();
         self.progress.send_modify(|p| {
             p.commit_failing = false;
             let range = &outcome.offsets;
             let first_new = range.start.max(p.read_up_to);
             let read = range.end.saturating_sub(first_new);
             p.events_read += read;
-            metrics
-                .events_read
-                .get_or_create(&crate::metrics::FeedLabels {
-                    feed: self.feed.clone(),
-                })
-                .inc_by(read);
+            self.events_read.inc_by(read);
             p.read_up_to = p.read_up_to.max(range.end);
             p.events_seen += range.end - range.start;
             p.samples.push_back((now, p.events_seen));
@@ -300,20 +314,11 @@ impl FeedMonitor {
                 p.samples.pop_front();
             }
             for done in &outcome.projections {
-                let labels = crate::metrics::ProjectionLabels {
-                    feed: self.feed.clone(),
-                    projection: done.projection.clone(),
-                };
-                metrics
-                    .events_applied
-                    .get_or_create(&labels)
-                    .inc_by(done.applied as u64);
-                // Created at 0 too, so that a rate over it starts from the beginning.
-                metrics
-                    .dead_letters
-                    .get_or_create(&labels)
-                    .inc_by(done.dead_lettered as u64);
                 if let Some(projection) = p.projections.get_mut(&done.projection) {
+                    projection.applied_total.inc_by(done.applied as u64);
+                    projection
+                        .dead_letters_total
+                        .inc_by(done.dead_lettered as u64);
                     if done.checkpoint.next_offset > projection.next_offset {
                         p.moved_at = Some(now);
                     }
@@ -345,7 +350,7 @@ impl FeedMonitor {
     /// A request failed and will be retried.
     pub fn failed(&self, err: &FetchError) {
         let message = shortened(&err.to_string(), ERROR_SHOWN).into_owned();
-        self.count_retry();
+        self.retries.inc();
         self.progress.send_modify(|p| {
             p.retries += 1;
             match p.streak.as_mut() {
@@ -372,21 +377,12 @@ impl FeedMonitor {
     /// as the feed's state until a batch commits; the reader logs it and retries.
     pub fn commit_failed(&self, message: String) {
         let message = shortened(&message, ERROR_SHOWN).into_owned();
-        self.count_retry();
+        self.retries.inc();
         self.progress.send_modify(|p| {
             p.commit_failing = true;
             p.retries += 1;
             p.last_error = Some((message, SystemTime::now()));
         });
-    }
-
-    fn count_retry(&self) {
-        crate::metrics::metrics()
-            .retries
-            .get_or_create(&crate::metrics::FeedLabels {
-                feed: self.feed.clone(),
-            })
-            .inc();
     }
 
     /// Failures so far in the current streak (0 when the feed is healthy).
