@@ -67,33 +67,28 @@ pub struct Metrics {
     scrape: std::sync::Mutex<()>,
 }
 
-/// A request to the feed under way, counted when it ends.
+/// A request to the feed under way, counted when it is dropped: with how it ended, or as
+/// `cancelled` if it was dropped unfinished.
 pub struct CountedRequest {
     metrics: &'static Metrics,
     feed: String,
     kind: &'static str,
     started: std::time::Instant,
-    ended: bool,
+    outcome: &'static str,
 }
 
 impl CountedRequest {
     /// The request ended: well, or with `failure`.
     pub fn ended(mut self, failure: Option<&FetchErrorKind>) {
-        self.ended = true;
-        let outcome = failure.map_or("ok", FetchErrorKind::label);
-        let seconds = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .count_request(&self.feed, self.kind, seconds, outcome);
+        self.outcome = failure.map_or("ok", FetchErrorKind::label);
     }
 }
 
 impl Drop for CountedRequest {
     fn drop(&mut self) {
-        if !self.ended {
-            let seconds = self.started.elapsed().as_secs_f64();
-            self.metrics
-                .count_request(&self.feed, self.kind, seconds, "cancelled");
-        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .count_request(&self.feed, self.kind, seconds, self.outcome);
     }
 }
 
@@ -185,7 +180,7 @@ impl Metrics {
             feed: feed.to_string(),
             kind,
             started: std::time::Instant::now(),
-            ended: false,
+            outcome: "cancelled",
         }
     }
 
