@@ -169,6 +169,7 @@ mod tests {
                 ..EventMeta::default()
             },
             payload: Some(payload.into()),
+            page: None,
         }
     }
 

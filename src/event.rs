@@ -5,6 +5,7 @@
 //! offset N is followed by the one at N + 1; checkpoints rely on that.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -17,6 +18,18 @@ pub struct Event {
     pub meta: EventMeta,
     /// `None` when no projection on the feed handles this type: its body is never fetched.
     pub payload: Option<Payload>,
+    /// Where the page the event was read from is, on a feed paged by links or cursors; `None`
+    /// on a feed paged by offsets, and on the first page.
+    pub page: Option<Arc<PagePlace>>,
+}
+
+/// Where a page of a feed paged by links or cursors is: the link or cursor it was asked for
+/// with, and the offset of its first event. A checkpoint keeps its last event's, so that a
+/// restart reads on from that page rather than from the feed's first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagePlace {
+    pub cursor: String,
+    pub first_offset: u64,
 }
 
 /// What a feed's page says of an event besides its payload.
@@ -179,6 +192,7 @@ mod tests {
                 ..EventMeta::default()
             },
             payload,
+            page: None,
         }
     }
 

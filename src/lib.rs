@@ -24,6 +24,8 @@ pub mod event;
 pub mod feed;
 /// The files and folders the daemon makes, guarded from the other users of the machine.
 pub mod files;
+/// JSON pointers, as a feed's mapping names its events' fields.
+pub mod json_pointer;
 /// Logs: text with colours on a terminal, journald-ready under systemd, or JSON.
 pub mod logging;
 /// Prometheus metrics, health and readiness.

@@ -45,6 +45,7 @@ pub fn storage_limit(
                 created: e.created.clone(),
             },
             payload: Payload::from_json(e.body.clone().into_bytes()).ok(),
+            page: None,
         })
         .collect();
     let names: Vec<String> = projections.iter().map(|p| p.name.clone()).collect();

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use super::exit::Exit;
 use crate::config::{Config, ConfigSource, FeedConfig};
-use crate::feed::FeedClient;
+use crate::event::PagePlace;
+use crate::feed::{FeedClient, PageAt};
 use crate::projection::{shape, ConfiguredProjection};
 
 /// How far `--probe` reads each feed: its first pages, up to this many events.
@@ -165,8 +166,15 @@ async fn probe_feed(
     let mut read = 0u64;
     let mut pages = 0;
     let mut at_head = false;
+    let named = client.paging().follows_pages();
+    // On a feed paged by links or cursors, the page the last one named.
+    let mut next: Option<PagePlace> = None;
     while pages < PROBE_PAGES && read < PROBE_EVENTS {
-        let mut page = match client.fetch_page(read).await {
+        let at = match named {
+            true => PageAt::Named(next.as_ref()),
+            false => PageAt::Offset(read),
+        };
+        let mut page = match client.fetch_page_at(at, None).await {
             Ok(page) => page,
             Err(err) => {
                 say!("  feed {} cannot be read: {err}", feed.name());
@@ -186,9 +194,26 @@ async fn probe_feed(
         }
         read += entries.len() as u64;
         pages += 1;
+        if named {
+            match page.next.take() {
+                Some(cursor) => {
+                    next = Some(PagePlace {
+                        cursor,
+                        first_offset: read,
+                    })
+                }
+                None => {
+                    at_head = true;
+                    break;
+                }
+            }
+        }
     }
     let head = if at_head {
         Some(read)
+    } else if named {
+        // Finding the head asks for pages by offset.
+        None
     } else {
         crate::reader::find_head(&client, read).await.ok()
     };

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod error;
+pub mod mapping;
 mod tables;
 mod values;
 
@@ -142,6 +143,20 @@ impl Config {
                         feed.name()
                     ),
                 ));
+            }
+            if let Some(mapping) = &feed.mapping {
+                let long_poll_named = feed.live == Live::LongPoll && mapping.paging.follows_pages();
+                let problem = match feed.format {
+                    _ if long_poll_named => Some("live = \"long-poll\" asks for the page after the head by its offset: with paging by links, cursors or none, use live = \"sse\" or \"poll\"".to_string()),
+                    FeedFormat::Flux => Some("a mapping reads inline feeds: set format = \"inline\"".to_string()),
+                    FeedFormat::Inline => mapping.problem(),
+                };
+                if let Some(problem) = problem {
+                    return Err(ConfigError::new(
+                        src.locate(&feed.name),
+                        format!("feed {:?}: [feed.mapping]: {problem}", feed.name()),
+                    ));
+                }
             }
             if feed.retry_max.0 < feed.retry_initial.0 {
                 return Err(ConfigError::new(

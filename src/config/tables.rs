@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::mapping::{Mapping, Paging};
 use super::values::{
     BodyOrigin, ByteLimit, Concurrency, FeedUrl, FileMode, Interval, Name, SecretSource,
 };
@@ -180,11 +181,19 @@ pub struct FeedConfig {
     /// A PEM certificate chain and its private key, for feeds that ask for a client certificate.
     pub tls_client_cert: Option<Spanned<PathBuf>>,
     pub tls_client_key: Option<Spanned<PathBuf>>,
+    /// How an inline feed of another shape is read (`[feed.mapping]`); Eventhus's and Flux's
+    /// names without one.
+    pub mapping: Option<Mapping>,
 }
 
 impl FeedConfig {
     pub fn name(&self) -> &str {
         &self.name.get_ref().0
+    }
+
+    /// How the feed's pages follow one another.
+    pub fn paging(&self) -> Paging {
+        self.mapping.as_ref().map_or(Paging::Offset, |m| m.paging)
     }
 
     /// Relative files (secrets, certificates) are the config folder's.

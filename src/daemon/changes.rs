@@ -106,6 +106,8 @@ pub fn skip_halted_event(database: &Path, projection: &str) -> anyhow::Result<St
     let past = Checkpoint {
         next_offset: halted.offset + 1,
         last_event_id: Some(halted.event_id.clone()),
+        // The page before the halted event: the reader reads on from there past it.
+        page: checkpoint.page,
     };
     store::save_checkpoint(&tx, projection, &feed, &past)?;
     tx.commit()?;
@@ -137,6 +139,11 @@ pub fn reset_checkpoint(database: &Path, projection: &str, offset: u64) -> anyho
     let reset = Checkpoint {
         next_offset: offset,
         last_event_id: None,
+        // A page at or before the new checkpoint is read on from; else the first page.
+        page: checkpoint
+            .page
+            .clone()
+            .filter(|page| page.first_offset < offset),
     };
     store::save_checkpoint(&tx, projection, &feed, &reset)?;
     tx.commit()?;

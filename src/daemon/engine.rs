@@ -246,7 +246,8 @@ impl Readers {
                 tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
             }
             let budget = Budget::new(feed.max_buffered_bytes.0);
-            if feed.find_head {
+            // Probing for the head asks for pages by offset.
+            if feed.find_head && !feed.paging().follows_pages() {
                 self.tasks.spawn(follow_head(
                     client.clone(),
                     budget.clone(),
@@ -320,6 +321,7 @@ fn groups_by_checkpoint(points: &[&StartingPoint]) -> BTreeMap<(u64, String), Ve
                 projection: point.projection.clone(),
                 event_types: point.event_types.clone(),
                 next_offset: point.checkpoint.next_offset,
+                page: point.checkpoint.page.clone(),
             });
     }
     groups

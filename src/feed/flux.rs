@@ -5,6 +5,7 @@
 //! with a reason. Bodies may be served as `text/plain` (Go's json.Encoder), so the content type
 //! is not checked.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use hyper::Uri;
@@ -45,12 +46,12 @@ impl EntryFormat for Flux {
     const NAME: &'static str = "a Flux feed";
     type Raw<'a> = RawEntry;
 
-    fn list<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
+    fn list<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
         serde_json::from_slice::<RawList<T>>(bytes).map(|list| list.events)
     }
 
-    fn id(raw: &RawEntry) -> &str {
-        &raw.event_id
+    fn id<'r>(&self, raw: &'r RawEntry) -> Cow<'r, str> {
+        Cow::Borrowed(&raw.event_id)
     }
 
     fn entry(&self, raw: RawEntry) -> Result<PageEntry, String> {
@@ -74,6 +75,7 @@ impl EntryFormat for Flux {
                 created: raw.created,
             },
             body: EntryBody::At(url),
+            page: None,
         })
     }
 }

@@ -17,6 +17,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::page::{read_page, EntryBody, EntryFormat, PageEntry};
@@ -82,7 +83,7 @@ impl EntryFormat for Inline {
     const NAME: &'static str = "an inline feed";
     type Raw<'a> = RawEvent<'a>;
 
-    fn list<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
+    fn list<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first == Some(&b'[') {
             serde_json::from_slice(bytes)
@@ -91,8 +92,8 @@ impl EntryFormat for Inline {
         }
     }
 
-    fn id<'r>(raw: &'r RawEvent<'_>) -> &'r str {
-        &raw.id
+    fn id<'r>(&self, raw: &'r RawEvent<'_>) -> Cow<'r, str> {
+        Cow::Borrowed(&raw.id)
     }
 
     fn entry(&self, raw: RawEvent<'_>) -> Result<PageEntry, String> {
@@ -114,6 +115,7 @@ impl EntryFormat for Inline {
                 created: raw.created,
             },
             body: EntryBody::Inline(payload),
+            page: None,
         })
     }
 }

@@ -6,6 +6,9 @@
 //! carries it. The reader sees only `PageEntry`, so a format is a page parser and one
 //! `FeedFormat` variant.
 //!
+//! A feed with a `[feed.mapping]` is read by `mapped.rs`, and may be paged by next links or
+//! cursors instead of offsets: its pages are then asked for at the place a previous page named.
+//!
 //! A fetch error says what failed and how ([`error::FetchErrorKind`]); the reader decides from
 //! the kind whether to retry or halt. A shrunk or rewritten feed is found by the reader, which
 //! compares pages with what it applied.
@@ -16,6 +19,7 @@ pub mod flux;
 pub mod http;
 pub mod inline;
 pub mod live;
+pub mod mapped;
 pub mod page;
 
 use std::sync::Arc;
@@ -24,13 +28,15 @@ use std::time::Duration;
 use hyper::Uri;
 use url::Url;
 
+use crate::config::mapping::{Mapping, Paging};
 use crate::config::{ConfigError, ConfigSource, FeedConfig, FeedFormat};
-use crate::event::Payload;
+use crate::event::{PagePlace, Payload};
 use access::Access;
 use error::{FetchError, FetchErrorKind, FetchTarget};
 use flux::Flux;
 use http::{parse_uri, HttpClient, HttpSettings};
 use inline::Inline;
+use mapped::Mapped;
 use page::{Page, PageEntry, Unread, LAZY_PAGE_BYTES};
 
 /// The HTTP client behind a feed client: hyper-util's, or reqwest's for the A/B.
@@ -72,6 +78,17 @@ pub struct FeedClient {
     format: FeedFormat,
     /// How Flux entries are read: the feed URL they may be relative to, and where they may lead.
     flux: Arc<Flux>,
+    /// How an inline feed of its own shape is read, and paged.
+    mapped: Option<Arc<Mapped>>,
+}
+
+/// Where a page is asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum PageAt<'a> {
+    /// The page starting at an offset.
+    Offset(u64),
+    /// On a feed paged by links or cursors: the page a previous one named, or the first.
+    Named(Option<&'a PagePlace>),
 }
 
 impl FeedClient {
@@ -105,6 +122,7 @@ impl FeedClient {
                 feed_url,
                 format: feed.format,
                 flux,
+                mapped: None,
             });
         }
         let http = Http::Hyper(HttpClient::new(settings, access.clone(), tls));
@@ -114,6 +132,10 @@ impl FeedClient {
             feed_url,
             format: feed.format,
             flux,
+            mapped: feed
+                .mapping
+                .clone()
+                .map(|mapping| Arc::new(Mapped { mapping })),
         })
     }
 
@@ -145,52 +167,103 @@ impl FeedClient {
         }
     }
 
+    /// How the feed's pages follow one another.
+    pub fn paging(&self) -> Paging {
+        self.mapped
+            .as_ref()
+            .map_or(Paging::Offset, |mapped| mapped.mapping.paging)
+    }
+
     /// The page of entries starting at `offset`; empty at the head of the feed.
     pub async fn fetch_page(&self, offset: u64) -> Result<Page, FetchError> {
-        let counted = crate::metrics::metrics().request(&self.name, "page");
-        let page = self.fetch_page_uncounted(offset).await;
-        counted.ended(page.as_ref().err().map(|err| &err.kind));
-        page
+        self.fetch_page_at(PageAt::Offset(offset), None).await
     }
 
-    /// The page at `offset`, which the feed may hold for up to `wait` until it has events
-    /// there (`live = "long-poll"`, `wait=SECONDS`); empty if none came.
-    pub async fn fetch_page_waiting(
+    /// The page at `at`, which the feed may hold for up to `wait` until it has events there
+    /// (`live = "long-poll"`, `wait=SECONDS`); empty at the head, if none came. A next link
+    /// the page gives is resolved against the page's URL and checked as an entry's URL is.
+    pub async fn fetch_page_at(
         &self,
-        offset: u64,
-        wait: Duration,
-    ) -> Result<Page, FetchError> {
-        let counted = crate::metrics::metrics().request(&self.name, "page");
-        let page = self.fetch_page_uncounted_waiting(offset, Some(wait)).await;
-        counted.ended(page.as_ref().err().map(|err| &err.kind));
-        page
-    }
-
-    async fn fetch_page_uncounted(&self, offset: u64) -> Result<Page, FetchError> {
-        self.fetch_page_uncounted_waiting(offset, None).await
-    }
-
-    async fn fetch_page_uncounted_waiting(
-        &self,
-        offset: u64,
+        at: PageAt<'_>,
         wait: Option<Duration>,
     ) -> Result<Page, FetchError> {
+        let counted = crate::metrics::metrics().request(&self.name, "page");
+        let page = self.fetch_page_uncounted(at, wait).await;
+        counted.ended(page.as_ref().err().map(|err| &err.kind));
+        page
+    }
+
+    /// The URL of the page at `at`, or why there is none.
+    fn page_url(&self, at: PageAt<'_>, wait: Option<Duration>) -> Result<Url, String> {
+        let default = Mapping::default();
+        let mapping = self.mapped.as_ref().map_or(&default, |m| &m.mapping);
         let mut url = self.feed_url.clone();
-        url.query_pairs_mut()
-            .append_pair("offset", &offset.to_string());
+        match (at, mapping.paging) {
+            (PageAt::Offset(offset), _) => {
+                url.query_pairs_mut()
+                    .append_pair(&mapping.offset_param, &offset.to_string());
+            }
+            (PageAt::Named(_), Paging::None) | (PageAt::Named(None), _) => {}
+            (PageAt::Named(Some(place)), Paging::Link) => {
+                url = Url::parse(&place.cursor)
+                    .map_err(|err| format!("next link {:?} is not a URL: {err}", place.cursor))?;
+            }
+            (PageAt::Named(Some(place)), _) => {
+                url.query_pairs_mut()
+                    .append_pair(&mapping.cursor_param, &place.cursor);
+            }
+        }
+        let named_link = matches!(at, PageAt::Named(Some(_))) && mapping.paging == Paging::Link;
+        if let (Some(size), false) = (mapping.page_size, named_link) {
+            if mapping.paging != Paging::None {
+                url.query_pairs_mut()
+                    .append_pair(&mapping.limit_param, &size.to_string());
+            }
+        }
         if let Some(wait) = wait {
             url.query_pairs_mut()
                 .append_pair("wait", &wait.as_secs().max(1).to_string());
         }
-        let what = || format!("page at offset {offset} ({})", crate::shown::url(&url));
+        Ok(url)
+    }
+
+    async fn fetch_page_uncounted(
+        &self,
+        at: PageAt<'_>,
+        wait: Option<Duration>,
+    ) -> Result<Page, FetchError> {
+        let url = self.page_url(at, wait);
+        let what = || match (at, &url) {
+            (PageAt::Offset(offset), Ok(url)) => {
+                format!("page at offset {offset} ({})", crate::shown::url(url))
+            }
+            (_, Ok(url)) => format!("page at {}", crate::shown::url(url)),
+            (_, Err(_)) => "page".to_string(),
+        };
         let failed = |kind: FetchErrorKind| kind.fetching(FetchTarget::Page, what());
-        let uri =
-            parse_uri(url.as_str()).map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
+        let uri = url
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|url| parse_uri(url.as_str()))
+            .map_err(|reason| failed(FetchErrorKind::Unreadable(reason)))?;
         let bytes = match wait {
             Some(wait) => self.http.get_within(&uri, wait).await,
             None => self.http.get(&uri).await,
         }
         .map_err(failed)?;
+        if let Some(mapped) = &self.mapped {
+            let mut page = page::read_page(mapped.clone(), bytes, LAZY_PAGE_BYTES)
+                .map_err(|unread| failed(FetchErrorKind::Unreadable(unread.reason)))?;
+            if let (Some(next), Paging::Link, Ok(url)) = (&page.next, self.paging(), &url) {
+                page.next = Some(self.next_link(url, next).map_err(|reason| {
+                    failed(FetchErrorKind::Unreadable(format!(
+                        "its next link {}: {reason}",
+                        crate::shown::url_text(next)
+                    )))
+                })?);
+            }
+            return Ok(page);
+        }
         let unread = match self.read_page(bytes, self.format) {
             Ok(page) => return Ok(page),
             Err(unread) => unread,
@@ -208,6 +281,19 @@ impl FeedClient {
             _ => FetchErrorKind::Unreadable(unread.reason),
         };
         Err(failed(kind))
+    }
+
+    /// A page's next link, resolved against the page's URL, if the feed's access allows it.
+    fn next_link(&self, page_url: &Url, next: &str) -> Result<String, String> {
+        let resolved = page_url
+            .join(next)
+            .map_err(|err| format!("is not a URL: {err}"))?;
+        let uri = parse_uri(resolved.as_str())?;
+        self.flux
+            .access
+            .check(None, &uri)
+            .map_err(|reason| format!("is refused: {reason}"))?;
+        Ok(resolved.into())
     }
 
     fn read_page(&self, bytes: Vec<u8>, format: FeedFormat) -> Result<Page, Unread> {

@@ -3,6 +3,7 @@
 //! for: JSON of the format's shape, no event id listed twice, and entries up to the first one
 //! that cannot be read.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
@@ -12,13 +13,15 @@ use hyper::Uri;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::event::{EventMeta, Payload};
+use crate::event::{EventMeta, PagePlace, Payload};
 
 /// One entry of a feed page: an event's metadata, and its payload or where it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageEntry {
     pub meta: EventMeta,
     pub body: EntryBody,
+    /// Where its page is, on a feed paged by links or cursors (set by the reader).
+    pub page: Option<Arc<PagePlace>>,
 }
 
 impl PageEntry {
@@ -58,10 +61,15 @@ pub(super) trait EntryFormat: Send + Sync + 'static {
     type Raw<'a>: Deserialize<'a>;
 
     /// A page's entries, as `T`: raw entries, or their JSON text.
-    fn list<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error>;
-    fn id<'r>(raw: &'r Self::Raw<'_>) -> &'r str;
+    fn list<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error>;
+    /// The entry's id; empty if it has none (`entry` then says why it cannot be read).
+    fn id<'r>(&self, raw: &'r Self::Raw<'_>) -> Cow<'r, str>;
     /// The entry, or why it cannot be read.
     fn entry(&self, raw: Self::Raw<'_>) -> Result<PageEntry, String>;
+    /// The link or cursor the page gives to the page after it, for feeds paged that way.
+    fn next(&self, _bytes: &[u8]) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 }
 
 /// Pages this large or larger are kept as their bytes, their entries made a chunk at a time as
@@ -86,11 +94,17 @@ pub(super) fn read_page<F: EntryFormat>(
 ) -> Result<Page, Unread> {
     if bytes.len() < lazy_from {
         // One pass over the whole page: small pages are most pages.
-        let parsed = F::list::<F::Raw<'_>>(&bytes).map_err(|err| not_a_page::<F>(&bytes, err));
+        let parsed = format
+            .list::<F::Raw<'_>>(&bytes)
+            .map_err(|err| not_a_page::<F>(&bytes, err));
         let read = parsed.and_then(|raws| {
             let mut ids = HashSet::with_capacity(raws.len());
-            if let Some(twice) = raws.iter().map(F::id).find(|&id| !ids.insert(id)) {
-                return Err(listed_twice(twice));
+            if let Some(twice) = raws
+                .iter()
+                .map(|raw| format.id(raw))
+                .find(|id| !id.is_empty() && !ids.insert(id.clone()))
+            {
+                return Err(listed_twice(&twice));
             }
             let mut check = Check::default();
             let mut entries = VecDeque::with_capacity(raws.len());
@@ -99,16 +113,19 @@ pub(super) fn read_page<F: EntryFormat>(
                     entries.push_back(entry);
                 }
             }
-            check.finish()?;
-            Ok(Entries::Parsed(entries))
+            let cut = check.finish()?;
+            Ok((Entries::Parsed(entries), cut))
         });
-        return match read {
-            Ok(entries) => Ok(Page { entries }),
+        let next = read.and_then(|read| Ok((read, format.next(&bytes)?)));
+        return match next {
+            Ok(((entries, cut), next)) => Ok(Page { entries, cut, next }),
             Err(reason) => Err(Unread { reason, bytes }),
         };
     }
     let ranges = {
-        let texts = F::list::<&RawValue>(&bytes).map_err(|err| not_a_page::<F>(&bytes, err));
+        let texts = format
+            .list::<&RawValue>(&bytes)
+            .map_err(|err| not_a_page::<F>(&bytes, err));
         texts.and_then(|texts| {
             let start = bytes.as_ptr() as usize;
             let ids = RandomState::new();
@@ -120,25 +137,31 @@ pub(super) fn read_page<F: EntryFormat>(
                 let offset = text.as_ptr() as usize - start;
                 let raw = serde_json::from_str::<F::Raw<'_>>(text)
                     .map_err(|err| not_a_page::<F>(&bytes, in_page(&bytes, offset, &err)))?;
-                id_hashes.push((ids.hash_one(F::id(&raw)), index));
+                let id = format.id(&raw);
+                if !id.is_empty() {
+                    id_hashes.push((ids.hash_one(&*id), index));
+                }
                 if check.next(&*format, raw).is_some() {
                     ranges.push_back(offset..offset + text.len());
                 }
             }
             let id_at = |index: usize| {
                 serde_json::from_str::<F::Raw<'_>>(texts[index].get())
-                    .map(|raw| F::id(&raw).to_string())
+                    .map(|raw| format.id(&raw).into_owned())
                     .unwrap_or_default()
             };
             if let Some(twice) = first_repeated(&mut id_hashes, id_at) {
                 return Err(listed_twice(&twice));
             }
-            check.finish()?;
-            Ok(ranges)
+            let cut = check.finish()?;
+            let next = format.next(&bytes)?;
+            Ok((ranges, cut, next))
         })
     };
     match ranges {
-        Ok(ranges) => Ok(Page {
+        Ok((ranges, cut, next)) => Ok(Page {
+            cut,
+            next,
             entries: Entries::Lazy {
                 parse: Arc::new(move |text: &str| {
                     let raw =
@@ -244,11 +267,12 @@ impl Check {
         }
     }
 
-    /// An error if the page's first entry cannot be read.
-    fn finish(self) -> Result<(), String> {
+    /// An error if the page's first entry cannot be read; otherwise why the page was cut
+    /// short, if it was.
+    fn finish(self) -> Result<Option<String>, String> {
         match self.unreadable {
             Some(reason) if self.readable == 0 => Err(reason),
-            _ => Ok(()),
+            cut => Ok(cut),
         }
     }
 }
@@ -260,6 +284,10 @@ type EntryParser = Arc<dyn Fn(&str) -> Result<PageEntry, String> + Send + Sync>;
 /// one), taken from the front.
 pub struct Page {
     entries: Entries,
+    /// Why the page's entries end before its last one: an entry that cannot be read.
+    pub cut: Option<String>,
+    /// The link or cursor to the next page, for feeds that give one.
+    pub next: Option<String>,
 }
 
 enum Entries {

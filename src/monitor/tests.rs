@@ -11,6 +11,7 @@ fn point(name: &str, next_offset: u64) -> StartingPoint {
         checkpoint: Checkpoint {
             next_offset,
             last_event_id: None,
+            page: None,
         },
         dead_letters: 0,
         frozen: false,
@@ -32,6 +33,7 @@ fn batch(offsets: std::ops::Range<u64>, projections: &[(&str, usize, usize)]) ->
                 checkpoint: Checkpoint {
                     next_offset: offsets.end,
                     last_event_id: Some(format!("e{}", offsets.end - 1)),
+                    page: None,
                 },
                 applied: *applied,
                 dead_lettered: *dead_lettered,

@@ -395,6 +395,7 @@ mod tests {
                 ..EventMeta::default()
             },
             payload: Some(payload.into()),
+            page: None,
         }
     }
 

@@ -79,6 +79,7 @@ mod tests {
                     ..EventMeta::default()
                 },
                 payload: None,
+                page: None,
             },
             body_bytes,
         }

@@ -179,7 +179,7 @@ fn into_fetched(
     fetched: Option<(Payload, usize)>,
     wanted: bool,
 ) -> Fetched {
-    let PageEntry { meta, body } = entry;
+    let PageEntry { meta, body, page } = entry;
     let (payload, body_bytes) = match (fetched, body) {
         (Some((payload, bytes)), _) => (Some(payload), bytes),
         (None, EntryBody::Inline(payload)) if wanted => {
@@ -193,6 +193,7 @@ fn into_fetched(
             offset,
             meta,
             payload,
+            page,
         },
         body_bytes,
     }
@@ -217,6 +218,7 @@ mod tests {
                 ..EventMeta::default()
             },
             body,
+            page: None,
         }
     }
 

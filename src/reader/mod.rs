@@ -33,7 +33,7 @@ pub use head::{find_head, follow_head};
 use pages::PageReader;
 use retry::Backoff;
 
-use crate::event::Event;
+use crate::event::{Event, PagePlace};
 use crate::feed::error::FetchError;
 use crate::feed::FeedClient;
 use crate::monitor::{FeedMonitor, ReaderPhase};
@@ -46,6 +46,8 @@ pub struct Member {
     pub projection: String,
     pub event_types: EventTypes,
     pub next_offset: u64,
+    /// On a feed paged by links or cursors, the page its checkpoint's last event is on.
+    pub page: Option<PagePlace>,
 }
 
 /// How a feed is read.
@@ -235,6 +237,17 @@ impl FeedReader {
             .saturating_sub(1)
     }
 
+    /// On a feed paged by links or cursors, the page to read from: the one holding the event
+    /// before the lowest checkpoint, if a checkpoint knows it (else the feed's first).
+    fn start_page(&self) -> Option<PagePlace> {
+        let start = self.start_offset();
+        self.members
+            .iter()
+            .filter(|member| member.next_offset == start + 1)
+            .filter_map(|member| member.page.clone())
+            .find(|page| page.first_offset <= start)
+    }
+
     async fn follow(&mut self) -> Interruption {
         if self.members.is_empty() {
             return Interruption::AllMembersHalted;
@@ -247,7 +260,11 @@ impl FeedReader {
             (self.monitor.clone(), self.reader),
             self.policy.clone(),
             self.budget.clone(),
-            (self.start_offset(), known_end.unwrap_or(0)),
+            (
+                self.start_offset(),
+                known_end.unwrap_or(0),
+                self.start_page(),
+            ),
             self.moved.clone(),
         )
         .spawn();
@@ -408,6 +425,7 @@ impl FeedReader {
                 .find(|m| m.projection == done.projection)
             {
                 member.next_offset = done.checkpoint.next_offset;
+                member.page = done.checkpoint.page.clone();
             }
         }
         for halt in &outcome.halted {

@@ -11,6 +11,12 @@
 //! comes back short or empty ends the run, and what was asked for past it is dropped unread.
 //! Only small pages are read ahead (under 1 MiB, as the last one was), and only while the
 //! budget has room.
+//!
+//! A feed paged by next links or cursors is read by `pages/named.rs` instead: each page is asked
+//! for at the place the one before named, and the page holding the last event read is read
+//! again at each poll.
+
+mod named;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::budget::{Budget, Held};
 use super::retry::retry;
 use super::ReadPolicy;
+use crate::event::PagePlace;
 use crate::feed::error::{FetchError, FetchErrorKind, FetchTarget};
 use crate::feed::page::{Page, PageEntry};
 use crate::feed::FeedClient;
@@ -67,6 +74,17 @@ pub(super) struct PageReader {
     full_page: usize,
     /// Changes when the live stream says the feed moved.
     moved: Option<tokio::sync::watch::Receiver<u64>>,
+    /// On a feed paged by links or cursors, where its pages are.
+    named: Option<named::NamedPages>,
+}
+
+/// A page read, with the offset of its first entry, the feed's page slot (held until the page
+/// is read) and, on a feed paged by links or cursors, where the page is.
+struct FetchedPage {
+    first_offset: u64,
+    page: Page,
+    slot: Option<OwnedSemaphorePermit>,
+    place: Option<Arc<PagePlace>>,
 }
 
 /// A page asked for before its turn.
@@ -76,16 +94,21 @@ struct PageAhead {
 }
 
 impl PageReader {
-    /// Reads from `start` on, knowing that the feed had events below `known_end`.
+    /// Reads from `start` on, knowing that the feed had events below `known_end`; on a feed
+    /// paged by links or cursors, from the page at `start_page` (the first if None).
     pub(super) fn new(
         feed: String,
         client: FeedClient,
         (monitor, reader): (Arc<FeedMonitor>, usize),
         policy: ReadPolicy,
         budget: Arc<Budget>,
-        (start, known_end): (u64, u64),
+        (start, known_end, start_page): (u64, u64, Option<PagePlace>),
         moved: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> PageReader {
+        let named = client
+            .paging()
+            .follows_pages()
+            .then(|| named::NamedPages::starting_at(start_page));
         PageReader {
             feed,
             client,
@@ -102,6 +125,7 @@ impl PageReader {
             ahead: VecDeque::new(),
             full_page: 0,
             moved,
+            named,
         }
     }
 
@@ -132,13 +156,14 @@ impl PageReader {
     /// at once with nothing does not hold requests: the poll interval is waited instead.
     async fn long_poll(&mut self, wait: std::time::Duration) -> Option<Page> {
         let started = tokio::time::Instant::now();
-        match self.client.fetch_page_waiting(self.offset, wait).await {
+        let at = crate::feed::PageAt::Offset(self.offset);
+        match self.client.fetch_page_at(at, Some(wait)).await {
             Ok(page) if !page.is_empty() => return Some(page),
             Ok(_) if started.elapsed() >= wait / 2 => return None,
             Ok(_) => {}
             Err(err) => self.monitor.failed(&err),
         }
-        crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut()).await;
+        self.wait_at_head().await;
         None
     }
 
@@ -170,19 +195,18 @@ impl PageReader {
         }
     }
 
-    /// The next page and the offset of its first entry, with the feed's page slot (held until
-    /// the page is read); empty when the feed has nothing new (the next call then waits a poll
-    /// interval). Retries failures until it has an answer; an
-    /// error is one that is not retried (the feed was rewritten), and the end of the pages.
-    async fn next_page(&mut self) -> Result<(u64, Page, Option<OwnedSemaphorePermit>), FetchError> {
+    /// The next page, empty when the feed has nothing new (the next call then waits a poll
+    /// interval). Retries failures until it has an answer; an error is one that is not retried
+    /// (the feed was rewritten), and the end of the pages.
+    async fn next_page(&mut self) -> Result<FetchedPage, FetchError> {
+        if self.named.is_some() {
+            return self.next_named_page().await;
+        }
         let mut waited = None;
         if self.idle {
             match self.policy.long_poll {
                 Some(wait) => waited = self.long_poll(wait).await,
-                None => {
-                    crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut())
-                        .await
-                }
+                None => self.wait_at_head().await,
             }
         }
         loop {
@@ -221,67 +245,102 @@ impl PageReader {
                 }
             };
             if page.is_empty() && fetch_at < self.known_end {
-                // Perhaps a feed server restarted and not yet reloaded: wait for the events to
-                // come back. If others come back instead, the rewrite check halts.
-                let shrank = FetchErrorKind::Shrunk {
-                    head: fetch_at,
-                    last_known: self.known_end - 1,
-                }
-                .fetching(FetchTarget::Page, format!("page at offset {fetch_at}"));
-                self.monitor.failed(&shrank);
-                let delay = self.policy.backoff.delay(self.shrunk_polls, None);
-                self.shrunk_polls = self.shrunk_polls.saturating_add(1);
                 drop(slot);
-                tokio::time::sleep(delay).await;
+                self.shrunk(fetch_at).await;
                 continue;
             }
             self.shrunk_polls = 0;
             let mut first_offset = fetch_at;
-            if let Some((verified_offset, verified_id)) = &verify {
-                match page.first_id() {
-                    Some(first) if first != *verified_id => {
-                        return Err(FetchErrorKind::Rewritten {
-                            offset: *verified_offset,
-                            expected: verified_id.clone(),
-                            found: first,
-                        }
-                        .fetching(
-                            FetchTarget::Page,
-                            format!("page at offset {verified_offset}"),
-                        ));
-                    }
-                    Some(_) => {
-                        let _ = page.take(1);
-                        first_offset += 1;
-                    }
-                    // Handled above: an empty page below a known event is a shrink.
-                    None => {}
+            if let Some(verified) = &verify {
+                if verified_skipped(verified, &mut page)? {
+                    first_offset += 1;
                 }
             }
-            let Some(last) = page.last_id() else {
-                self.monitor.reached_head(self.offset);
-                self.monitor.set_phase(self.reader, ReaderPhase::Live);
-                self.idle = true;
-                if !self.reported_head {
-                    self.reported_head = true;
-                    tracing::info!(feed = %self.feed, offset = self.offset, "at the head of the feed");
-                }
-                return Ok((self.offset, page, slot));
-            };
-            self.idle = false;
-            self.offset = first_offset + page.len() as u64;
+            if page.is_empty() {
+                return Ok(self.at_head(page, slot));
+            }
+            self.reading(first_offset, &page);
             if verify.is_none() {
                 self.read_ahead(page.len(), page.bytes_held() == 0);
             }
-            self.known_end = self.known_end.max(self.offset);
-            self.last_read = Some((self.offset - 1, last));
-            self.monitor.saw_feed_up_to(self.offset);
-            if self.reported_head {
-                // New events after the head: reading them counts as catching up.
-                self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
-            }
-            return Ok((first_offset, page, slot));
+            return Ok(FetchedPage {
+                first_offset,
+                page,
+                slot,
+                place: None,
+            });
         }
+    }
+
+    /// Waits out the poll interval at the head, or until the live stream says the feed moved.
+    async fn wait_at_head(&mut self) {
+        crate::feed::live::wait_at_head(self.policy.poll_interval, self.moved.as_mut()).await;
+    }
+
+    /// The feed has no event at `fetch_at`, below an event it had: perhaps a feed server
+    /// restarted and not yet reloaded. Reported, and waited for with backoff; if other events
+    /// come back instead, the rewrite check halts.
+    async fn shrunk(&mut self, fetch_at: u64) {
+        let shrank = FetchErrorKind::Shrunk {
+            head: fetch_at,
+            last_known: self.known_end.saturating_sub(1),
+        }
+        .fetching(FetchTarget::Page, format!("page at offset {fetch_at}"));
+        self.monitor.failed(&shrank);
+        let delay = self.policy.backoff.delay(self.shrunk_polls, None);
+        self.shrunk_polls = self.shrunk_polls.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Nothing new: the reader is at the head.
+    fn at_head(&mut self, page: Page, slot: Option<OwnedSemaphorePermit>) -> FetchedPage {
+        self.monitor.reached_head(self.offset);
+        self.monitor.set_phase(self.reader, ReaderPhase::Live);
+        self.idle = true;
+        if !self.reported_head {
+            self.reported_head = true;
+            tracing::info!(feed = %self.feed, offset = self.offset, "at the head of the feed");
+        }
+        FetchedPage {
+            first_offset: self.offset,
+            page,
+            slot,
+            place: None,
+        }
+    }
+
+    /// The entries of `page`, from `first_offset` on, are the next ones read.
+    fn reading(&mut self, first_offset: u64, page: &Page) {
+        self.idle = false;
+        self.offset = first_offset + page.len() as u64;
+        self.known_end = self.known_end.max(self.offset);
+        if let Some(last) = page.last_id() {
+            self.last_read = Some((self.offset - 1, last));
+        }
+        self.monitor.saw_feed_up_to(self.offset);
+        if self.reported_head {
+            // New events after the head: reading them counts as catching up.
+            self.monitor.set_phase(self.reader, ReaderPhase::CatchingUp);
+        }
+    }
+}
+
+/// Checks that `page` starts with the event last read, `verified`, and takes it off: true if it
+/// did. An error if another event is there (the feed was rewritten); false if the page is empty.
+fn verified_skipped(verified: &(u64, String), page: &mut Page) -> Result<bool, FetchError> {
+    let (offset, id) = verified;
+    match page.first_id() {
+        Some(first) if first != *id => Err(FetchErrorKind::Rewritten {
+            offset: *offset,
+            expected: id.clone(),
+            found: first,
+        }
+        .fetching(FetchTarget::Page, format!("page at offset {offset}"))),
+        Some(_) => {
+            let _ = page.take(1);
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }
 
@@ -293,7 +352,12 @@ impl PageReader {
         let task = tokio::spawn(async move {
             loop {
                 self.budget.room().await;
-                let (first_offset, mut page, _slot) = match self.next_page().await {
+                let FetchedPage {
+                    first_offset,
+                    mut page,
+                    slot: _slot,
+                    place,
+                } = match self.next_page().await {
                     Ok(read) => read,
                     Err(err) => {
                         let _ = sender.send(Err(err)).await;
@@ -316,7 +380,12 @@ impl PageReader {
                 while !page.is_empty() {
                     self.budget.room_besides(Some(&page_held)).await;
                     let chunk = match page.take(CHUNK) {
-                        Ok(entries) => {
+                        Ok(mut entries) => {
+                            if place.is_some() {
+                                for entry in &mut entries {
+                                    entry.page = place.clone();
+                                }
+                            }
                             let weight = entries.iter().map(PageEntry::weight).sum();
                             let count = entries.len() as u64;
                             let chunk = Chunk {

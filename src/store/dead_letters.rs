@@ -73,6 +73,8 @@ impl StoredLetter {
                 created: meta.created,
             },
             payload,
+            // A retry moves no checkpoint.
+            page: None,
         })
     }
 }

@@ -329,6 +329,7 @@ mod tests {
         let moved = Checkpoint {
             next_offset: 8,
             last_event_id: Some("e7".into()),
+            page: None,
         };
         save_checkpoint(&tx, "p", "bank", &moved)?;
         assert!(projection_records(&tx)?[0].halted.is_none());

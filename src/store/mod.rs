@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Synchronous;
+use crate::event::PagePlace;
 use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
@@ -71,6 +72,9 @@ const MIGRATIONS: &[&str] = &[
         reason             TEXT NOT NULL,
         started_at         TEXT NOT NULL
     ) STRICT;",
+    // 4: on a feed paged by links or cursors, the page a checkpoint's last event is on.
+    "ALTER TABLE projector_checkpoints ADD COLUMN page_cursor TEXT;
+    ALTER TABLE projector_checkpoints ADD COLUMN page_first_offset INTEGER;",
 ];
 
 /// How long a writer waits for a lock held by someone else (an operator's shell, a backup).
@@ -82,7 +86,13 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Checkpoint {
     pub next_offset: u64,
     pub last_event_id: Option<String>,
+    /// On a feed paged by links or cursors, the page the event just before it is on; `None`
+    /// reads from the feed's first page.
+    pub page: Option<PagePlace>,
 }
+
+/// A checkpoint's columns, in `checkpoint_at`'s order.
+pub const CHECKPOINT_COLUMNS: &str = "next_offset, last_event_id, page_cursor, page_first_offset";
 
 /// One event a projection could not apply under `on_error = "skip"`.
 #[derive(Debug, Clone)]
@@ -245,26 +255,32 @@ pub fn load_checkpoint(
     conn: &Connection,
     projection: &str,
 ) -> rusqlite::Result<Option<Checkpoint>> {
-    conn.prepare_cached(
-        "SELECT next_offset, last_event_id FROM projector_checkpoints WHERE projection = ?1",
-    )?
+    conn.prepare_cached(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM projector_checkpoints WHERE projection = ?1"
+    ))?
     .query_row([projection], |row| checkpoint_at(row, 0))
     .optional()
 }
 
-/// The checkpoint in columns `first` (next_offset) and `first + 1` (last_event_id) of `row`.
-fn checkpoint_at(row: &rusqlite::Row, first: usize) -> rusqlite::Result<Checkpoint> {
+/// The checkpoint in the CHECKPOINT_COLUMNS of `row` from column `first` on.
+pub fn checkpoint_at(row: &rusqlite::Row, first: usize) -> rusqlite::Result<Checkpoint> {
+    let cursor: Option<String> = row.get(first + 2)?;
+    let page_first: Option<i64> = row.get(first + 3)?;
     Ok(Checkpoint {
         next_offset: row.get::<_, i64>(first)?.try_into().unwrap_or(0),
         last_event_id: row.get(first + 1)?,
+        page: cursor.zip(page_first).map(|(cursor, first)| PagePlace {
+            cursor,
+            first_offset: first.try_into().unwrap_or(0),
+        }),
     })
 }
 
 /// Every projection's checkpoint, by projection name (for readers: the demo, status, tests).
 pub fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<(String, Checkpoint)>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT projection, next_offset, last_event_id FROM projector_checkpoints ORDER BY projection",
-    )?;
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT projection, {CHECKPOINT_COLUMNS} FROM projector_checkpoints ORDER BY projection"
+    ))?;
     let rows = statement.query_map([], |row| Ok((row.get(0)?, checkpoint_at(row, 1)?)))?;
     rows.collect()
 }
@@ -276,11 +292,14 @@ pub fn save_checkpoint(
     checkpoint: &Checkpoint,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO projector_checkpoints (projection, feed, next_offset, last_event_id, updated_at)
-         VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+        "INSERT INTO projector_checkpoints
+             (projection, feed, next_offset, last_event_id, page_cursor, page_first_offset,
+              updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
          ON CONFLICT (projection) DO UPDATE SET
              feed = excluded.feed, next_offset = excluded.next_offset,
-             last_event_id = excluded.last_event_id, updated_at = excluded.updated_at,
+             last_event_id = excluded.last_event_id, page_cursor = excluded.page_cursor,
+             page_first_offset = excluded.page_first_offset, updated_at = excluded.updated_at,
              halted_offset = NULL, halted_event_id = NULL, halted_error = NULL, halted_at = NULL,
              halted_event_type = NULL, halted_payload = NULL, halted_event_meta = NULL",
     )?
@@ -288,7 +307,12 @@ pub fn save_checkpoint(
         projection,
         feed,
         offset_to_sql(checkpoint.next_offset),
-        checkpoint.last_event_id
+        checkpoint.last_event_id,
+        checkpoint.page.as_ref().map(|page| &page.cursor),
+        checkpoint
+            .page
+            .as_ref()
+            .map(|page| offset_to_sql(page.first_offset)),
     ])?;
     Ok(())
 }
@@ -392,9 +416,20 @@ mod tests {
         let checkpoint = Checkpoint {
             next_offset: 42,
             last_event_id: Some("e41".into()),
+            page: None,
         };
         save_checkpoint(&tx, "p", "bank", &checkpoint)?;
         assert_eq!(load_checkpoint(&tx, "p")?, Some(checkpoint));
+        let paged = Checkpoint {
+            next_offset: 45,
+            last_event_id: Some("e44".into()),
+            page: Some(PagePlace {
+                cursor: "https://feed.example/events?after=40".into(),
+                first_offset: 40,
+            }),
+        };
+        save_checkpoint(&tx, "p", "bank", &paged)?;
+        assert_eq!(read_checkpoints(&tx)?, vec![("p".to_string(), paged)]);
         Ok(tx.commit()?)
     }
 

@@ -192,6 +192,7 @@ impl Writer {
                 }
                 checkpoints[k].next_offset = event.offset + 1;
                 checkpoints[k].last_event_id = Some(event.meta.event_id.clone());
+                checkpoints[k].page = event.page.as_deref().cloned();
                 last_created[k] = Some(&event.meta.created);
             }
         }

@@ -136,15 +136,12 @@ impl Shadow {
         let tx = live.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let shadow_checkpoint = tx
             .query_row(
-                "SELECT next_offset, last_event_id FROM projector_shadow.projector_checkpoints
-                 WHERE projection = ?1",
+                &format!(
+                    "SELECT {} FROM projector_shadow.projector_checkpoints WHERE projection = ?1",
+                    store::CHECKPOINT_COLUMNS
+                ),
                 [&self.member],
-                |row| {
-                    Ok(Checkpoint {
-                        next_offset: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
-                        last_event_id: row.get(1)?,
-                    })
-                },
+                |row| store::checkpoint_at(row, 0),
             )
             .unwrap_or_default();
         let live_checkpoint = store::load_checkpoint(&tx, &self.projection)?.unwrap_or_default();

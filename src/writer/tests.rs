@@ -73,6 +73,7 @@ fn event(offset: u64, event_type: &str, amount: i64) -> Event {
             ..EventMeta::default()
         },
         payload: Some(json!({ "amount": amount }).into()),
+        page: None,
     }
 }
 
@@ -260,6 +261,7 @@ fn the_committed_checkpoint_decides_not_the_writers_memory() -> anyhow::Result<(
         let moved = Checkpoint {
             next_offset: 1,
             last_event_id: Some("id-0".into()),
+            page: None,
         };
         store::save_checkpoint(&tx, name, "f", &moved)?;
     }
