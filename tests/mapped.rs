@@ -1,16 +1,19 @@
 //! Feeds of other shapes, read with only a `[feed.mapping]` in the config, against the real
 //! binary: a feed paged by opaque cursors with its own field names, one paged by relative next
 //! links, and a JSON-lines export read whole. Each is applied exactly, across restarts (one of
-//! them a SIGKILL), and a restart reads on from the page its checkpoint kept, not from the first;
+//! them a SIGKILL, with every fifth page request failing), and a restart reads on from the page
+//! its checkpoint kept, not from the first;
 //! an event rewritten under the daemon halts the feed.
 
 mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
@@ -29,6 +32,10 @@ const BOTH: &[&str] = &["account_balances", "account_ledger"];
 struct OtherFeeds {
     events: Arc<Mutex<Vec<StoredEvent>>>,
     asked: Arc<Mutex<Vec<Asked>>>,
+    /// Whether every fifth request to the cursor feed fails (503).
+    flaky: Arc<AtomicBool>,
+    /// The position of an event served without its payload, for now.
+    hidden_body: Arc<Mutex<Option<usize>>>,
 }
 
 /// A request's path and query parameters.
@@ -110,8 +117,11 @@ fn own_shape(position: usize, event: &StoredEvent) -> Value {
 async fn cursor_page(
     State(feeds): State<OtherFeeds>,
     Query(query): Query<HashMap<String, String>>,
-) -> String {
+) -> Result<String, StatusCode> {
     let events = feeds.note("/api/stream", &query);
+    if feeds.flaky.load(Ordering::Relaxed) && feeds.asked("/api/stream").len() % 5 == 4 {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
     let start = match query.get("after") {
         Some(after) => position_of(after).unwrap_or(usize::MAX),
         None => 0,
@@ -124,7 +134,7 @@ async fn cursor_page(
     let end = (start + count).min(events.len());
     let items: Vec<Value> = (start..end).map(|at| own_shape(at, &events[at])).collect();
     let next = (end > start).then(|| cursor(end));
-    json!({"data": {"items": items}, "paging": {"next_cursor": next}}).to_string()
+    Ok(json!({"data": {"items": items}, "paging": {"next_cursor": next}}).to_string())
 }
 
 /// `GET /linked?page=N`: pages of 40, each full one with a relative link to the next.
@@ -136,7 +146,16 @@ async fn linked_page(
     let page: usize = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
     let start = (page * 40).min(events.len());
     let end = (start + 40).min(events.len());
-    let items: Vec<Value> = (start..end).map(|at| own_shape(at, &events[at])).collect();
+    let hidden = *feeds.hidden_body.lock().unwrap_or_else(|e| e.into_inner());
+    let items: Vec<Value> = (start..end)
+        .map(|at| match own_shape(at, &events[at]) {
+            mut event if Some(at) == hidden => {
+                event["body"] = Value::Null;
+                event
+            }
+            event => event,
+        })
+        .collect();
     let next = (end - start == 40).then(|| format!("linked?page={}", page + 1));
     json!({"events": items, "links": {"next": next}}).to_string()
 }
@@ -192,6 +211,7 @@ fn kept_cursor(harness: &Harness, projection: &str) -> Option<String> {
 async fn a_cursor_paged_feed_of_its_own_shape_is_applied_exactly_across_a_kill() {
     let all = bank::generate(70, 900);
     let (feeds, addr) = OtherFeeds::start(all[..400].to_vec()).await;
+    feeds.flaky.store(true, Ordering::Relaxed);
     let paging = r#"events = "/data/items"
 paging = "cursor"
 next = "/paging/next_cursor"
@@ -199,7 +219,6 @@ cursor_param = "after"
 limit_param = "count"
 page_size = 25"#;
     let harness = harness_for(&format!("http://{addr}/api/stream"), &mapping(paging)).await;
-    assert!(harness.run(&["check"]).status.success());
 
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
@@ -232,6 +251,8 @@ page_size = 25"#;
         .asked("/api/stream")
         .iter()
         .all(|query| query.get("count").map(String::as_str) == Some("25")));
+    // The failed requests were retried, not passed over.
+    assert!(daemon.log().contains("503"), "{}", daemon.log());
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 }
@@ -242,7 +263,20 @@ async fn a_feed_paged_by_relative_next_links_is_followed_and_read_on_after_a_res
     let (feeds, addr) = OtherFeeds::start(all[..230].to_vec()).await;
     let paging = "paging = \"link\"\nnext = \"/links/next\"";
     let harness = harness_for(&format!("http://{addr}/linked"), &mapping(paging)).await;
-    let mut daemon = harness.spawn();
+    let check = harness.run(&["check", "--probe"]);
+    let said = output_text(&check);
+    assert!(check.status.success(), "{said}");
+    assert!(said.contains("read 230 events"), "{said}");
+    // An event on the second page without its payload: the page is applied up to it, and the
+    // reader waits there, not following the page's next link, until the payload is served.
+    *feeds.hidden_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(50);
+    let mut daemon = harness.spawn_running().await;
+    harness
+        .wait_for_backoff(&mut daemon, &["has no payload at \"/body\""])
+        .await;
+    harness.wait_for_checkpoints(&mut daemon, BOTH, 50).await;
+    assert_eq!(harness.feed_status("bank")["state"], "backing_off");
+    *feeds.hidden_body.lock().unwrap_or_else(|e| e.into_inner()) = None;
     harness.wait_for_checkpoints(&mut daemon, BOTH, 230).await;
     // New events on the last page, short until now, and on the pages it then links to.
     feeds.append(&all[230..300]);
