@@ -19,6 +19,7 @@ pub async fn ab(
     let flux = Setup {
         format: FeedFormat::Flux,
         projections: Projections::Both,
+        mapping: None,
     };
     let total = events.len() as f64;
     println!(

@@ -67,6 +67,7 @@ async fn run(
     let setup = Setup {
         format: FeedFormat::Inline,
         projections: Projections::Both,
+        mapping: None,
     };
     let config = write_config(dir.path(), setup, &server.inline_url(), "50ms", synchronous);
     let database = dir.path().join("projector.db");

@@ -26,6 +26,8 @@
 //! `cargo bench -- --remote --events 20000 [--against BINARY]` runs only the remote case: the feed answering every
 //! request after 2 ms and after 5 ms, the Flux catch-up against the remote limit and against a
 //! sequential consumer.
+//! `cargo bench -- --mapped --runs 6` runs only the cost of a mapping: pairs of inline
+//! catch-ups, read as inline and through a `[feed.mapping]` naming every field.
 //! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each
 //! other: pairs of Flux catch-ups, one with hyper-util's client and one with reqwest's, the order
 //! alternating from pair to pair, and the medians of events/s and CPU an event for each.
@@ -34,6 +36,7 @@
 
 mod ab;
 mod large_pages;
+mod mapped;
 mod remote;
 mod runs;
 mod storage;
@@ -76,6 +79,8 @@ struct Options {
     remote: bool,
     /// Only the live latency, polled and pushed.
     live: bool,
+    /// Only inline catch-ups with and without a mapping, `runs` pairs.
+    mapped: bool,
 }
 
 fn options() -> Options {
@@ -88,6 +93,7 @@ fn options() -> Options {
         large_pages: false,
         remote: false,
         live: false,
+        mapped: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -103,6 +109,7 @@ fn options() -> Options {
             "--large-pages" => options.large_pages = true,
             "--remote" => options.remote = true,
             "--live" => options.live = true,
+            "--mapped" => options.mapped = true,
             "--against" => {
                 let path = args
                     .next()
@@ -205,6 +212,10 @@ fn main() {
         }
         return;
     }
+    if options.mapped {
+        runtime.block_on(mapped::mapped(&binary, &server, &events, sync, options.runs));
+        return;
+    }
     if options.large_pages {
         for binary in std::iter::once(&binary).chain(&options.against) {
             println!("{}:", binary.display());
@@ -252,14 +263,17 @@ fn main() {
     let flux = Setup {
         format: FeedFormat::Flux,
         projections: Projections::Both,
+        mapping: None,
     };
     let inline = Setup {
         format: FeedFormat::Inline,
         projections: Projections::Both,
+        mapping: None,
     };
     let inline_balances = Setup {
         format: FeedFormat::Inline,
         projections: Projections::BalancesOnly,
+        mapping: None,
     };
     let mut figures = Figures::default();
     // The last Flux catch-up's folder: its database is the warm one start-up is timed on.

@@ -40,6 +40,7 @@ pub async fn remote(
     let setup = Setup {
         format: FeedFormat::Flux,
         projections: Projections::Both,
+        mapping: None,
     };
     let mut daemon = Vec::new();
     let mut cpu_per_event = Vec::new();

@@ -19,6 +19,8 @@ use crate::{median, CONFIG_FILE};
 pub struct Setup {
     pub format: FeedFormat,
     pub projections: Projections,
+    /// A `[feed.mapping]` table's keys, for an inline feed read through a mapping.
+    pub mapping: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -64,6 +66,9 @@ pub fn write_config(
     toml.poll_interval = poll_interval.into();
     toml.retry = None;
     toml.daemon_keys = format!("synchronous = \"{synchronous}\"");
+    if let Some(mapping) = setup.mapping {
+        toml.feed_keys = format!("[feed.mapping]\n{mapping}\n");
+    }
     toml.projections = format!(
         "\n[[projection]]\nname = \"account_balances\"\nfeed = \"bank\"\nfile = {projection:?}\n{ledger}"
     );
@@ -231,6 +236,7 @@ pub async fn live_latency(
     let flux = Setup {
         format: FeedFormat::Flux,
         projections: Projections::Both,
+        mapping: None,
     };
     let config = write_config(dir.path(), flux, &server.url(), "100ms", synchronous);
     if live != "poll" {

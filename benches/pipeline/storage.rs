@@ -21,6 +21,7 @@ pub fn storage_limit(
     let setup = Setup {
         format: FeedFormat::Flux,
         projections,
+        mapping: None,
     };
     let config = write_config(
         dir.path(),
