@@ -213,7 +213,13 @@ fn main() {
         return;
     }
     if options.mapped {
-        runtime.block_on(mapped::mapped(&binary, &server, &events, sync, options.runs));
+        runtime.block_on(mapped::mapped(
+            &binary,
+            &server,
+            &events,
+            sync,
+            options.runs,
+        ));
         return;
     }
     if options.large_pages {

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use super::page::{EntryBody, EntryFormat, PageEntry};
 use crate::config::mapping::{Encoding, Mapping, Paging};
 use crate::event::{EventMeta, Payload};
-use crate::json_pointer::JsonPointer;
+use crate::json_pointer::{JsonPointer, Parsed};
 
 /// A feed's events as its mapping reads them.
 pub struct Mapped {
@@ -29,7 +29,7 @@ struct Wrapped<T> {
 
 impl EntryFormat for Mapped {
     const NAME: &'static str = "a mapped feed's";
-    type Raw<'a> = &'a RawValue;
+    type Raw<'a> = Parsed<'a>;
 
     fn list<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
         use serde::de::Error as _;
@@ -54,14 +54,15 @@ impl EntryFormat for Mapped {
         }
     }
 
-    fn id<'r>(&self, raw: &'r &RawValue) -> Cow<'r, str> {
+    fn id<'r>(&self, raw: &'r Parsed<'_>) -> Cow<'r, str> {
         text_at(raw, &self.mapping.id)
             .ok()
             .flatten()
             .map_or(Cow::Borrowed(""), Cow::Owned)
     }
 
-    fn entry(&self, raw: &RawValue) -> Result<PageEntry, String> {
+    fn entry(&self, raw: Parsed<'_>) -> Result<PageEntry, String> {
+        let raw = &raw;
         let mapping = &self.mapping;
         let required = |pointer: &JsonPointer, what: &str| match text_at(raw, pointer) {
             Ok(Some(text)) if !text.is_empty() => Ok(text),
@@ -115,23 +116,24 @@ impl EntryFormat for Mapped {
             return Ok(None);
         };
         let whole: &RawValue = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
-        text_at(whole, pointer)
+        let whole = Parsed::new(whole).map_err(|err| err.to_string())?;
+        text_at(&whole, pointer)
             .map(|next| next.filter(|next| !next.is_empty()))
             .map_err(|reason| format!("the page's next page {reason}"))
     }
 }
 
 /// The value at `pointer` in `raw`, unless it is missing or null.
-fn found<'a>(raw: &'a RawValue, pointer: &JsonPointer) -> Result<Option<&'a RawValue>, String> {
+fn found<'a>(raw: &Parsed<'a>, pointer: &JsonPointer) -> Result<Option<&'a RawValue>, String> {
     let value = pointer
-        .find(raw)
+        .find_parsed(raw)
         .map_err(|err| format!("the page has an event that is not JSON: {err}"))?;
     Ok(value.filter(|value| value.get() != "null"))
 }
 
 /// The text at `pointer` in `raw`: a string, or an integer as its decimal text; None if it is
 /// missing or null; an error (to follow the field's name) if it is anything else.
-fn text_at(raw: &RawValue, pointer: &JsonPointer) -> Result<Option<String>, String> {
+fn text_at(raw: &Parsed<'_>, pointer: &JsonPointer) -> Result<Option<String>, String> {
     let Some(value) = found(raw, pointer)? else {
         return Ok(None);
     };
