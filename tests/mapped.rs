@@ -1,8 +1,8 @@
 //! Feeds of other shapes, read with only a `[feed.mapping]` in the config, against the real
 //! binary: a feed paged by opaque cursors with its own field names, one paged by relative next
 //! links, and a JSON-lines export read whole. Each is applied exactly, across restarts (one of
-//! them a SIGKILL, with every fifth page request failing), and a restart reads on from the page
-//! its checkpoint kept, not from the first;
+//! them a SIGKILL, with every fifth page request failing, and a rebuild), and a restart reads on
+//! from the page its checkpoint kept, not from the first;
 //! an event rewritten under the daemon halts the feed.
 
 mod common;
@@ -253,6 +253,12 @@ page_size = 25"#;
         .all(|query| query.get("count").map(String::as_str) == Some("25")));
     // The failed requests were retried, not passed over.
     assert!(daemon.log().contains("503"), "{}", daemon.log());
+    // A rebuild reads the feed from its first page, and its checkpoint keeps its cursor too.
+    let output = harness.run(&["rebuild", "account_ledger"]);
+    assert!(output.status.success(), "{}", output_text(&output));
+    common::wait_for_log(&mut daemon, "rebuilt: the new tables replaced the old ones").await;
+    harness.assert_exact(&all);
+    assert_eq!(kept_cursor(&harness, "account_ledger"), Some(cursor(875)));
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
 }
