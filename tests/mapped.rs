@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Query, State};
@@ -36,6 +36,20 @@ struct OtherFeeds {
     flaky: Arc<AtomicBool>,
     /// The position of an event served without its payload, for now.
     hidden_body: Arc<Mutex<Option<usize>>>,
+    /// How the cursor feed names the next page (see `NextStyle`).
+    next_style: Arc<AtomicU8>,
+}
+
+/// How a cursor feed names the page after one; feeds do it each of these ways.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum NextStyle {
+    /// After any page with events: the cursor past its last event; none on an empty page.
+    AfterEvents = 0,
+    /// Only after a full page.
+    WhenFull = 1,
+    /// Always, an empty page at the head naming its own cursor.
+    Always = 2,
 }
 
 /// A request's path and query parameters.
@@ -133,7 +147,11 @@ async fn cursor_page(
         .unwrap_or(10);
     let end = (start + count).min(events.len());
     let items: Vec<Value> = (start..end).map(|at| own_shape(at, &events[at])).collect();
-    let next = (end > start).then(|| cursor(end));
+    let next = match feeds.next_style.load(Ordering::Relaxed) {
+        0 => (end > start).then(|| cursor(end)),
+        1 => (end - start == count).then(|| cursor(end)),
+        _ => Some(cursor(end)),
+    };
     Ok(json!({"data": {"items": items}, "paging": {"next_cursor": next}}).to_string())
 }
 
@@ -261,6 +279,53 @@ page_size = 25"#;
     assert_eq!(kept_cursor(&harness, "account_ledger"), Some(cursor(875)));
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
+}
+
+/// For every way of naming the next page, and pages of several sizes: events appended in
+/// chunks, some one at a time, the daemon stopped or killed between them. Exact at the end, and
+/// no restart reads the feed's first page again.
+#[tokio::test(flavor = "multi_thread")]
+async fn cursor_feeds_of_every_next_style_are_exact_across_restarts() {
+    let styles = [
+        (NextStyle::AfterEvents, 7),
+        (NextStyle::WhenFull, 25),
+        (NextStyle::Always, 40),
+    ];
+    for (index, (style, page_size)) in styles.into_iter().enumerate() {
+        let all = bank::generate(80 + index as u64, 600);
+        let (feeds, addr) = OtherFeeds::start(all[..100].to_vec()).await;
+        feeds.next_style.store(style as u8, Ordering::Relaxed);
+        let paging = format!(
+            "events = \"/data/items\"\npaging = \"cursor\"\nnext = \"/paging/next_cursor\"\ncursor_param = \"after\"\nlimit_param = \"count\"\npage_size = {page_size}"
+        );
+        let harness = harness_for(&format!("http://{addr}/api/stream"), &mapping(&paging)).await;
+        let mut daemon = harness.spawn();
+        let mut first_pages = None;
+        let boundaries = [100, 230, 231, 232, 400, 600];
+        for (at, pair) in boundaries.windows(2).enumerate() {
+            harness
+                .wait_for_checkpoints(&mut daemon, BOTH, pair[0] as u64)
+                .await;
+            if at % 2 == 0 {
+                daemon.kill();
+            } else {
+                let (status, log) = daemon.terminate().await;
+                assert!(status.success(), "{log}");
+            }
+            let asked_first = feeds
+                .asked("/api/stream")
+                .iter()
+                .filter(|query| !query.contains_key("after"))
+                .count();
+            assert_eq!(*first_pages.get_or_insert(asked_first), asked_first);
+            feeds.append(&all[pair[0]..pair[1]]);
+            daemon = harness.spawn();
+        }
+        harness.wait_for_checkpoints(&mut daemon, BOTH, 600).await;
+        harness.assert_exact(&all);
+        let (status, log) = daemon.terminate().await;
+        assert!(status.success(), "{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
