@@ -44,7 +44,6 @@ mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use projector::config::{FeedFormat, Synchronous};
 use projector::demo::bank;
@@ -246,12 +245,7 @@ fn main() {
         runtime.block_on(ab(variants, &server, &events, sync, options.runs));
         return;
     }
-    let wrk_installed = Command::new("wrk")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
+    let wrk_installed = wire::wrk_installed();
     let wire_tool = if wrk_installed {
         "wrk"
     } else {

@@ -1,6 +1,7 @@
 //! The remote case: the feed answers every request after a fixed delay, as a feed across a
-//! network does, and the daemon's Flux catch-up is measured against the remote limit (what the
-//! daemon's HTTP client reads from that feed with `body_concurrency` connections, 32) and
+//! network does, and the daemon's Flux catch-up is measured against the remote limit (what wrk,
+//! or without it the daemon's HTTP client, reads from that feed with `body_concurrency`
+//! connections, 32) and
 //! against a sequential Flux consumer (a page, then each of its bodies, one request at a time).
 
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use projector::demo::feed_server::{FeedServer, StoredEvent};
 use projector::feed::http::parse_uri;
 
 use crate::runs::{catch_up, Projections, Setup};
-use crate::wire::{client, WireLoad};
+use crate::wire::{client, wrk_installed, WireLoad};
 use crate::{median, PAGE};
 
 /// The daemon's default `body_concurrency`.
@@ -33,9 +34,11 @@ pub async fn remote(
     runs: usize,
 ) -> Remote {
     server.set_delay(delay);
-    let limit = WireLoad::new(server, FeedFormat::Flux, events)
-        .client_rate_at(BODY_CONNECTIONS)
-        .await;
+    let load = WireLoad::new(server, FeedFormat::Flux, events);
+    let limit = match wrk_installed() {
+        true => load.wrk_rate_at(BODY_CONNECTIONS),
+        false => load.client_rate_at(BODY_CONNECTIONS).await,
+    };
     let sequential = sequential_rate(server, events).await;
     let setup = Setup {
         format: FeedFormat::Flux,
@@ -92,7 +95,12 @@ async fn sequential_rate(server: &FeedServer, events: &[StoredEvent]) -> f64 {
 }
 
 pub fn print(remotes: &[Remote]) {
+    let tool = match wrk_installed() {
+        true => "wrk",
+        false => "the daemon's HTTP client (install wrk for the reference figure)",
+    };
     println!();
+    println!("remote limit: body URLs a second read by {tool} at 32 connections");
     println!("| feed answering after | remote limit (32 connections) | daemon (median) | daemon / limit | sequential consumer | daemon / sequential | CPU an event |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for remote in remotes {

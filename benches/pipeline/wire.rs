@@ -54,8 +54,13 @@ impl WireLoad {
 
     /// Requests a second by wrk over 3 seconds, at CONNECTIONS connections on 2 threads.
     pub fn wrk_rate(&self) -> f64 {
+        self.wrk_rate_at(CONNECTIONS)
+    }
+
+    /// The same at `connections` connections.
+    pub fn wrk_rate_at(&self, connections: usize) -> f64 {
         let output = Command::new("wrk")
-            .args(["-t2", &format!("-c{CONNECTIONS}"), "-d3s", "-s"])
+            .args(["-t2", &format!("-c{connections}"), "-d3s", "-s"])
             .arg(self.dir.path().join("requests.lua"))
             .arg(&self.base)
             .output()
@@ -119,4 +124,14 @@ pub fn client(connections: usize) -> HttpClient {
     };
     let tls = tls::default_config().unwrap_or_else(|e| panic!("{e}"));
     HttpClient::new(settings, Access::anywhere(), tls)
+}
+
+/// Whether wrk is installed (`apt install wrk`): the wire limits are then wrk's.
+pub fn wrk_installed() -> bool {
+    Command::new("wrk")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
 }
