@@ -7,8 +7,8 @@
 //! applied: checkpoints shown are the ones the writer reported committed.
 
 mod hint;
+mod progress;
 
-use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -19,45 +19,9 @@ use crate::metrics::{metrics, FeedLabels, ProjectionLabels};
 use crate::shown::{shortened, ERROR_SHOWN, ID_SHOWN};
 use crate::writer::{rebuilt_projection, BatchOutcome, StartingPoint};
 pub use hint::hint_for;
-use hint::HintRun;
+pub use progress::ReaderPhase;
+use progress::{rate, Progress, ProjectionProgress, Streak, RATE_WINDOW};
 use prometheus_client::metrics::counter::Counter;
-
-/// The window the recent rate is measured over.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
-
-/// What one reader of a feed is doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReaderPhase {
-    Starting,
-    CatchingUp,
-    Live,
-    Paused,
-    /// The feed cannot be read correctly any more (it was rewritten): an operator must look.
-    Halted(String),
-    /// Every projection this reader applied has halted on a poison event; it reads no more.
-    ProjectionsHalted,
-    Stopped,
-}
-
-impl ReaderPhase {
-    /// A reader in this phase makes no requests and no writes.
-    fn is_parked(&self) -> bool {
-        matches!(
-            self,
-            ReaderPhase::Paused
-                | ReaderPhase::Halted(_)
-                | ReaderPhase::ProjectionsHalted
-                | ReaderPhase::Stopped
-        )
-    }
-
-    fn is_halted(&self) -> bool {
-        matches!(
-            self,
-            ReaderPhase::Halted(_) | ReaderPhase::ProjectionsHalted
-        )
-    }
-}
 
 /// The readers of one feed report here; the supervisor reads it.
 pub struct FeedMonitor {
@@ -66,61 +30,6 @@ pub struct FeedMonitor {
     /// The feed's series of the process's metrics, which outlive the monitor (a reload).
     events_read: Counter,
     retries: Counter,
-}
-
-#[derive(Debug, Default)]
-struct Progress {
-    readers: Vec<ReaderPhase>,
-    /// The head probe has a request under way.
-    probing: bool,
-    projections: BTreeMap<String, ProjectionProgress>,
-    head: Option<u64>,
-    /// `head` was found (an empty page read there, or probed), not only seen.
-    head_exact: bool,
-    /// The events before this offset have been read since start.
-    read_up_to: u64,
-    /// Events read for the first time since start.
-    events_read: u64,
-    /// Events the readers went through since start, read again or not (the rate's measure).
-    events_seen: u64,
-    /// (when, events_seen then), oldest first, covering a little more than RATE_WINDOW.
-    samples: VecDeque<(Instant, u64)>,
-    retries: u64,
-    streak: Option<Streak>,
-    hints: HintRun,
-    /// The last batch was refused by the database; the next commit clears it.
-    commit_failing: bool,
-    last_error: Option<(String, SystemTime)>,
-    /// Every reader has been at the head at once, since start.
-    reached_head: bool,
-    /// When a checkpoint last moved (or the monitor started).
-    moved_at: Option<Instant>,
-    /// How long the checkpoints may stand still while the head is ahead before the feed is
-    /// `stalled`.
-    stall_after: Option<Duration>,
-}
-
-#[derive(Debug, Default)]
-struct ProjectionProgress {
-    next_offset: u64,
-    /// Not read until its rebuild is done (see `StartingPoint::frozen`).
-    frozen: bool,
-    halted: Option<String>,
-    applied: u64,
-    dead_letters: u64,
-    last_applied_at: Option<SystemTime>,
-    /// The `created` time of the last event it went past, where the feed gives one it reads.
-    last_created: Option<SystemTime>,
-    /// Its series of the process's metrics.
-    applied_total: Counter,
-    dead_letters_total: Counter,
-}
-
-/// A run of failed requests, logged when it starts and when it ends rather than per retry.
-#[derive(Debug)]
-struct Streak {
-    since: Instant,
-    failures: u64,
 }
 
 impl FeedMonitor {
@@ -509,91 +418,6 @@ impl FeedMonitor {
             projections,
         }
     }
-}
-
-impl Progress {
-    /// The head moves to `head`: if the projections were all at the old one, the time they
-    /// stand still behind the head starts now, not at their last move.
-    fn note_head_moving(&mut self, head: u64) {
-        let caught_up = match self.head {
-            None => true,
-            Some(old) => self
-                .projections
-                .values()
-                .filter(|p| p.halted.is_none() && !p.frozen)
-                .all(|p| p.next_offset >= old),
-        };
-        if caught_up && self.head.is_none_or(|old| head > old) {
-            self.moved_at = Some(Instant::now());
-        }
-    }
-
-    fn state(&self, paused: bool) -> FeedState {
-        let readers = &self.readers;
-        if readers.is_empty() {
-            FeedState::Idle
-        } else if paused {
-            if readers.iter().all(ReaderPhase::is_parked) {
-                FeedState::Paused
-            } else {
-                FeedState::Pausing
-            }
-        } else if readers.iter().all(ReaderPhase::is_halted) {
-            FeedState::Halted
-        } else if self.commit_failing {
-            FeedState::CommitFailing
-        } else if self.streak.is_some() {
-            FeedState::BackingOff
-        } else if readers.contains(&ReaderPhase::CatchingUp) {
-            FeedState::CatchingUp
-        } else if readers.contains(&ReaderPhase::Starting) {
-            FeedState::Starting
-        } else {
-            FeedState::Live
-        }
-    }
-
-    /// Why the feed halted: a reason of the feed's own (rewritten), or, once every reader has
-    /// stopped on halted projections, which ones. A projection halted while others go on is
-    /// not the feed halting: its own status says so.
-    fn halted_reason(&self) -> Option<String> {
-        let own = self.readers.iter().find_map(|phase| match phase {
-            ReaderPhase::Halted(reason) => Some(reason.clone()),
-            _ => None,
-        });
-        if own.is_some() {
-            return own;
-        }
-        if self.readers.is_empty() || !self.readers.iter().all(ReaderPhase::is_halted) {
-            return None;
-        }
-        let halted: Vec<&str> = self
-            .projections
-            .iter()
-            .filter(|(_, progress)| progress.halted.is_some())
-            .map(|(name, _)| name.as_str())
-            .collect();
-        Some(format!(
-            "every projection on this feed has halted on a poison event: {}",
-            halted.join(", ")
-        ))
-    }
-}
-
-/// Events per second over the last RATE_WINDOW, from cumulative samples (oldest first).
-fn rate(samples: &VecDeque<(Instant, u64)>, events_now: u64, now: Instant) -> f64 {
-    // The baseline is the newest sample at least a window old, or the oldest one there is.
-    let baseline = samples
-        .iter()
-        .rev()
-        .find(|(at, _)| now.duration_since(*at) >= RATE_WINDOW)
-        .or_else(|| samples.front());
-    let Some(&(since, events_then)) = baseline else {
-        return 0.0;
-    };
-    // At least a second, so that the first batch after start does not read as a huge rate.
-    let span = now.duration_since(since).max(Duration::from_secs(1));
-    events_now.saturating_sub(events_then) as f64 / span.as_secs_f64()
 }
 
 #[cfg(test)]

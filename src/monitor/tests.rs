@@ -176,17 +176,6 @@ fn the_head_is_a_lower_bound_until_found_and_the_eta_needs_it() {
 }
 
 #[test]
-fn rate_covers_the_last_window_and_falls_to_zero_when_idle() {
-    let start = Instant::now();
-    let at = |secs: u64| start + Duration::from_secs(secs);
-    let samples: VecDeque<_> = [(at(0), 0), (at(10), 1000), (at(20), 3000)].into();
-    assert_eq!(rate(&samples, 3000, at(20)), 200.0);
-    assert_eq!(rate(&VecDeque::new(), 0, at(5)), 0.0);
-    // Nothing read for a long time: the baseline is the last sample, so the rate is 0.
-    assert_eq!(rate(&samples, 3000, at(100)), 0.0);
-}
-
-#[test]
 fn checkpoints_standing_behind_the_head_past_stall_after_are_a_stall_with_a_lag_in_seconds() {
     let monitor = monitor(&[("a", 0)]);
     let reader = monitor.add_reader();
