@@ -212,14 +212,21 @@ async fn probe_feed(
     let head = if at_head {
         Some(read)
     } else if named {
-        // Finding the head asks for pages by offset.
         None
     } else {
         crate::reader::find_head(&client, read).await.ok()
     };
-    let head = head.map_or("not found".to_string(), |head| head.to_string());
+    let head = match head {
+        Some(head) => format!("head at {head}"),
+        // Finding the head asks for pages by offset.
+        None if named => {
+            "its head is further on (not probed: its pages are found by links or cursors)"
+                .to_string()
+        }
+        None => "head not found".to_string(),
+    };
     say!(
-        "  feed {} ({}): read {read} events from the first {pages} pages; head at {head}",
+        "  feed {} ({}): read {read} events from the first {pages} pages; {head}",
         feed.name(),
         crate::shown::url(&feed.url.0)
     );

@@ -72,10 +72,7 @@ impl PageReader {
                         first_offset: first + listed,
                     })
                 });
-            let skipped = usize::try_from(skip).unwrap_or(usize::MAX).min(page.len());
-            let _ = page.take(skipped).map_err(|reason| {
-                FetchErrorKind::Unreadable(reason).fetching(FetchTarget::Page, "page".into())
-            })?;
+            page.skip(usize::try_from(skip).unwrap_or(usize::MAX));
             let mut first_offset = want;
             if let Some(verified) = &verify {
                 if !verified_skipped(verified, &mut page)? {
