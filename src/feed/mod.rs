@@ -205,8 +205,16 @@ impl FeedClient {
             }
             (PageAt::Named(_), Paging::None) | (PageAt::Named(None), _) => {}
             (PageAt::Named(Some(place)), Paging::Link) => {
+                // A link kept in a checkpoint is checked again: the config may have changed.
                 url = Url::parse(&place.cursor)
                     .map_err(|err| format!("next link {:?} is not a URL: {err}", place.cursor))?;
+                let uri = parse_uri(url.as_str())?;
+                self.flux.access.check(None, &uri).map_err(|reason| {
+                    format!(
+                        "the next link {} is refused: {reason}",
+                        crate::shown::url(&url)
+                    )
+                })?;
             }
             (PageAt::Named(Some(place)), _) => {
                 url.query_pairs_mut()
