@@ -1,4 +1,4 @@
-//! Property tests of everything that parses outside input: the feed-page parsers (Flux and inline), the declarative
+//! Property tests of everything that parses outside input: the feed-page parsers (Flux, inline and mapped), JSON pointers, the declarative
 //! projection loader, the configuration and the control protocol. Arbitrary input may be
 //! refused, never panic; what is valid must come through unchanged.
 //! More cases on demand: `PROPTEST_CASES=100000 cargo test --release --test properties`.
@@ -9,12 +9,14 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use url::Url;
 
+use projector::config::mapping::Mapping;
 use projector::config::Config;
 use projector::control::protocol::Request;
 use projector::feed::access::Access;
 use projector::feed::flux::parse_page;
-use projector::feed::inline;
 use projector::feed::page::EntryBody;
+use projector::feed::{inline, mapped};
+use projector::json_pointer::JsonPointer;
 use projector::projection::sql::SqlProjection;
 
 fn feed_url() -> Url {
@@ -37,6 +39,30 @@ fn json_value() -> impl Strategy<Value = Value> {
                 .prop_map(|map| Value::Object(map.into_iter().collect())),
         ]
     })
+}
+
+/// A mapping of other names: events at `/r/items`, fields nested, one under a name with a `/`,
+/// the aggregate in an array, paged by cursor.
+fn other_names() -> Mapping {
+    toml::from_str(
+        r#"
+        events = "/r/items"
+        id = "/m~1e/i"
+        type = "/m~1e/t"
+        created = "/m~1e/at"
+        aggregate_id = "/s/0"
+        aggregate_name = "/s/1"
+        version = "/s/2"
+        payload = "/b"
+        paging = "cursor"
+        next = "/r/n"
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn json_lines() -> Mapping {
+    toml::from_str("encoding = \"json-lines\"\npayload = \"\"").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A page entry whose known fields hold anything, some of them missing.
@@ -194,6 +220,70 @@ proptest! {
             };
             prop_assert_eq!(text, data.to_string());
         }
+    }
+
+    #[test]
+    fn the_mapped_page_parser_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        value in json_value(),
+        events in prop::collection::vec(json_value(), 0..6),
+    ) {
+        for mapping in [other_names(), Mapping::default(), json_lines()] {
+            let _ = mapped::parse_page(&mapping, &bytes);
+            let _ = mapped::parse_page(&mapping, value.to_string().as_bytes());
+            let page = json!({ "r": { "items": events.clone(), "n": value.clone() } });
+            let _ = mapped::parse_page(&mapping, page.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn valid_pages_read_the_same_inline_and_through_a_mapping_of_other_names(
+        events in prop::collection::vec((valid_entry(), "[a-f0-9-]{0,36}", json_value()), 0..20),
+        next in prop::option::of("[ -~]{1,20}"),
+    ) {
+        let events: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, ((id, event_type, aggregate, version, created), aggregate_id, data))| {
+                (format!("{id}-{i}"), event_type, aggregate, version, created, aggregate_id, json!({ "v": data }))
+            })
+            .collect();
+        let inline_page = Value::from(events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
+            "id": id, "type": event_type, "aggregate_id": aggregate_id, "aggregate_type": aggregate,
+            "version": version, "created": created, "data": data,
+        })).collect::<Vec<_>>());
+        let other_page = json!({ "r": {
+            "items": events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
+                "m/e": { "i": id, "t": event_type, "at": created },
+                "s": [aggregate_id, aggregate, version],
+                "b": data,
+            })).collect::<Vec<_>>(),
+            "n": next,
+        }});
+        let inline = inline::parse_page(inline_page.to_string().as_bytes());
+        let other = mapped::parse_page(&other_names(), other_page.to_string().as_bytes());
+        prop_assert!(inline.is_ok() && other.is_ok(), "{inline:?} {other:?}");
+        let (other, other_next) = other.unwrap_or_default();
+        prop_assert_eq!(inline.unwrap_or_default(), other);
+        prop_assert_eq!(other_next, next);
+    }
+
+    #[test]
+    fn a_pointer_to_any_member_finds_its_value(
+        members in prop::collection::btree_map(".{0,8}", json_value(), 1..6),
+        pick in any::<prop::sample::Index>(),
+    ) {
+        let (name, value) = members.iter().nth(pick.index(members.len())).unwrap_or_else(|| unreachable!());
+        let text = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
+        let pointer = JsonPointer::parse(&text);
+        prop_assert_eq!(pointer.as_ref().ok(), Some(&JsonPointer::member(name)));
+        let object = Value::Object(members.clone().into_iter().collect()).to_string();
+        let found = pointer
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.find_in(object.as_bytes()).map_err(|e| e.to_string()))
+            .map(|raw| raw.map(|raw| raw.get().to_string()));
+        // The member's own text, as the object's serialization wrote it.
+        prop_assert_eq!(found, Ok(Some(value.to_string())));
     }
 
     #[test]

@@ -123,6 +123,19 @@ impl EntryFormat for Mapped {
     }
 }
 
+/// A whole page's events, up to its first unreadable one, and the next page it names.
+pub fn parse_page(
+    mapping: &Mapping,
+    bytes: &[u8],
+) -> Result<(Vec<PageEntry>, Option<String>), String> {
+    let format = std::sync::Arc::new(Mapped {
+        mapping: mapping.clone(),
+    });
+    let mut page = super::page::read_page(format, bytes.to_vec(), usize::MAX)
+        .map_err(|unread| unread.reason)?;
+    Ok((page.take(usize::MAX)?, page.next.take()))
+}
+
 /// The value at `pointer` in `raw`, unless it is missing or null.
 fn found<'a>(raw: &Parsed<'a>, pointer: &JsonPointer) -> Result<Option<&'a RawValue>, String> {
     let value = pointer
