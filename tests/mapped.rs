@@ -50,6 +50,9 @@ enum NextStyle {
     WhenFull = 1,
     /// Always, an empty page at the head naming its own cursor.
     Always = 2,
+    /// The cursor of its last event, which the next page starts with again (an inclusive
+    /// cursor); an empty page names its own.
+    Inclusive = 3,
 }
 
 /// A request's path and query parameters.
@@ -150,7 +153,8 @@ async fn cursor_page(
     let next = match feeds.next_style.load(Ordering::Relaxed) {
         0 => (end > start).then(|| cursor(end)),
         1 => (end - start == count).then(|| cursor(end)),
-        _ => Some(cursor(end)),
+        2 => Some(cursor(end)),
+        _ => Some(cursor(end.saturating_sub(1).max(start))),
     };
     Ok(json!({"data": {"items": items}, "paging": {"next_cursor": next}}).to_string())
 }
@@ -281,7 +285,8 @@ page_size = 25"#;
     assert!(status.success(), "{log}");
 }
 
-/// For every way of naming the next page, and pages of several sizes: events appended in
+/// For every way of naming the next page (one naming a page that starts again with the last
+/// event of the one before), and pages of several sizes: events appended in
 /// chunks, some one at a time, the daemon stopped or killed between them. Exact at the end, and
 /// no restart reads the feed's first page again.
 #[tokio::test(flavor = "multi_thread")]
@@ -290,6 +295,7 @@ async fn cursor_feeds_of_every_next_style_are_exact_across_restarts() {
         (NextStyle::AfterEvents, 7),
         (NextStyle::WhenFull, 25),
         (NextStyle::Always, 40),
+        (NextStyle::Inclusive, 10),
     ];
     for (index, (style, page_size)) in styles.into_iter().enumerate() {
         let all = bank::generate(80 + index as u64, 600);

@@ -46,18 +46,36 @@ impl PageReader {
                 (None, None) => (holding, self.offset),
             };
             let first = place.as_ref().map_or(0, |page| page.first_offset);
-            let Some(skip) = want.checked_sub(first) else {
+            if want < first {
                 // A page past the event wanted (a checkpoint moved back by hand): read the
                 // feed from its first page.
                 self.named = Some(NamedPages::default());
                 continue;
-            };
+            }
             let slot = self.budget.page_slot().await;
             let client = &self.client;
             let mut page = retry(&self.monitor, &self.policy.backoff, || {
                 client.fetch_page_at(PageAt::Named(place.as_deref()), None)
             })
             .await?;
+            let (place, first) = match (&verify, &self.last_read, page.first_id()) {
+                // A page named next that starts again with the last event read (a cursor that
+                // includes its own event): the page starts one earlier than it was named.
+                (None, Some((last, id)), Some(first_id))
+                    if *last + 1 == first && first == want && first_id == *id =>
+                {
+                    let cursor = place.as_ref().map(|at| at.cursor.clone());
+                    let place = cursor.map(|cursor| {
+                        Arc::new(PagePlace {
+                            cursor,
+                            first_offset: *last,
+                        })
+                    });
+                    (place, *last)
+                }
+                _ => (place, first),
+            };
+            let skip = want - first;
             let listed = page.len() as u64;
             // A page cut short at an unreadable event does not say where the page after it
             // starts; and a page naming itself names nothing new.
