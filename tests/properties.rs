@@ -41,6 +41,46 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// An inline event: id, type, aggregate name, version, created, aggregate id, payload.
+type InlineEvent = (String, String, String, i64, String, String, Value);
+
+/// Valid inline events with unique ids; a null payload is no payload, so each is wrapped.
+fn valid_inline_events() -> impl Strategy<Value = Vec<InlineEvent>> {
+    prop::collection::vec((valid_entry(), "[a-f0-9-]{0,36}", json_value()), 0..20).prop_map(
+        |events| {
+            events
+                .into_iter()
+                .enumerate()
+                .map(
+                    |(i, ((id, event_type, aggregate, version, created), aggregate_id, data))| {
+                        let id = format!("{id}-{i}");
+                        (
+                            id,
+                            event_type,
+                            aggregate,
+                            version,
+                            created,
+                            aggregate_id,
+                            json!({ "v": data }),
+                        )
+                    },
+                )
+                .collect()
+        },
+    )
+}
+
+/// The inline page of `events`, in Eventhus's names.
+fn inline_page(events: &[InlineEvent]) -> Value {
+    let events = events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| {
+        json!({
+            "id": id, "type": event_type, "aggregate_id": aggregate_id, "aggregate_type": aggregate,
+            "version": version, "created": created, "data": data,
+        })
+    });
+    Value::from(events.collect::<Vec<_>>())
+}
+
 /// A mapping of other names: events at `/r/items`, fields nested, one under a name with a `/`,
 /// the aggregate in an array, paged by cursor.
 fn other_names() -> Mapping {
@@ -183,26 +223,8 @@ proptest! {
     }
 
     #[test]
-    fn valid_inline_pages_parse_to_their_events_and_payload_text(
-        events in prop::collection::vec((valid_entry(), "[a-f0-9-]{0,36}", json_value()), 0..20)
-    ) {
-        let events: Vec<_> = events
-            .into_iter()
-            .enumerate()
-            // Unique ids; a null payload is no payload, so it is wrapped.
-            .map(|(i, ((id, event_type, aggregate, version, created), aggregate_id, data))| {
-                (format!("{id}-{i}"), event_type, aggregate, version, created, aggregate_id, json!({ "v": data }))
-            })
-            .collect();
-        let page = Value::from(events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
-            "id": id,
-            "type": event_type,
-            "aggregate_id": aggregate_id,
-            "aggregate_type": aggregate,
-            "version": version,
-            "created": created,
-            "data": data,
-        })).collect::<Vec<_>>());
+    fn valid_inline_pages_parse_to_their_events_and_payload_text(events in valid_inline_events()) {
+        let page = inline_page(&events);
         let parsed = inline::parse_page(page.to_string().as_bytes());
         prop_assert!(parsed.is_ok(), "{parsed:?}");
         let parsed = parsed.unwrap_or_default();
@@ -238,20 +260,10 @@ proptest! {
 
     #[test]
     fn valid_pages_read_the_same_inline_and_through_a_mapping_of_other_names(
-        events in prop::collection::vec((valid_entry(), "[a-f0-9-]{0,36}", json_value()), 0..20),
+        events in valid_inline_events(),
         next in prop::option::of("[ -~]{1,20}"),
     ) {
-        let events: Vec<_> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, ((id, event_type, aggregate, version, created), aggregate_id, data))| {
-                (format!("{id}-{i}"), event_type, aggregate, version, created, aggregate_id, json!({ "v": data }))
-            })
-            .collect();
-        let inline_page = Value::from(events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
-            "id": id, "type": event_type, "aggregate_id": aggregate_id, "aggregate_type": aggregate,
-            "version": version, "created": created, "data": data,
-        })).collect::<Vec<_>>());
+        let inline_page = inline_page(&events);
         let other_page = json!({ "r": {
             "items": events.iter().map(|(id, event_type, aggregate, version, created, aggregate_id, data)| json!({
                 "m/e": { "i": id, "t": event_type, "at": created },
