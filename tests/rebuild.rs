@@ -364,3 +364,70 @@ file = "account_balances.toml"
     assert_eq!(ledger["state"], "removed", "{ledger}");
     assert_eq!(ledger["definition"], "module account_ledger", "{ledger}");
 }
+
+/// A projection with a full-text index (an FTS5 virtual table, whose own tables SQLite keeps
+/// beside it) rebuilds and swaps in searchable, with no daemon and with one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_projection_with_a_full_text_index_rebuilds_and_stays_searchable() {
+    let all = bank::generate(90, 600);
+    let harness = Harness::new(all.clone()).await;
+    let file = |version: &str| {
+        format!(
+            r#"version = "{version}"
+schema = """
+CREATE VIRTUAL TABLE IF NOT EXISTS credit_search USING fts5(account_id, transaction_id);
+CREATE TABLE IF NOT EXISTS credit_count (n INTEGER NOT NULL);
+"""
+[on."account.AccountCredited"]
+sql = "INSERT INTO credit_search (account_id, transaction_id) VALUES (:account_id, :transaction_id)"
+"#
+        )
+    };
+    std::fs::write(harness.dir.path().join("credit_search.toml"), file("1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let projections = "[[projection]]\nname = \"credit_search\"\nfeed = \"bank\"\nfile = \"credit_search.toml\"\n";
+    harness.write_config(&harness.server.url(), projections, "");
+    let credits = all
+        .iter()
+        .filter(|e| e.event_type == "account.AccountCredited")
+        .count() as i64;
+    let some_account = all
+        .iter()
+        .find(|e| e.event_type == "account.AccountCredited")
+        .map(|e| e.aggregate_id.clone())
+        .unwrap_or_default();
+    let searched = |harness: &Harness| {
+        harness.count(&format!(
+            "SELECT count(*) FROM credit_search WHERE credit_search MATCH '\"{some_account}\"'"
+        ))
+    };
+    let mut daemon = harness.spawn();
+    harness
+        .wait_for_checkpoints(&mut daemon, &["credit_search"], 600)
+        .await;
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+    assert_eq!(harness.count("SELECT count(*) FROM credit_search"), credits);
+    let found = searched(&harness);
+    assert!(found > 0);
+
+    // Rebuilt with no daemon, then by the daemon after a change of version.
+    let output = harness.run(&["rebuild", "credit_search"]);
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert_eq!(harness.count("SELECT count(*) FROM credit_search"), credits);
+    assert_eq!(searched(&harness), found);
+    std::fs::write(harness.dir.path().join("credit_search.toml"), file("2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = harness.spawn();
+    wait_for_log(&mut daemon, "rebuilt: the new tables replaced the old ones").await;
+    assert_eq!(harness.count("SELECT count(*) FROM credit_search"), credits);
+    assert_eq!(searched(&harness), found);
+    assert_eq!(
+        harness.count(
+            "SELECT count(*) FROM credit_search WHERE credit_search MATCH 'nothing_like_this'"
+        ),
+        0
+    );
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}

@@ -48,14 +48,20 @@ pub fn schema_objects(projection: &ConfiguredProjection) -> anyhow::Result<Vec<S
     objects_in(&tx, "main")
 }
 
-/// The objects of `schema` that are not Projector's own or SQLite's, tables first.
+/// The objects of `schema` that are not Projector's own or SQLite's, tables first. A virtual
+/// table (a full-text index) is of kind `virtual`; the tables it keeps its data in are its
+/// own, made and dropped with it, and not listed.
 fn objects_in(conn: &Connection, schema: &str) -> anyhow::Result<Vec<SchemaObject>> {
     let mut statement = conn.prepare(&format!(
-        "SELECT type, name FROM {schema}.sqlite_master
-         WHERE sql IS NOT NULL
-           AND name NOT LIKE 'projector\\_%' ESCAPE '\\'
-           AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
-         ORDER BY type != 'table', rowid"
+        "SELECT CASE WHEN list.type = 'virtual' THEN 'virtual' ELSE master.type END, master.name
+         FROM {schema}.sqlite_master AS master
+         LEFT JOIN pragma_table_list AS list
+           ON list.schema = '{schema}' AND list.name = master.name
+         WHERE master.sql IS NOT NULL
+           AND coalesce(list.type, '') != 'shadow'
+           AND master.name NOT LIKE 'projector\\_%' ESCAPE '\\'
+           AND master.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+         ORDER BY master.type != 'table', master.rowid"
     ))?;
     let rows = statement.query_map([], |row| {
         Ok(SchemaObject {
@@ -188,7 +194,11 @@ impl Shadow {
                 |row| row.get(0),
             )
         };
-        for object in objects.iter().filter(|o| o.kind == "table") {
+        // A virtual table's own tables come with it, and its rows are indexed as they go in.
+        for object in objects
+            .iter()
+            .filter(|o| o.kind == "table" || o.kind == "virtual")
+        {
             tx.execute_batch(&sql_of(&object.name)?)?;
             let name = quoted(&object.name);
             tx.execute_batch(&format!(
@@ -214,7 +224,10 @@ impl Shadow {
                 )?;
             }
         }
-        for object in objects.iter().filter(|o| o.kind != "table") {
+        for object in objects
+            .iter()
+            .filter(|o| o.kind != "table" && o.kind != "virtual")
+        {
             tx.execute_batch(&sql_of(&object.name)?)?;
         }
 
