@@ -73,14 +73,7 @@ impl JsonPointer {
     /// The value it points at in `value`; None if there is none (a missing member, an index
     /// past the end, or a scalar on the way). An error only if the text is not JSON.
     pub fn find<'a>(&self, value: &'a RawValue) -> Result<Option<&'a RawValue>, serde_json::Error> {
-        let mut at = value;
-        for token in &self.tokens {
-            let Some(next) = child(at, token)? else {
-                return Ok(None);
-            };
-            at = next;
-        }
-        Ok(Some(at))
+        descend(value, &self.tokens)
     }
 
     /// As `find`, in a value whose members are parsed already.
@@ -92,16 +85,10 @@ impl JsonPointer {
         else {
             return self.find(value.whole);
         };
-        let Some(mut at) = members.get(first) else {
-            return Ok(None);
-        };
-        for token in rest {
-            let Some(next) = child(at, token)? else {
-                return Ok(None);
-            };
-            at = next;
+        match members.get(first) {
+            Some(at) => descend(at, rest),
+            None => Ok(None),
         }
-        Ok(Some(at))
     }
 
     /// As `find`, in a document's bytes.
@@ -203,6 +190,21 @@ impl<'de> Deserialize<'de> for Name<'de> {
 
         deserializer.deserialize_str(Text)
     }
+}
+
+/// The value `tokens` lead to from `value`, one member or element at a time.
+fn descend<'a>(
+    value: &'a RawValue,
+    tokens: &[String],
+) -> Result<Option<&'a RawValue>, serde_json::Error> {
+    let mut at = value;
+    for token in tokens {
+        let Some(next) = child(at, token)? else {
+            return Ok(None);
+        };
+        at = next;
+    }
+    Ok(Some(at))
 }
 
 /// The member `token` of an object, or the element it numbers of an array.

@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use crate::json_pointer::JsonPointer;
 
+/// The query parameter that carries the offset, unless a mapping names another.
+pub const OFFSET_PARAM: &str = "offset";
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
@@ -163,7 +166,7 @@ mod defaults {
         pointer("data")
     }
     pub fn offset_param() -> String {
-        "offset".into()
+        super::OFFSET_PARAM.into()
     }
     pub fn cursor_param() -> String {
         "cursor".into()

@@ -76,6 +76,16 @@ struct RawList<T> {
     events: Vec<T>,
 }
 
+/// A page's events as `T`: a bare array, or the `events` member of an object.
+pub(super) fn listed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        serde_json::from_slice(bytes)
+    } else {
+        serde_json::from_slice::<RawList<T>>(bytes).map(|list| list.events)
+    }
+}
+
 /// Inline feeds' events.
 pub struct Inline;
 
@@ -84,12 +94,7 @@ impl EntryFormat for Inline {
     type Raw<'a> = RawEvent<'a>;
 
     fn list<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8]) -> Result<Vec<T>, serde_json::Error> {
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        if first == Some(&b'[') {
-            serde_json::from_slice(bytes)
-        } else {
-            serde_json::from_slice::<RawList<T>>(bytes).map(|list| list.events)
-        }
+        listed(bytes)
     }
 
     fn id<'r>(&self, raw: &'r RawEvent<'_>) -> Cow<'r, str> {

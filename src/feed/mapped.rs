@@ -21,12 +21,6 @@ pub struct Mapped {
     pub mapping: Mapping,
 }
 
-/// Pages without a mapped `events` are a bare array or `{"events": [...]}`, as inline pages.
-#[derive(Deserialize)]
-struct Wrapped<T> {
-    events: Vec<T>,
-}
-
 impl EntryFormat for Mapped {
     const NAME: &'static str = "a mapped feed's";
     type Raw<'a> = Parsed<'a>;
@@ -37,14 +31,8 @@ impl EntryFormat for Mapped {
             (Encoding::JsonLines, _) => serde_json::Deserializer::from_slice(bytes)
                 .into_iter::<T>()
                 .collect(),
-            (Encoding::Json, None) => {
-                let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-                if first == Some(&b'[') {
-                    serde_json::from_slice(bytes)
-                } else {
-                    serde_json::from_slice::<Wrapped<T>>(bytes).map(|page| page.events)
-                }
-            }
+            // Without a mapped `events`, listed as inline pages are.
+            (Encoding::Json, None) => super::inline::listed(bytes),
             (Encoding::Json, Some(pointer)) => match pointer.find_in(bytes)? {
                 Some(events) => serde_json::from_str(events.get()),
                 None => Err(serde_json::Error::custom(format!(

@@ -28,7 +28,7 @@ use std::time::Duration;
 use hyper::Uri;
 use url::Url;
 
-use crate::config::mapping::{Mapping, Paging};
+use crate::config::mapping::{Paging, OFFSET_PARAM};
 use crate::config::{ConfigError, ConfigSource, FeedConfig, FeedFormat};
 use crate::event::{PagePlace, Payload};
 use access::Access;
@@ -195,37 +195,45 @@ impl FeedClient {
 
     /// The URL of the page at `at`, or why there is none.
     fn page_url(&self, at: PageAt<'_>, wait: Option<Duration>) -> Result<Url, String> {
-        let default = Mapping::default();
-        let mapping = self.mapped.as_ref().map_or(&default, |m| &m.mapping);
+        let mapping = self.mapped.as_ref().map(|mapped| &mapped.mapping);
         let mut url = self.feed_url.clone();
-        match (at, mapping.paging) {
+        match (at, mapping) {
             (PageAt::Offset(offset), _) => {
+                let param = mapping.map_or(OFFSET_PARAM, |m| m.offset_param.as_str());
                 url.query_pairs_mut()
-                    .append_pair(&mapping.offset_param, &offset.to_string());
+                    .append_pair(param, &offset.to_string());
             }
-            (PageAt::Named(_), Paging::None) | (PageAt::Named(None), _) => {}
-            (PageAt::Named(Some(place)), Paging::Link) => {
-                // A link kept in a checkpoint is checked again: the config may have changed.
-                url = Url::parse(&place.cursor)
-                    .map_err(|err| format!("next link {:?} is not a URL: {err}", place.cursor))?;
-                let uri = parse_uri(url.as_str())?;
-                self.flux.access.check(None, &uri).map_err(|reason| {
-                    format!(
-                        "the next link {} is refused: {reason}",
-                        crate::shown::url(&url)
-                    )
-                })?;
-            }
-            (PageAt::Named(Some(place)), _) => {
-                url.query_pairs_mut()
-                    .append_pair(&mapping.cursor_param, &place.cursor);
-            }
+            (PageAt::Named(Some(place)), Some(mapping)) => match mapping.paging {
+                Paging::Link => {
+                    // A link kept in a checkpoint is checked again: the config may have changed.
+                    url = Url::parse(&place.cursor).map_err(|err| {
+                        format!("next link {:?} is not a URL: {err}", place.cursor)
+                    })?;
+                    let uri = parse_uri(url.as_str())?;
+                    self.flux.access.check(None, &uri).map_err(|reason| {
+                        format!(
+                            "the next link {} is refused: {reason}",
+                            crate::shown::url(&url)
+                        )
+                    })?;
+                }
+                Paging::Cursor => {
+                    url.query_pairs_mut()
+                        .append_pair(&mapping.cursor_param, &place.cursor);
+                }
+                Paging::Offset | Paging::None => {}
+            },
+            // The first page of a feed paged by links or cursors, or an export.
+            (PageAt::Named(_), _) => {}
         }
-        let named_link = matches!(at, PageAt::Named(Some(_))) && mapping.paging == Paging::Link;
-        if let (Some(size), false) = (mapping.page_size, named_link) {
-            if mapping.paging != Paging::None {
-                url.query_pairs_mut()
-                    .append_pair(&mapping.limit_param, &size.to_string());
+        if let Some(mapping) = mapping {
+            // A link is asked for as the page gave it; an export has no pages to size.
+            let named_link = matches!(at, PageAt::Named(Some(_))) && mapping.paging == Paging::Link;
+            if let (Some(size), false) = (mapping.page_size, named_link) {
+                if mapping.paging != Paging::None {
+                    url.query_pairs_mut()
+                        .append_pair(&mapping.limit_param, &size.to_string());
+                }
             }
         }
         if let Some(wait) = wait {

@@ -64,10 +64,9 @@ impl PageReader {
                 (None, Some((last, id)), Some(first_id))
                     if *last + 1 == first && first == want && first_id == *id =>
                 {
-                    let cursor = place.as_ref().map(|at| at.cursor.clone());
-                    let place = cursor.map(|cursor| {
+                    let place = place.as_ref().map(|at| {
                         Arc::new(PagePlace {
-                            cursor,
+                            cursor: at.cursor.clone(),
                             first_offset: *last,
                         })
                     });
