@@ -8,7 +8,7 @@ use rusqlite::{params, Transaction};
 use serde::Deserialize;
 
 use crate::event::Event;
-use crate::projection::{Projection, ProjectionError};
+use crate::projection::{PostgresTx, Projection, ProjectionError};
 
 const CREATED: &str = "account.AccountCreated";
 const CREDITED: &str = "account.AccountCredited";
@@ -34,60 +34,54 @@ struct AccountTransaction {
 
 pub struct AccountLedger;
 
-impl AccountLedger {
-    fn record(
-        tx: &Transaction,
-        event: &Event,
-        kind: &str,
+/// What an event does to the ledger, decoded and checked once for either store.
+enum Entry {
+    Opened(AccountCreated),
+    Moved {
+        kind: &'static str,
         change: AccountTransaction,
-    ) -> Result<(), ProjectionError> {
-        if change.amount < 0 {
-            return Err(ProjectionError::Rejected(format!(
-                "{kind} of a negative amount ({})",
-                change.amount
-            )));
-        }
-        tx.prepare_cached(
-            "INSERT INTO account_ledger_entries
-                 (event_offset, account_id, transaction_id, kind, amount, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            crate::store::offset_to_sql(event.offset),
-            change.account_id,
-            change.transaction_id,
-            kind,
-            change.amount,
-            event.meta.created
-        ])?;
-        let (credit, debit) = if kind == "credit" {
-            (change.amount, 0)
-        } else {
-            (0, change.amount)
+    },
+}
+
+impl Entry {
+    /// The entry `event` makes; None for a type the ledger does not keep.
+    fn of(event: &Event) -> Result<Option<Entry>, ProjectionError> {
+        let moved = |kind: &'static str| -> Result<Option<Entry>, ProjectionError> {
+            let change: AccountTransaction = event.decode()?;
+            if change.amount < 0 {
+                return Err(ProjectionError::Rejected(format!(
+                    "{kind} of a negative amount ({})",
+                    change.amount
+                )));
+            }
+            Ok(Some(Entry::Moved { kind, change }))
         };
-        let updated = tx
-            .prepare_cached(
-                "UPDATE account_activity SET
-                     credits = credits + (?2 > 0), debits = debits + (?3 > 0),
-                     credited_total = credited_total + ?2, debited_total = debited_total + ?3,
-                     last_offset = ?4, last_activity = ?5
-                 WHERE account_id = ?1",
-            )?
-            .execute(params![
-                change.account_id,
-                credit,
-                debit,
-                crate::store::offset_to_sql(event.offset),
-                event.meta.created
-            ])?;
-        if updated != 1 {
-            return Err(ProjectionError::Rejected(format!(
-                "{kind} for account {} which was never created",
-                change.account_id
-            )));
+        match event.meta.event_type.as_str() {
+            CREATED => Ok(Some(Entry::Opened(event.decode()?))),
+            CREDITED => moved("credit"),
+            DEBITED => moved("debit"),
+            _ => Ok(None),
         }
-        Ok(())
     }
+
+    /// A credit's or a debit's amount, as (credit, debit).
+    fn split(kind: &str, amount: i64) -> (i64, i64) {
+        if kind == "credit" {
+            (amount, 0)
+        } else {
+            (0, amount)
+        }
+    }
+}
+
+/// The account a credit or debit names must have been opened.
+fn opened(updated: u64, kind: &str, account_id: &str) -> Result<(), ProjectionError> {
+    if updated != 1 {
+        return Err(ProjectionError::Rejected(format!(
+            "{kind} for account {account_id} which was never created"
+        )));
+    }
+    Ok(())
 }
 
 impl Projection for AccountLedger {
@@ -127,26 +121,126 @@ impl Projection for AccountLedger {
     }
 
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
-        match event.meta.event_type.as_str() {
-            CREATED => {
-                let created: AccountCreated = event.decode()?;
-                let offset = crate::store::offset_to_sql(event.offset);
+        let offset = crate::store::offset_to_sql(event.offset);
+        let created = &event.meta.created;
+        match Entry::of(event)? {
+            None => Ok(()),
+            Some(Entry::Opened(account)) => {
                 tx.prepare_cached(
                     "INSERT INTO account_activity
                          (account_id, opening_balance, opened_offset, last_offset, last_activity)
                      VALUES (?1, ?2, ?3, ?3, ?4)",
                 )?
                 .execute(params![
-                    created.account_id,
-                    created.balance,
+                    account.account_id,
+                    account.balance,
                     offset,
-                    event.meta.created
+                    created
                 ])?;
                 Ok(())
             }
-            CREDITED => Self::record(tx, event, "credit", event.decode()?),
-            DEBITED => Self::record(tx, event, "debit", event.decode()?),
-            _ => Ok(()),
+            Some(Entry::Moved { kind, change }) => {
+                tx.prepare_cached(
+                    "INSERT INTO account_ledger_entries
+                         (event_offset, account_id, transaction_id, kind, amount, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    offset,
+                    change.account_id,
+                    change.transaction_id,
+                    kind,
+                    change.amount,
+                    created
+                ])?;
+                let (credit, debit) = Entry::split(kind, change.amount);
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE account_activity SET
+                             credits = credits + (?2 > 0), debits = debits + (?3 > 0),
+                             credited_total = credited_total + ?2,
+                             debited_total = debited_total + ?3,
+                             last_offset = ?4, last_activity = ?5
+                         WHERE account_id = ?1",
+                    )?
+                    .execute(params![change.account_id, credit, debit, offset, created])?;
+                opened(updated as u64, kind, &change.account_id)
+            }
+        }
+    }
+
+    fn supports_postgres(&self) -> bool {
+        true
+    }
+
+    fn setup_postgres(&self, tx: &mut PostgresTx) -> Result<(), ProjectionError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS account_ledger_entries (
+                 event_offset   BIGINT PRIMARY KEY,
+                 account_id     TEXT NOT NULL,
+                 transaction_id TEXT NOT NULL,
+                 kind           TEXT NOT NULL CHECK (kind IN ('credit', 'debit')),
+                 amount         BIGINT NOT NULL,
+                 created        TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS account_ledger_entries_by_account
+                 ON account_ledger_entries (account_id, event_offset);
+             CREATE TABLE IF NOT EXISTS account_activity (
+                 account_id      TEXT PRIMARY KEY,
+                 opening_balance BIGINT NOT NULL,
+                 credits         BIGINT NOT NULL DEFAULT 0,
+                 debits          BIGINT NOT NULL DEFAULT 0,
+                 credited_total  BIGINT NOT NULL DEFAULT 0,
+                 debited_total   BIGINT NOT NULL DEFAULT 0,
+                 opened_offset   BIGINT NOT NULL,
+                 last_offset     BIGINT NOT NULL,
+                 last_activity   TEXT NOT NULL
+             );",
+        )?;
+        Ok(())
+    }
+
+    fn apply_postgres(&self, tx: &mut PostgresTx, event: &Event) -> Result<(), ProjectionError> {
+        let offset = crate::store::offset_to_sql(event.offset);
+        let created = &event.meta.created;
+        match Entry::of(event)? {
+            None => Ok(()),
+            Some(Entry::Opened(account)) => {
+                tx.execute(
+                    "INSERT INTO account_activity
+                         (account_id, opening_balance, opened_offset, last_offset, last_activity)
+                     VALUES ($1, $2, $3, $3, $4)",
+                    &[&account.account_id, &account.balance, &offset, created],
+                )?;
+                Ok(())
+            }
+            Some(Entry::Moved { kind, change }) => {
+                tx.execute(
+                    "INSERT INTO account_ledger_entries
+                         (event_offset, account_id, transaction_id, kind, amount, created)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &offset,
+                        &change.account_id,
+                        &change.transaction_id,
+                        &kind,
+                        &change.amount,
+                        created,
+                    ],
+                )?;
+                let (credit, debit) = Entry::split(kind, change.amount);
+                let updated = tx.execute(
+                    "UPDATE account_activity SET
+                         credits = credits + (CASE WHEN $2::BIGINT > 0 THEN 1 ELSE 0 END),
+                         debits = debits + (CASE WHEN $3::BIGINT > 0 THEN 1 ELSE 0 END),
+                         credited_total = credited_total + $2::BIGINT,
+                         debited_total = debited_total + $3::BIGINT,
+                         last_offset = $4, last_activity = $5
+                     WHERE account_id = $1",
+                    &[&change.account_id, &credit, &debit, &offset, created],
+                )?;
+                opened(updated, kind, &change.account_id)
+            }
         }
     }
 }

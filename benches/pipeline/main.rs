@@ -28,6 +28,9 @@
 //! sequential consumer.
 //! `cargo bench -- --mapped --runs 6` runs only the cost of a mapping: pairs of inline
 //! catch-ups, read as inline and through a `[feed.mapping]` naming every field.
+//! `cargo bench -- --stores --runs 3` runs only the two stores side by side: pairs of catch-ups
+//! into SQLite and into PostgreSQL (`PROJECTOR_BENCH_POSTGRES`, by default the machine's
+//! server on 127.0.0.1:5432), per format.
 //! `cargo bench --features http-ab -- --http-ab 6` measures only the HTTP clients against each
 //! other: pairs of Flux catch-ups, one with hyper-util's client and one with reqwest's, the order
 //! alternating from pair to pair, and the medians of events/s and CPU an event for each.
@@ -40,6 +43,7 @@ mod mapped;
 mod remote;
 mod runs;
 mod storage;
+mod stores;
 mod wire;
 
 use std::net::SocketAddr;
@@ -80,6 +84,8 @@ struct Options {
     live: bool,
     /// Only inline catch-ups with and without a mapping, `runs` pairs.
     mapped: bool,
+    /// Only catch-ups into SQLite and into PostgreSQL, `runs` pairs.
+    stores: bool,
 }
 
 fn options() -> Options {
@@ -93,6 +99,7 @@ fn options() -> Options {
         remote: false,
         live: false,
         mapped: false,
+        stores: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -109,6 +116,7 @@ fn options() -> Options {
             "--remote" => options.remote = true,
             "--live" => options.live = true,
             "--mapped" => options.mapped = true,
+            "--stores" => options.stores = true,
             "--against" => {
                 let path = args
                     .next()
@@ -213,6 +221,16 @@ fn main() {
     }
     if options.mapped {
         runtime.block_on(mapped::mapped(
+            &binary,
+            &server,
+            &events,
+            sync,
+            options.runs,
+        ));
+        return;
+    }
+    if options.stores {
+        runtime.block_on(stores::stores(
             &binary,
             &server,
             &events,

@@ -20,6 +20,11 @@ const PROBE_PAGES: usize = 50;
 pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
     let config = Config::load(path)?;
     let projections = crate::projection::build_all(&config)?;
+    if config.daemon.postgres.is_some() {
+        if let Some(refused) = crate::projection::refused_by_postgres(&projections) {
+            anyhow::bail!(refused);
+        }
+    }
     // Secrets read and TLS files loaded as the daemon would at start.
     for feed in &config.feeds {
         FeedClient::new(feed, &config.source)?;
@@ -49,13 +54,18 @@ pub fn check(path: &Path, probe: bool) -> anyhow::Result<Exit> {
         return Ok(Exit::Success);
     }
     say!("probe:");
-    let mut fine = match database_writable(&config.daemon.database) {
+    let shown = config.daemon.database_shown();
+    let writable = match &config.daemon.postgres {
+        Some(store) => postgres_reachable(store),
+        None => database_writable(&config.daemon.database),
+    };
+    let mut fine = match writable {
         Ok(how) => {
-            say!("  database {}: {how}", config.daemon.database.display());
+            say!("  database {shown}: {how}");
             true
         }
         Err(why) => {
-            say!("  database {}: {why}", config.daemon.database.display());
+            say!("  database {shown}: {why}");
             false
         }
     };
@@ -80,6 +90,10 @@ fn warn_of_other_shapes(
     config: &Config,
     projections: &[ConfiguredProjection],
 ) -> anyhow::Result<()> {
+    if config.daemon.postgres.is_some() {
+        // The daemon checks a PostgreSQL schema's tables as it sets them up.
+        return Ok(());
+    }
     let database = &config.daemon.database;
     if !database.exists() {
         return Ok(());
@@ -150,6 +164,20 @@ fn database_writable(database: &Path) -> Result<String, String> {
     Ok(format!(
         "does not exist yet; it will be created ({} is writable)",
         folder.display()
+    ))
+}
+
+/// Whether the daemon could connect to its PostgreSQL store and set up its schema.
+fn postgres_reachable(store: &crate::config::PostgresStore) -> Result<String, String> {
+    use crate::store::postgres::{connect, read_checkpoints, Session};
+    let mut client =
+        connect(store, "projector check", Session::Plain).map_err(|err| format!("{err:#}"))?;
+    let projections = read_checkpoints(&mut client).map_err(|err| err.to_string())?;
+    Ok(format!(
+        "reachable; schema {} is set up, with {} projection checkpoint{}",
+        store.schema,
+        projections.len(),
+        if projections.len() == 1 { "" } else { "s" }
     ))
 }
 

@@ -11,7 +11,9 @@ use clap::Subcommand;
 
 use crate::config::Config;
 use crate::control::client::{ClientError, ControlClient};
-use crate::control::protocol::{eta_text, DaemonStatus, FeedStatus, Reply, Request};
+use crate::control::protocol::{
+    eta_text, ClusterStatus, DaemonStatus, FeedState, FeedStatus, Reply, Request,
+};
 use crate::shown::escaped;
 
 /// How long a reply may take: a pause waits for the batch in flight, a reload restarts the
@@ -195,6 +197,9 @@ pub fn render_status(status: &DaemonStatus) -> String {
     if let Some(slow) = &status.slow_batch {
         let _ = writeln!(out, "writer on {}", escaped(&slow.describe()));
     }
+    if let Some(cluster) = &status.cluster {
+        render_cluster(&mut out, cluster);
+    }
     if status.log_lines_dropped > 0 {
         let _ = writeln!(
             out,
@@ -209,6 +214,31 @@ pub fn render_status(status: &DaemonStatus) -> String {
     out
 }
 
+/// Who shares the PostgreSQL schema, and which feeds each applies.
+fn render_cluster(out: &mut String, cluster: &ClusterStatus) {
+    let _ = writeln!(out, "this daemon {}", escaped(&cluster.this));
+    if let Some(error) = &cluster.error {
+        let _ = writeln!(
+            out,
+            "  lease round failing, standing by on every feed: {}",
+            escaped(error)
+        );
+    }
+    for daemon in &cluster.daemons {
+        let role = if daemon.feeds.is_empty() {
+            "stands by".to_string()
+        } else {
+            format!("holds {}", daemon.feeds.join(", "))
+        };
+        let here = if daemon.id == cluster.this {
+            " (this one)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  daemon {}{here}: {role}", escaped(&daemon.id));
+    }
+}
+
 fn render_feed(out: &mut String, feed: &FeedStatus) {
     let _ = writeln!(
         out,
@@ -217,6 +247,14 @@ fn render_feed(out: &mut String, feed: &FeedStatus) {
         feed.state.as_str(),
         escaped(&feed.url)
     );
+    if let Some(holder) = &feed.lease_holder {
+        let _ = writeln!(out, "  lease held by {}", escaped(holder));
+    } else if feed.state == FeedState::Standby {
+        let _ = writeln!(
+            out,
+            "  lease free: the first daemon to take it applies the feed"
+        );
+    }
     if let Some(reason) = &feed.halted_reason {
         let _ = writeln!(out, "  halted: {}", escaped(reason));
     }

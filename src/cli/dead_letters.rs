@@ -43,7 +43,7 @@ pub fn dead_letters(
     action: Action,
 ) -> anyhow::Result<Exit> {
     let config = Config::load(config_path)?;
-    let database = &config.daemon.database;
+    let database = config.daemon.sqlite_file("`projector dead-letters`")?;
     if !database.exists() {
         anyhow::bail!(
             "database {} does not exist (has the daemon run yet?)",

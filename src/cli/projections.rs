@@ -58,7 +58,7 @@ pub struct RebuildView {
 pub fn projections(config_path: &Path, json: bool) -> anyhow::Result<Exit> {
     let config = Config::load(config_path)?;
     let configured = crate::projection::build_all(&config)?;
-    let database = &config.daemon.database;
+    let database = config.daemon.sqlite_file("`projector projections`")?;
     if !database.exists() {
         anyhow::bail!(
             "database {} does not exist (has the daemon run yet?)",

@@ -41,7 +41,10 @@ pub fn query(
     }
     let database = match database {
         Some(database) => database.to_path_buf(),
-        None => Config::load(config)?.daemon.database,
+        None => Config::load(config)?
+            .daemon
+            .sqlite_file("`projector query`")?
+            .to_path_buf(),
     };
     if !database.exists() {
         anyhow::bail!(

@@ -72,9 +72,11 @@ pub fn through_daemon_or_alone(
             config.source.path.display()
         );
     }
-    let _lock =
-        crate::store::lock_instance(&config.daemon.database, config.daemon.database_mode.0)?;
-    say!("{}", change(&config.daemon.database)?);
+    let database = config
+        .daemon
+        .sqlite_file("changing a checkpoint with no daemon")?;
+    let _lock = crate::store::lock_instance(database, config.daemon.database_mode.0)?;
+    say!("{}", change(database)?);
     Ok(Exit::Success)
 }
 

@@ -19,8 +19,9 @@ mod values;
 
 pub use error::{ConfigError, Location};
 pub use tables::{
-    DaemonConfig, FeedConfig, FeedFormat, Live, LogFormat, OnChange, OnError, ProjectionConfig,
-    ProjectionSource, Synchronous, PAGE_CACHE_BYTES,
+    is_postgres_url, DaemonConfig, FeedConfig, FeedFormat, Live, LogFormat, OnChange, OnError,
+    PostgresStore, ProjectionConfig, ProjectionSource, Synchronous, PAGE_CACHE_BYTES,
+    POSTGRES_SCHEMA,
 };
 pub use values::{
     BodyOrigin, ByteLimit, Concurrency, FeedUrl, FileMode, Interval, Name, SecretSource,
@@ -104,6 +105,7 @@ impl Config {
                 ),
             ));
         }
+        self.validate_store()?;
         if let Some(listen) = &self.daemon.metrics_listen {
             if listen.get_ref().parse::<std::net::SocketAddr>().is_err() {
                 return Err(ConfigError::new(
@@ -225,6 +227,66 @@ impl Config {
         Ok(())
     }
 
+    /// A PostgreSQL URL that parses, a schema that is a plain identifier, and the PostgreSQL
+    /// settings only with a PostgreSQL store.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let src = &self.source;
+        let daemon = &self.daemon;
+        let whole = || Location::whole_file(&src.path);
+        if !is_postgres_url(&daemon.database) {
+            if let Some(schema) = &daemon.schema {
+                return Err(ConfigError::new(
+                    src.locate(schema),
+                    "schema is for a PostgreSQL store: set database to a postgres:// URL, or drop schema",
+                ));
+            }
+            if daemon.password.is_some() {
+                return Err(ConfigError::new(
+                    whole(),
+                    "[daemon] password is for a PostgreSQL store: set database to a postgres:// URL, or drop password",
+                ));
+            }
+            return Ok(());
+        }
+        let url = daemon.database.to_string_lossy();
+        // The parser's message never repeats the URL, which may hold a password.
+        if let Err(err) = url.parse::<postgres::Config>() {
+            return Err(ConfigError::new(
+                whole(),
+                format!(
+                    "[daemon] database is not a PostgreSQL URL like postgres://user@host/db: {err}"
+                ),
+            ));
+        }
+        if let Some(schema) = &daemon.schema {
+            let name = schema.get_ref();
+            let plain = name.len() <= 63
+                && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !plain {
+                return Err(ConfigError::new(
+                    src.locate(schema),
+                    format!("schema {name:?} is not a plain PostgreSQL name: use lower-case letters, digits and _, starting with a letter (at most 63)"),
+                ));
+            }
+        }
+        if let Some(limit) = &daemon.max_database_bytes {
+            return Err(ConfigError::new(
+                src.locate(limit),
+                "max_database_bytes caps a SQLite file; on PostgreSQL, limit the space where the server keeps its data",
+            ));
+        }
+        if daemon.lease_timeout.0 < std::time::Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                whole(),
+                "[daemon] lease_timeout is under a second: a daemon would lose its leases to the smallest pause",
+            ));
+        }
+        Ok(())
+    }
+
     fn resolve_paths(&mut self) {
         let dir = self.source.dir();
         self.daemon.resolve_paths(&dir);
@@ -265,6 +327,8 @@ impl Config {
         let (old, new) = (&self.daemon, &other.daemon);
         if old.database != new.database {
             Some("daemon.database")
+        } else if old.postgres != new.postgres {
+            Some("daemon.schema, password or lease_timeout")
         } else if old.control_socket != new.control_socket {
             Some("daemon.control_socket")
         } else if old.control_socket_mode != new.control_socket_mode {
@@ -445,5 +509,63 @@ on_error = "skip"
         // An offset inside a character is not a panic.
         let loc = Location::at_offset(Path::new("f"), "\u{e9}", 1);
         assert_eq!((loc.line, loc.column), (1, 1));
+    }
+
+    #[test]
+    fn a_postgres_url_makes_a_postgres_store_and_its_settings_are_checked() -> anyhow::Result<()> {
+        let on_postgres = |keys: &str| {
+            VALID.replace(
+                "database = \"data/projector.db\"",
+                &format!("database = \"postgres://reader:s3cret@db.internal/read_models\"\n{keys}"),
+            )
+        };
+        let config = parse(&on_postgres(
+            "schema = \"bank_models\"\npassword = { file = \"pw\" }",
+        ))?;
+        let store = config
+            .daemon
+            .postgres
+            .clone()
+            .unwrap_or_else(|| panic!("no store"));
+        assert_eq!(store.schema, "bank_models");
+        assert_eq!(store.lease_timeout, Duration::from_secs(10));
+        assert_eq!(
+            store.password,
+            Some(SecretSource::File(PathBuf::from("/etc/projector/pw")))
+        );
+        // The password in the URL is never shown.
+        assert_eq!(
+            config.daemon.database_shown(),
+            "postgres://db.internal/read_models (schema bank_models)"
+        );
+        let refused = config
+            .daemon
+            .sqlite_file("`projector query`")
+            .err()
+            .map(|e| e.to_string());
+        assert!(refused.is_some_and(|e| e.contains("use psql")));
+        assert_eq!(
+            parse(&on_postgres(""))?.daemon.postgres.map(|p| p.schema),
+            Some(POSTGRES_SCHEMA.into())
+        );
+
+        let err = error_of(&on_postgres("schema = \"Bank-Models\""));
+        assert!(
+            err.starts_with("/etc/projector/consumer.toml:4:10:")
+                && err.contains("plain PostgreSQL name"),
+            "{err}"
+        );
+        let err = error_of(&on_postgres("max_database_bytes = 1000000"));
+        assert!(err.contains("max_database_bytes caps a SQLite file"), "{err}");
+        let err = error_of(&on_postgres("lease_timeout = \"200ms\""));
+        assert!(err.contains("lease_timeout"), "{err}");
+        let err = error_of(&VALID.replace("control_socket", "schema = \"x\"\ncontrol_socket"));
+        assert!(err.contains("schema is for a PostgreSQL store"), "{err}");
+        let err = error_of(&VALID.replace(
+            "database = \"data/projector.db\"",
+            "database = \"postgres://h/db?sslmode=sometimes\"",
+        ));
+        assert!(err.contains("not a PostgreSQL URL"), "{err}");
+        Ok(())
     }
 }

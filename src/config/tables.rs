@@ -15,8 +15,23 @@ use super::values::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// The SQLite file holding the read models and the checkpoints.
+    /// The SQLite file holding the read models and the checkpoints, or a PostgreSQL URL
+    /// (`postgres://user@host/db`), whose store is then [`DaemonConfig::postgres`].
     pub database: PathBuf,
+    /// PostgreSQL only: the schema the daemon keeps everything in (made if missing).
+    #[serde(default)]
+    pub schema: Option<Spanned<String>>,
+    /// PostgreSQL only: the password, from `{ env = "..." }`, `{ file = "..." }` or
+    /// `{ credential = "..." }` (or in the URL).
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// PostgreSQL only: how long a daemon that stops answering (frozen, cut off) keeps its
+    /// feeds' leases before the server ends its session and another daemon takes over.
+    #[serde(default = "defaults::lease_timeout")]
+    pub lease_timeout: Interval,
+    /// The PostgreSQL store, when `database` is a PostgreSQL URL; set by `Config::parse`.
+    #[serde(skip)]
+    pub postgres: Option<PostgresStore>,
     /// The control socket's path (`projector ctl` speaks to it).
     pub control_socket: PathBuf,
     /// The socket's permission bits, octal: "0600" lets only the daemon's user steer it,
@@ -70,10 +85,73 @@ pub struct GraphiteConfig {
     pub interval: Interval,
 }
 
+/// Where a PostgreSQL store is: `[daemon] database` as a URL, with its schema and password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresStore {
+    /// As written; it may hold a password, so it is shown only through [`PostgresStore::shown`].
+    pub url: String,
+    pub schema: String,
+    pub password: Option<SecretSource>,
+    pub lease_timeout: std::time::Duration,
+}
+
+impl PostgresStore {
+    /// The URL without its password, and the schema: what logs and `status` show.
+    pub fn shown(&self) -> String {
+        let url = url::Url::parse(&self.url)
+            .map(|url| crate::shown::url(&url))
+            .unwrap_or_else(|_| "postgres://(unreadable URL)".into());
+        format!("{url} (schema {})", self.schema)
+    }
+}
+
+/// The schema unless `[daemon] schema` says otherwise.
+pub const POSTGRES_SCHEMA: &str = "projector";
+
+/// Whether `[daemon] database` is a PostgreSQL URL rather than a file.
+pub fn is_postgres_url(database: &Path) -> bool {
+    let text = database.to_string_lossy();
+    text.starts_with("postgres://") || text.starts_with("postgresql://")
+}
+
 impl DaemonConfig {
     pub(super) fn resolve_paths(&mut self, dir: &Path) {
-        self.database = dir.join(&self.database);
+        if is_postgres_url(&self.database) {
+            self.postgres = Some(PostgresStore {
+                url: self.database.to_string_lossy().into_owned(),
+                schema: self
+                    .schema
+                    .as_ref()
+                    .map_or(POSTGRES_SCHEMA.to_string(), |s| s.get_ref().clone()),
+                password: self.password.clone().map(|password| match password {
+                    SecretSource::File(path) => SecretSource::File(dir.join(path)),
+                    other => other,
+                }),
+                lease_timeout: self.lease_timeout.0,
+            });
+        } else {
+            self.database = dir.join(&self.database);
+        }
         self.control_socket = dir.join(&self.control_socket);
+    }
+
+    /// Where the read models are, for people.
+    pub fn database_shown(&self) -> String {
+        match &self.postgres {
+            Some(postgres) => postgres.shown(),
+            None => self.database.display().to_string(),
+        }
+    }
+
+    /// The SQLite file, for what reads or changes it directly; on PostgreSQL, why `what` cannot.
+    pub fn sqlite_file(&self, what: &str) -> anyhow::Result<&Path> {
+        match &self.postgres {
+            Some(postgres) => anyhow::bail!(
+                "{what} works on a SQLite database, and this configuration keeps its read models in PostgreSQL ({}): use psql there, or `projector ctl` against a running daemon",
+                postgres.shown()
+            ),
+            None => Ok(&self.database),
+        }
     }
 }
 
@@ -330,6 +408,10 @@ mod defaults {
     }
     /// Well under the systemd unit's TimeoutStopSec (60 s); a batch commits in well under a
     /// second.
+    /// Long enough for a busy network, short enough that a frozen daemon's feeds move on soon.
+    pub fn lease_timeout() -> Interval {
+        Interval(Duration::from_secs(10))
+    }
     pub fn stop_timeout() -> Interval {
         Interval(Duration::from_secs(10))
     }

@@ -2,7 +2,7 @@
 //! bad value is refused with a message at its own line and column.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -161,6 +161,31 @@ pub enum SecretSource {
     Env(String),
     File(PathBuf),
     Credential(String),
+}
+
+impl SecretSource {
+    /// Reads the secret from where the config says it is.
+    pub fn read(&self) -> Result<String, String> {
+        let read_file = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))
+        };
+        match self {
+            SecretSource::Text(text) => Ok(text.clone()),
+            SecretSource::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set")),
+            SecretSource::File(path) => read_file(path),
+            SecretSource::Credential(name) => {
+                let Some(folder) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+                    return Err(format!(
+                        "the credential {name:?} needs systemd's $CREDENTIALS_DIRECTORY (LoadCredential={name}:... in the unit)"
+                    ));
+                };
+                read_file(&Path::new(&folder).join(name))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SecretSource {

@@ -207,6 +207,9 @@ pub enum FeedState {
     Halted,
     /// The checkpoints have not moved for `stall_after` while the head is ahead of them.
     Stalled,
+    /// Another daemon on the same PostgreSQL schema holds the feed's lease and applies it; this
+    /// one takes over if that one goes.
+    Standby,
 }
 
 impl FeedState {
@@ -222,11 +225,12 @@ impl FeedState {
             FeedState::CommitFailing => "commit failing",
             FeedState::Halted => "halted",
             FeedState::Stalled => "stalled",
+            FeedState::Standby => "standby",
         }
     }
 
     /// Every state, for the metric that has one series per state.
-    pub const ALL: [FeedState; 10] = [
+    pub const ALL: [FeedState; 11] = [
         FeedState::Idle,
         FeedState::Starting,
         FeedState::CatchingUp,
@@ -237,6 +241,7 @@ impl FeedState {
         FeedState::CommitFailing,
         FeedState::Halted,
         FeedState::Stalled,
+        FeedState::Standby,
     ];
 
     /// As JSON writes it (`catching_up`), for labels.
@@ -267,6 +272,28 @@ pub struct DaemonStatus {
     /// The daemon is stopping: the batches in flight are finishing.
     #[serde(default)]
     pub stopping: bool,
+    /// On PostgreSQL: the daemons sharing the schema and the feeds each holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The daemons sharing one PostgreSQL schema, as this daemon's last lease round found them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This daemon's id (`host:pid`).
+    pub this: String,
+    /// Every daemon whose session is alive, this one included, by id.
+    pub daemons: Vec<ClusterDaemon>,
+    /// Why the last lease round failed, if it did (this daemon then holds no lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterDaemon {
+    pub id: String,
+    /// The feeds whose leases it holds; none for a daemon standing by on every feed.
+    pub feeds: Vec<String>,
 }
 
 /// A batch the writer has been on for a while: its feed, and the projection and event being
@@ -377,6 +404,9 @@ pub struct FeedStatus {
     /// `stall_after` or more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stalled_seconds: Option<u64>,
+    /// On PostgreSQL: the daemon holding the feed's lease (this one, or another), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
     pub projections: Vec<ProjectionStatus>,
 }
 
@@ -554,11 +584,13 @@ mod tests {
                 hint: None,
                 reached_head: false,
                 stalled_seconds: None,
+                lease_holder: None,
                 projections: Vec::new(),
             }],
             slow_batch: Some(slow),
             log_lines_dropped: 0,
             stopping: false,
+            cluster: None,
         };
         let summary = status.summary();
         assert!(

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::leases::{Lease, LeaseView};
 use crate::config::{Config, ConfigError, ConfigSource, FeedConfig};
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
@@ -34,6 +35,8 @@ pub(super) struct Engine {
     pub(super) feeds: BTreeMap<String, FeedRuntime>,
     /// Changes when a rebuild has finished: the engine must then start again.
     rebuilds_finished: watch::Receiver<u64>,
+    /// On PostgreSQL: this daemon's id and the leases as the last round found them.
+    pub(super) leases: Option<watch::Receiver<LeaseView>>,
 }
 
 /// The monitors of a stopped engine, by feed name with its URL, so that a reload keeps each
@@ -41,10 +44,13 @@ pub(super) struct Engine {
 pub(super) type CarriedMonitors = BTreeMap<String, (url::Url, Arc<FeedMonitor>)>;
 
 /// What the supervisor holds of a running feed.
+#[derive(Clone)]
 pub(super) struct FeedRuntime {
     pub(super) url: url::Url,
     pub(super) paused: watch::Sender<bool>,
     pub(super) monitor: Arc<FeedMonitor>,
+    /// On PostgreSQL: whether this daemon holds the feed's lease.
+    pub(super) lease: Option<watch::Receiver<Lease>>,
 }
 
 impl Engine {
@@ -57,30 +63,30 @@ impl Engine {
         projections: Vec<ConfiguredProjection>,
         carried: &CarriedMonitors,
     ) -> anyhow::Result<Engine> {
+        if let Some(store) = &config.daemon.postgres {
+            return super::leases::start(config, store, projections, carried).await;
+        }
         let opened = open_writer(config, projections).await?;
         let starting_points = opened.starting_points();
         let paused_feeds = opened.paused_feeds();
         let rebuilds_finished = opened.rebuilds_finished();
         let (writer, writer_thread) = opened.spawn().context("starting the writer thread")?;
-        let mut readers = Readers {
+        let readers = Readers {
             writer: writer.clone(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         };
         let mut feeds = BTreeMap::new();
         for feed in &config.feeds {
-            let points: Vec<&StartingPoint> = starting_points
-                .iter()
-                .filter(|p| p.feed == feed.name())
-                .collect();
-            let paused = paused_feeds.contains(feed.name());
-            let runtime = readers.start_feed(
+            let points = points_of(&starting_points, feed.name());
+            let runtime = FeedRuntime::new(
                 feed,
-                &config.source,
                 &points,
-                paused,
+                paused_feeds.contains(feed.name()),
                 carried.get(feed.name()),
-            )?;
+            );
+            let plan = FeedPlan::new(feed, &config.source, &points)?;
+            readers.start(&plan, &points, &runtime);
             feeds.insert(feed.name().to_string(), runtime);
         }
         readers.tasks.close();
@@ -92,7 +98,23 @@ impl Engine {
             stop_readers: readers.stop,
             feeds,
             rebuilds_finished,
+            leases: None,
         })
+    }
+
+    /// An engine of `parts` whose writer is on its thread and whose readers run in `readers`.
+    pub(super) fn assemble(parts: EngineParts) -> Engine {
+        Engine {
+            writer: parts.writer,
+            writer_thread: parts.writer_thread,
+            stop_timeout: parts.stop_timeout,
+            readers: parts.readers,
+            stop_readers: parts.stop_readers,
+            feeds: parts.feeds,
+            // No rebuild finishes on this store.
+            rebuilds_finished: watch::channel(0).1,
+            leases: Some(parts.leases),
+        }
     }
 
     /// Returns once a rebuild has replaced a projection's tables (the new tables' projection,
@@ -203,24 +225,30 @@ async fn open_writer(
         .context("the database opener panicked")?
 }
 
-/// What starting a feed's readers needs of the engine.
-struct Readers {
-    writer: WriterHandle,
-    tasks: TaskTracker,
-    stop: CancellationToken,
+/// What an engine is assembled from on a store with leases.
+pub(super) struct EngineParts {
+    pub(super) writer: WriterHandle,
+    pub(super) writer_thread: WriterThread,
+    pub(super) stop_timeout: Duration,
+    pub(super) readers: TaskTracker,
+    pub(super) stop_readers: CancellationToken,
+    pub(super) feeds: BTreeMap<String, FeedRuntime>,
+    pub(super) leases: watch::Receiver<LeaseView>,
 }
 
-impl Readers {
-    /// Starts the readers of `feed`, whose projections stand at `points`: its monitor (with
-    /// the counters of the one it replaces, if any), its pause switch, and a reader per group.
-    fn start_feed(
-        &mut self,
+/// The starting points of `feed`'s projections.
+pub(super) fn points_of<'p>(points: &'p [StartingPoint], feed: &str) -> Vec<&'p StartingPoint> {
+    points.iter().filter(|p| p.feed == feed).collect()
+}
+
+impl FeedRuntime {
+    /// `feed`'s monitor (with the counters of the one it replaces, if any) and pause switch.
+    pub(super) fn new(
         feed: &FeedConfig,
-        source: &ConfigSource,
         points: &[&StartingPoint],
         is_paused: bool,
         carried: Option<&(url::Url, Arc<FeedMonitor>)>,
-    ) -> anyhow::Result<FeedRuntime> {
+    ) -> FeedRuntime {
         let monitor = Arc::new(FeedMonitor::new(feed.name(), points));
         monitor.set_stall_after(feed.stall_after.0);
         if let Some((url, previous)) = carried {
@@ -234,73 +262,126 @@ impl Readers {
                 feed.name()
             );
         }
-        let groups = groups_by_checkpoint(points);
-        if groups.is_empty() {
+        FeedRuntime {
+            url: feed.url.0.clone(),
+            paused,
+            monitor,
+            lease: None,
+        }
+    }
+}
+
+/// What reading a feed needs, made once per engine: its client (none if no projection reads
+/// it), its buffer budget and how it is read.
+#[derive(Clone)]
+pub(super) struct FeedPlan {
+    pub(super) name: String,
+    client: Option<FeedClient>,
+    budget: Arc<Budget>,
+    policy: ReadPolicy,
+    follows_head: bool,
+    live_url: Option<url::Url>,
+}
+
+impl FeedPlan {
+    pub(super) fn new(
+        feed: &FeedConfig,
+        source: &ConfigSource,
+        points: &[&StartingPoint],
+    ) -> anyhow::Result<FeedPlan> {
+        let client = if points.is_empty() {
             tracing::warn!(
                 feed = feed.name(),
                 "no projection reads this feed; it is not polled"
             );
+            None
         } else {
             let client = FeedClient::new(feed, source)?;
             if let Some(proxy) = client.proxy() {
                 tracing::info!(feed = feed.name(), proxy, "reading through a proxy");
             }
-            let budget = Budget::new(feed.max_buffered_bytes.0);
+            Some(client)
+        };
+        Ok(FeedPlan {
+            name: feed.name().to_string(),
+            client,
+            budget: Budget::new(feed.max_buffered_bytes.0),
+            policy: read_policy(feed),
             // Probing for the head asks for pages by offset.
-            if feed.find_head && !feed.paging().follows_pages() {
-                self.tasks.spawn(follow_head(
-                    client.clone(),
-                    budget.clone(),
-                    monitor.clone(),
-                    paused.subscribe(),
-                    self.stop.clone(),
-                ));
-            }
-            let policy = read_policy(feed);
-            let moved = match (&feed.live, &feed.live_url) {
-                (crate::config::Live::Sse, Some(live_url)) => {
-                    let (moved, watching) = watch::channel(0);
-                    self.tasks.spawn(crate::feed::live::follow(
-                        client.clone(),
-                        live_url.get_ref().0.clone(),
-                        moved,
-                        policy.backoff,
-                        self.stop.clone(),
-                    ));
-                    Some(watching)
-                }
+            follows_head: feed.find_head && !feed.paging().follows_pages(),
+            live_url: match (&feed.live, &feed.live_url) {
+                (crate::config::Live::Sse, Some(live_url)) => Some(live_url.get_ref().0.clone()),
                 _ => None,
-            };
-            for ((next_offset, _), members) in groups {
-                tracing::info!(
-                    feed = feed.name(),
-                    url = %crate::shown::url(&feed.url.0),
-                    next_offset,
-                    projections = super::names(members.iter().map(|m| m.projection.as_str())),
-                    "reading feed"
-                );
-                let reader = FeedReader::new(
-                    feed.name().to_string(),
-                    client.clone(),
-                    policy.clone(),
-                    self.writer.clone(),
-                    members,
-                    Steering {
-                        paused: paused.subscribe(),
-                        monitor: monitor.clone(),
-                        shutdown: self.stop.clone(),
-                        budget: budget.clone(),
-                        moved: moved.clone(),
-                    },
-                );
-                self.tasks.spawn(reader.run());
-            }
-        }
-        Ok(FeedRuntime {
-            url: feed.url.0.clone(),
-            paused,
-            monitor,
+            },
         })
+    }
+
+    /// Whether some projection reads the feed.
+    pub(super) fn is_read(&self) -> bool {
+        self.client.is_some()
+    }
+}
+
+/// What starting a feed's readers needs of the engine.
+pub(super) struct Readers {
+    pub(super) writer: WriterHandle,
+    pub(super) tasks: TaskTracker,
+    pub(super) stop: CancellationToken,
+}
+
+impl Readers {
+    /// Starts the readers of the feed of `plan`, whose projections stand at `points`: its head
+    /// probe, its live stream, and a reader per group.
+    pub(super) fn start(&self, plan: &FeedPlan, points: &[&StartingPoint], runtime: &FeedRuntime) {
+        let Some(client) = &plan.client else {
+            return;
+        };
+        let monitor = &runtime.monitor;
+        let paused = &runtime.paused;
+        if plan.follows_head {
+            self.tasks.spawn(follow_head(
+                client.clone(),
+                plan.budget.clone(),
+                monitor.clone(),
+                paused.subscribe(),
+                self.stop.clone(),
+            ));
+        }
+        let moved = plan.live_url.as_ref().map(|live_url| {
+            let (moved, watching) = watch::channel(0);
+            self.tasks.spawn(crate::feed::live::follow(
+                client.clone(),
+                live_url.clone(),
+                moved,
+                plan.policy.backoff,
+                self.stop.clone(),
+            ));
+            watching
+        });
+        for ((next_offset, _), members) in groups_by_checkpoint(points) {
+            tracing::info!(
+                feed = %plan.name,
+                url = %crate::shown::url(&runtime.url),
+                next_offset,
+                projections = super::names(members.iter().map(|m| m.projection.as_str())),
+                "reading feed"
+            );
+            let reader = FeedReader::new(
+                plan.name.clone(),
+                client.clone(),
+                plan.policy.clone(),
+                self.writer.clone(),
+                members,
+                Steering {
+                    paused: paused.subscribe(),
+                    monitor: monitor.clone(),
+                    shutdown: self.stop.clone(),
+                    budget: plan.budget.clone(),
+                    moved: moved.clone(),
+                },
+            );
+            self.tasks.spawn(reader.run());
+        }
     }
 }
 

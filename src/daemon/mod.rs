@@ -9,6 +9,7 @@
 
 mod changes;
 mod engine;
+mod leases;
 mod rebuild;
 mod supervisor;
 
@@ -33,9 +34,15 @@ pub async fn run(
     // A parameter, so that it is dropped after every local, the instance lock included.
     mut inbox: Inbox,
 ) -> anyhow::Result<()> {
-    // Held until the process exits: one daemon per database. The kernel drops it even on kill -9.
-    let _instance_lock =
-        store::lock_instance(&config.daemon.database, config.daemon.database_mode.0)?;
+    // Held until the process exits: one daemon per SQLite database (on PostgreSQL, leases
+    // share the feeds out). The kernel drops it even on kill -9.
+    let _instance_lock = match &config.daemon.postgres {
+        Some(_) => None,
+        None => Some(store::lock_instance(
+            &config.daemon.database,
+            config.daemon.database_mode.0,
+        )?),
+    };
     let socket = ControlSocket::bind(
         &config.daemon.control_socket,
         config.daemon.control_socket_mode,
@@ -76,7 +83,7 @@ pub async fn run(
         ));
     }
     tracing::info!(
-        database = %supervisor.config.daemon.database.display(),
+        database = %supervisor.config.daemon.database_shown(),
         socket = %socket_path.display(),
         "projector is running"
     );

@@ -55,7 +55,10 @@ pub async fn rebuild_alone(
     name: &str,
     mut report: impl FnMut(&FeedStatus),
 ) -> anyhow::Result<RebuildEnd> {
-    let database = config.daemon.database.clone();
+    let database = config
+        .daemon
+        .sqlite_file("`projector rebuild` with no daemon")?
+        .to_path_buf();
     let _instance_lock = store::lock_instance(&database, config.daemon.database_mode.0)?;
     let Some(projection) = projections.into_iter().find(|p| p.name == name) else {
         anyhow::bail!(

@@ -9,7 +9,9 @@ use anyhow::Context;
 use super::engine::{CarriedMonitors, Engine};
 use crate::config::Config;
 use crate::control::handle::Inbox;
-use crate::control::protocol::{eta_text, DaemonStatus, FeedState, Reply, Request};
+use crate::control::protocol::{
+    eta_text, ClusterDaemon, ClusterStatus, DaemonStatus, FeedState, Reply, Request,
+};
 use crate::projection::ConfiguredProjection;
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
@@ -214,6 +216,9 @@ impl Supervisor {
     }
 
     async fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
+        if let Some(refused) = self.refused_on_this_store(&request) {
+            return Ok(Reply::error(refused));
+        }
         let reply = match request {
             Request::Status => Reply {
                 ok: true,
@@ -244,7 +249,29 @@ impl Supervisor {
         Ok(reply)
     }
 
+    /// Why `request` cannot be done on this store, if it cannot: on PostgreSQL, rebuilding,
+    /// skipping and resetting are not done yet.
+    fn refused_on_this_store(&self, request: &Request) -> Option<String> {
+        let store = self.config.daemon.postgres.as_ref()?;
+        let what = match request {
+            Request::Rebuild { .. } => "rebuild",
+            Request::Skip { .. } => "skip",
+            Request::Reset { .. } => "reset",
+            _ => return None,
+        };
+        Some(format!(
+            "{what} works on a SQLite database; on PostgreSQL ({}) Projector does not {what} yet: stop its daemons, change {}.projector_checkpoints with psql, and start them again",
+            store.shown(),
+            store.schema
+        ))
+    }
+
     pub(super) fn status(&self) -> DaemonStatus {
+        let leases = self
+            .engine
+            .as_ref()
+            .and_then(|engine| engine.leases.as_ref())
+            .map(|leases| leases.borrow().clone());
         let feeds = self
             .engine
             .as_ref()
@@ -254,7 +281,14 @@ impl Supervisor {
                     .values()
                     .map(|feed| {
                         let url = crate::shown::url(&feed.url);
-                        feed.monitor.snapshot(&url, *feed.paused.borrow())
+                        let mut status = feed.monitor.snapshot(&url, *feed.paused.borrow());
+                        if let (Some(lease), Some(leases)) = (&feed.lease, &leases) {
+                            status.lease_holder = leases.holder(&status.name).map(str::to_string);
+                            if *lease.borrow() == super::leases::Lease::Standby {
+                                status.state = FeedState::Standby;
+                            }
+                        }
+                        status
                     })
                     .collect()
             })
@@ -263,7 +297,7 @@ impl Supervisor {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config: self.config.source.path.display().to_string(),
-            database: self.config.daemon.database.display().to_string(),
+            database: self.config.daemon.database_shown(),
             started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
             reloaded_at: self
@@ -277,6 +311,15 @@ impl Supervisor {
                 .map(|(_, slow)| slow),
             log_lines_dropped: crate::logging::lines_dropped(),
             stopping: self.stopping,
+            cluster: leases.map(|leases| ClusterStatus {
+                this: leases.this,
+                daemons: leases
+                    .daemons
+                    .into_iter()
+                    .map(|(id, feeds)| ClusterDaemon { id, feeds })
+                    .collect(),
+                error: leases.error,
+            }),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct ConsumerToml {
     pub poll_interval: String,
     /// `retry_initial` and `retry_max`, when not the defaults.
     pub retry: Option<(String, String)>,
+    /// `[daemon] database`: a file beside the config, or a PostgreSQL URL.
+    pub database: String,
     /// Extra `[daemon]` lines, as written.
     pub daemon_keys: String,
     /// Extra `[[feed]]` lines, as written.
@@ -51,6 +53,7 @@ impl ConsumerToml {
             format,
             poll_interval: "100ms".into(),
             retry: Some(("10ms".into(), "1s".into())),
+            database: "projector.db".into(),
             daemon_keys: String::new(),
             feed_keys: String::new(),
             projections: BOTH_PROJECTIONS.into(),
@@ -64,7 +67,8 @@ impl ConsumerToml {
         }
         let _ = write!(
             text,
-            "[daemon]\ndatabase = \"projector.db\"\ncontrol_socket = \"projector.sock\"\n{}",
+            "[daemon]\ndatabase = \"{}\"\ncontrol_socket = \"projector.sock\"\n{}",
+            self.database,
             lines(&self.daemon_keys)
         );
         let _ = write!(

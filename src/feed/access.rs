@@ -4,8 +4,6 @@
 //! nowhere else. A feed is not trusted: an entry URL pointing at another service of the network,
 //! or a redirect from https to http, is refused, and credentials never follow it.
 
-use std::path::Path;
-
 use base64::Engine as _;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use hyper::Uri;
@@ -88,7 +86,7 @@ impl Access {
             let located = |message: String| ConfigError::new(source.locate(value), message);
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| located(format!("{name:?} is not an HTTP header name")))?;
-            let text = read_secret(value.get_ref())
+            let text = SecretSource::read(value.get_ref())
                 .map_err(|reason| located(format!("header {name}: {reason}")))?;
             let mut header_value = HeaderValue::from_str(&text).map_err(|_| {
                 located(format!(
@@ -167,31 +165,6 @@ impl Access {
     }
 }
 
-/// Reads a secret from where the config says it is.
-fn read_secret(source: &SecretSource) -> Result<String, String> {
-    match source {
-        SecretSource::Text(text) => Ok(text.clone()),
-        SecretSource::Env(name) => {
-            std::env::var(name).map_err(|_| format!("the environment variable {name} is not set"))
-        }
-        SecretSource::File(path) => read_file(path),
-        SecretSource::Credential(name) => {
-            let Some(folder) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
-                return Err(format!(
-                    "the credential {name:?} needs systemd's $CREDENTIALS_DIRECTORY (LoadCredential={name}:... in the unit)"
-                ));
-            };
-            read_file(&Path::new(&folder).join(name))
-        }
-    }
-}
-
-fn read_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_string())
-}
-
 /// `Authorization: Basic` for the user and password of `url`, percent-decoded.
 fn basic_authorization(url: &Url) -> HeaderValue {
     let decode = |text: &str| {
@@ -213,6 +186,7 @@ fn basic_authorization(url: &Url) -> HeaderValue {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::path::Path;
 
     fn feed(extra: &str, url: &str) -> Result<(Config, Access), ConfigError> {
         let text = format!(

@@ -58,7 +58,10 @@ pub fn not_ready(status: &DaemonStatus) -> Vec<String> {
     status
         .feeds
         .iter()
-        .filter(|feed| !feed.reached_head && feed.state != FeedState::Idle)
+        // A feed another daemon applies is that daemon's to be ready for.
+        .filter(|feed| {
+            !feed.reached_head && !matches!(feed.state, FeedState::Idle | FeedState::Standby)
+        })
         .map(|feed| format!("feed {} has not reached its head yet", feed.name))
         .collect()
 }

@@ -102,6 +102,27 @@ impl FeedMonitor {
         });
     }
 
+    /// Starts the feed's progress again from `points`, with no reader (its readers stopped and
+    /// others start from there: a lease taken on PostgreSQL). The counters go on.
+    pub fn start_over(&self, points: &[&StartingPoint]) {
+        self.progress.send_modify(|p| {
+            p.readers.clear();
+            p.reached_head = false;
+            for point in points {
+                if let Some(projection) = p.projections.get_mut(&point.projection) {
+                    projection.next_offset = point.checkpoint.next_offset;
+                    projection.dead_letters = point.dead_letters;
+                }
+            }
+            p.read_up_to = points
+                .iter()
+                .map(|point| point.checkpoint.next_offset)
+                .min()
+                .unwrap_or(p.read_up_to);
+            p.moved_at = Some(Instant::now());
+        });
+    }
+
     /// Registers a reader and returns its id.
     pub fn add_reader(&self) -> usize {
         let mut id = 0;
@@ -415,6 +436,7 @@ impl FeedMonitor {
             hint: p.hints.given.clone(),
             reached_head: p.reached_head,
             stalled_seconds: stalled_for.map(|d| d.as_secs()),
+            lease_holder: None,
             projections,
         }
     }

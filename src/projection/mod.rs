@@ -3,6 +3,7 @@
 //! A projection never commits: the daemon hands it an open transaction, and the projection's
 //! writes commit together with its checkpoint, or not at all.
 
+pub mod postgres;
 pub mod shape;
 pub mod sql;
 
@@ -13,6 +14,7 @@ use rusqlite::Transaction;
 
 use crate::config::{Config, ConfigError, OnChange, OnError, ProjectionConfig, ProjectionSource};
 use crate::event::{DecodeError, Event};
+pub use postgres::PostgresTx;
 
 /// A read model fed by the events of one feed.
 pub trait Projection: Send + Sync {
@@ -29,6 +31,22 @@ pub trait Projection: Send + Sync {
 
     /// Applies one event of a registered type, inside the daemon's open transaction.
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError>;
+
+    /// Whether it runs on the PostgreSQL store too ([`Projection::setup_postgres`] and
+    /// [`Projection::apply_postgres`]). A daemon on PostgreSQL refuses to start one that does not.
+    fn supports_postgres(&self) -> bool {
+        false
+    }
+
+    /// On PostgreSQL: creates its tables if they are missing, in the daemon's schema.
+    fn setup_postgres(&self, _tx: &mut PostgresTx) -> Result<(), ProjectionError> {
+        Err(ProjectionError::Unsupported("PostgreSQL"))
+    }
+
+    /// On PostgreSQL: applies one event of a registered type, inside the daemon's transaction.
+    fn apply_postgres(&self, _tx: &mut PostgresTx, _event: &Event) -> Result<(), ProjectionError> {
+        Err(ProjectionError::Unsupported("PostgreSQL"))
+    }
 }
 
 /// Why a projection could not apply an event.
@@ -38,8 +56,24 @@ pub enum ProjectionError {
     Decode(#[from] DecodeError),
     #[error("SQL failed: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("SQL failed: {}", postgres_message(.0))]
+    Postgres(#[from] ::postgres::Error),
+    #[error("the projection does not run on {0}")]
+    Unsupported(&'static str),
     #[error("{0}")]
     Rejected(String),
+}
+
+/// The server's message, with its detail when it gives one (`postgres::Error` says only "db
+/// error").
+pub fn postgres_message(err: &::postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {detail}", db.message()),
+            None => db.message().to_string(),
+        },
+        None => err.to_string(),
+    }
 }
 
 /// The event types a projection applies: some by name, or every one (`*`).
@@ -167,6 +201,19 @@ fn build(
     })
 }
 
+/// Why `projections` cannot run on PostgreSQL, if one of them cannot.
+pub fn refused_by_postgres(projections: &[ConfiguredProjection]) -> Option<String> {
+    projections
+        .iter()
+        .find(|p| !p.projection.supports_postgres())
+        .map(|p| {
+            format!(
+                "projection {:?} ({}) does not run on PostgreSQL: its module implements no setup_postgres and apply_postgres; run it on a SQLite database",
+                p.name, p.definition
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +247,48 @@ module = "nope"
             "{err}"
         );
         Ok(())
+    }
+
+    /// A Rust module written for SQLite only.
+    struct SqliteOnly;
+
+    impl Projection for SqliteOnly {
+        fn event_types(&self) -> Vec<String> {
+            vec!["e".into()]
+        }
+        fn version(&self) -> String {
+            "1".into()
+        }
+        fn setup(&self, _tx: &Transaction) -> Result<(), ProjectionError> {
+            Ok(())
+        }
+        fn apply(&self, _tx: &Transaction, _event: &Event) -> Result<(), ProjectionError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_module_without_postgres_methods_is_refused_on_postgres_by_name() {
+        let configured = |name: &str, projection: Arc<dyn Projection>| ConfiguredProjection {
+            name: name.into(),
+            feed: "bank".into(),
+            on_error: OnError::Stop,
+            on_change: OnChange::Rebuild,
+            event_types: EventTypes::new(projection.event_types()),
+            definition: format!("module {name}"),
+            version: projection.version(),
+            projection,
+        };
+        let ledger = configured(
+            "ledger",
+            Arc::new(crate::projections::account_ledger::AccountLedger),
+        );
+        assert_eq!(refused_by_postgres(std::slice::from_ref(&ledger)), None);
+        let old = configured("old", Arc::new(SqliteOnly));
+        let refused = refused_by_postgres(&[ledger, old]).unwrap_or_default();
+        assert!(
+            refused.contains("\"old\" (module old) does not run on PostgreSQL"),
+            "{refused}"
+        );
     }
 }

@@ -18,6 +18,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use std::borrow::Cow;
+
+use postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, Transaction};
 use serde::Deserialize;
@@ -26,7 +29,7 @@ use toml::Spanned;
 
 mod version;
 
-use super::{Projection, ProjectionError, EVERY_TYPE};
+use super::{PostgresTx, Projection, ProjectionError, EVERY_TYPE};
 use crate::config::{ConfigError, Location};
 use crate::event::{DecodeError, Event};
 
@@ -39,6 +42,8 @@ struct ProjectionFile {
     /// The definition's version, when its author names it; otherwise a hash of the SQL.
     version: Option<version::ExplicitVersion>,
     schema: Spanned<String>,
+    /// The schema on PostgreSQL, where it differs from `schema`.
+    postgres_schema: Option<Spanned<String>>,
     on: BTreeMap<String, HandlerFile>,
 }
 
@@ -46,6 +51,8 @@ struct ProjectionFile {
 #[serde(deny_unknown_fields)]
 struct HandlerFile {
     sql: Spanned<String>,
+    /// The statement on PostgreSQL, where it differs from `sql`.
+    postgres_sql: Option<Spanned<String>>,
     #[serde(default)]
     params: BTreeMap<String, Spanned<String>>,
     expect_rows: Option<usize>,
@@ -122,6 +129,154 @@ impl ParamSource {
     }
 }
 
+impl ParamSource {
+    /// The parameter's value as text, for PostgreSQL to read as whatever type the statement
+    /// wants it as; None for SQL NULL.
+    fn text<'e>(
+        &self,
+        event: &'e Event,
+        fields: Option<&'e Value>,
+    ) -> Result<Option<Cow<'e, str>>, DecodeError> {
+        let borrowed = |text: &'e str| Ok(Some(Cow::Borrowed(text)));
+        match self {
+            ParamSource::Offset => Ok(Some(Cow::Owned(event.offset.to_string()))),
+            ParamSource::EventId => borrowed(&event.meta.event_id),
+            ParamSource::EventType => borrowed(&event.meta.event_type),
+            ParamSource::AggregateId => borrowed(&event.meta.aggregate_id),
+            ParamSource::AggregateName => borrowed(&event.meta.aggregate_name),
+            ParamSource::AggregateVersion => {
+                Ok(Some(Cow::Owned(event.meta.aggregate_version.to_string())))
+            }
+            ParamSource::Created => borrowed(&event.meta.created),
+            ParamSource::Payload => match &event.payload {
+                Some(payload) => borrowed(payload.as_str()),
+                None => Err(DecodeError {
+                    event_type: event.meta.event_type.clone(),
+                    reason: "the event has no payload".into(),
+                }),
+            },
+            ParamSource::Pointer(pointer) => {
+                let found = fields
+                    .and_then(|fields| pointer.find(fields))
+                    .ok_or_else(|| DecodeError {
+                        event_type: event.meta.event_type.clone(),
+                        reason: format!("the payload has no field {pointer}"),
+                    })?;
+                Ok(match found {
+                    Value::Null => None,
+                    Value::String(text) => Some(Cow::Borrowed(text)),
+                    other => Some(Cow::Owned(other.to_string())),
+                })
+            }
+        }
+    }
+}
+
+/// A value bound as text: PostgreSQL converts it to the parameter's type, and a value that does
+/// not convert fails the statement (the event's fault), as a wrong type does on SQLite.
+#[derive(Debug)]
+struct TextParam<'a>(Option<Cow<'a, str>>);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// `sql` with its `:name` parameters numbered `$1`, `$2`... as PostgreSQL writes them, and the
+/// names in number order. Quoted text, quoted names, comments, dollar quotes and `::` casts are
+/// left as they are.
+fn numbered(sql: &str) -> Result<(String, Vec<String>), String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(sql.len());
+    let bytes = sql.as_bytes();
+    let is_name_start = |b: u8| b.is_ascii_alphabetic() || b == b'_';
+    let is_name = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        // The length of what is copied as it is, from `i`.
+        let verbatim = match bytes[i] {
+            quote @ (b'\'' | b'"') => Some(
+                rest[1..]
+                    .find(quote as char)
+                    .map_or(rest.len(), |end| end + 2),
+            ),
+            b'-' if rest.starts_with("--") => Some(rest.find('\n').unwrap_or(rest.len())),
+            b'/' if rest.starts_with("/*") => Some(rest.find("*/").map_or(rest.len(), |e| e + 2)),
+            b':' if rest.starts_with("::") => Some(2),
+            b'$' => {
+                let tag_end = rest[1..]
+                    .bytes()
+                    .position(|b| !is_name(b))
+                    .map_or(rest.len(), |p| p + 1);
+                if tag_end > 1 && rest[1..tag_end].bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!(
+                        "it uses a positional parameter ({}); name it, like :account_id",
+                        &rest[..tag_end]
+                    ));
+                }
+                if rest[tag_end..].starts_with('$') {
+                    let tag = &rest[..=tag_end];
+                    Some(
+                        rest[tag.len()..]
+                            .find(tag)
+                            .map_or(rest.len(), |end| tag.len() + end + tag.len()),
+                    )
+                } else {
+                    Some(1)
+                }
+            }
+            b':' if bytes.get(i + 1).is_some_and(|&b| is_name_start(b)) => {
+                let end = rest[1..]
+                    .bytes()
+                    .position(|b| !is_name(b))
+                    .map_or(rest.len(), |p| p + 1);
+                let name = &rest[1..end];
+                let number = match names.iter().position(|known| known == name) {
+                    Some(index) => index + 1,
+                    None => {
+                        names.push(name.to_string());
+                        names.len()
+                    }
+                };
+                out.push_str(&format!("${number}"));
+                i += end;
+                None
+            }
+            _ => {
+                let next = rest.chars().next().map_or(1, char::len_utf8);
+                Some(next)
+            }
+        };
+        if let Some(length) = verbatim {
+            out.push_str(&rest[..length]);
+            i += length;
+        }
+    }
+    Ok((out, names))
+}
+
 /// An RFC 6901 JSON pointer, split and unescaped once when the projection loads: looking up
 /// `Value::pointer` splits and unescapes the text again for every event.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,15 +351,26 @@ struct Handler {
     sql: String,
     /// Parameter i + 1 of the statement takes its value from `params[i]`.
     params: Vec<ParamSource>,
+    /// The statement on PostgreSQL, its `:name`s numbered.
+    postgres: PostgresStatement,
     /// Some parameter is a payload field: the payload is parsed for the statement.
     reads_fields: bool,
     expect_rows: Option<usize>,
+}
+
+/// A handler's statement as PostgreSQL takes it: `$1`, `$2`... for the names, in first-use order.
+#[derive(Debug)]
+struct PostgresStatement {
+    sql: String,
+    /// `$i + 1` takes its value from `params[i]`.
+    params: Vec<ParamSource>,
 }
 
 /// A loaded, checked declarative projection.
 #[derive(Debug)]
 pub struct SqlProjection {
     schema: String,
+    postgres_schema: String,
     handlers: HashMap<String, Handler>,
     version: String,
 }
@@ -247,6 +413,21 @@ impl SqlProjection {
             })?;
             let mut params = Vec::new();
             let mut used = Vec::new();
+            let source_of = |bare: &str| {
+                match handler.params.get(bare) {
+                None => Ok(ParamSource::Pointer(JsonPointer::new(&format!("/{bare}")))),
+                Some(source) => ParamSource::parse(source.get_ref()).ok_or_else(|| {
+                    ConfigError::new(
+                        locate(source.span()),
+                        format!(
+                            "parameter {bare:?} takes its value from {:?}: write a JSON pointer into the payload (\"/field\") or one of {}",
+                            source.get_ref(),
+                            ParamSource::METADATA
+                        ),
+                    )
+                }),
+            }
+            };
             for index in 1..=statement.parameter_count() {
                 let Some(name) = statement.parameter_name(index) else {
                     return Err(ConfigError::new(
@@ -258,20 +439,21 @@ impl SqlProjection {
                 };
                 let bare = &name[1..];
                 used.push(bare.to_string());
-                params.push(match handler.params.get(bare) {
-                    None => ParamSource::Pointer(JsonPointer::new(&format!("/{bare}"))),
-                    Some(source) => ParamSource::parse(source.get_ref()).ok_or_else(|| {
-                        ConfigError::new(
-                            locate(source.span()),
-                            format!(
-                                "parameter {bare:?} takes its value from {:?}: write a JSON pointer into the payload (\"/field\") or one of {}",
-                                source.get_ref(),
-                                ParamSource::METADATA
-                            ),
-                        )
-                    })?,
-                });
+                params.push(source_of(bare)?);
             }
+            let postgres_text = handler.postgres_sql.as_ref().unwrap_or(&handler.sql);
+            let (postgres_sql, postgres_names) =
+                numbered(postgres_text.get_ref()).map_err(|reason| {
+                    ConfigError::new(
+                        locate(postgres_text.span()),
+                        format!("PostgreSQL SQL for {event_type:?}: {reason}"),
+                    )
+                })?;
+            let postgres_params = postgres_names
+                .iter()
+                .map(|name| source_of(name))
+                .collect::<Result<Vec<_>, _>>()?;
+            used.extend(postgres_names);
             if let Some((unused, source)) =
                 handler.params.iter().find(|(name, _)| !used.contains(name))
             {
@@ -282,12 +464,17 @@ impl SqlProjection {
             }
             let reads_fields = params
                 .iter()
+                .chain(&postgres_params)
                 .any(|source| matches!(source, ParamSource::Pointer(_)));
             handlers.insert(
                 event_type.clone(),
                 Handler {
                     sql: handler.sql.get_ref().clone(),
                     params,
+                    postgres: PostgresStatement {
+                        sql: postgres_sql,
+                        params: postgres_params,
+                    },
                     reads_fields,
                     expect_rows: handler.expect_rows,
                 },
@@ -295,6 +482,9 @@ impl SqlProjection {
         }
         let version = version::of(&file);
         Ok(SqlProjection {
+            postgres_schema: file
+                .postgres_schema
+                .map_or_else(|| file.schema.get_ref().clone(), Spanned::into_inner),
             schema: file.schema.into_inner(),
             handlers,
             version,
@@ -348,11 +538,7 @@ impl Projection for SqlProjection {
     }
 
     fn apply(&self, tx: &Transaction, event: &Event) -> Result<(), ProjectionError> {
-        let handler = self
-            .handlers
-            .get(&event.meta.event_type)
-            .or_else(|| self.handlers.get(EVERY_TYPE));
-        let Some(handler) = handler else {
+        let Some(handler) = self.handler(event) else {
             return Ok(());
         };
         // Parsed once for all the statement's fields.
@@ -366,7 +552,69 @@ impl Projection for SqlProjection {
             statement.raw_bind_parameter(index + 1, source.value(event, fields.as_ref())?)?;
         }
         let changed = statement.raw_execute()?;
-        match handler.expect_rows {
+        handler.expect(event, changed)
+    }
+
+    fn supports_postgres(&self) -> bool {
+        true
+    }
+
+    /// Makes the tables, then prepares every handler's statement, so that a statement
+    /// PostgreSQL refuses stops the start rather than each event.
+    fn setup_postgres(&self, tx: &mut PostgresTx) -> Result<(), ProjectionError> {
+        tx.batch_execute(&self.postgres_schema)?;
+        let mut types: Vec<&String> = self.handlers.keys().collect();
+        types.sort();
+        for event_type in types {
+            let statement = &self.handlers[event_type].postgres;
+            tx.prepare(&statement.sql).map_err(|err| {
+                ProjectionError::Rejected(format!(
+                    "the PostgreSQL SQL for {event_type:?} fails: {}",
+                    super::postgres_message(&err)
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn apply_postgres(&self, tx: &mut PostgresTx, event: &Event) -> Result<(), ProjectionError> {
+        let Some(handler) = self.handler(event) else {
+            return Ok(());
+        };
+        let fields = if handler.reads_fields {
+            Some(event.decode::<Value>()?)
+        } else {
+            None
+        };
+        let values = handler
+            .postgres
+            .params
+            .iter()
+            .map(|source| source.text(event, fields.as_ref()).map(TextParam))
+            .collect::<Result<Vec<_>, _>>()?;
+        let params: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|value| value as &(dyn ToSql + Sync))
+            .collect();
+        let statement = tx.prepare(&handler.postgres.sql)?;
+        let changed = tx.execute_prepared(&statement, &params)?;
+        handler.expect(event, usize::try_from(changed).unwrap_or(usize::MAX))
+    }
+}
+
+impl SqlProjection {
+    /// The handler of `event`'s type, or of every type; None if neither.
+    fn handler(&self, event: &Event) -> Option<&Handler> {
+        self.handlers
+            .get(&event.meta.event_type)
+            .or_else(|| self.handlers.get(EVERY_TYPE))
+    }
+}
+
+impl Handler {
+    /// Whether `changed` rows are what the handler expects of `event`.
+    fn expect(&self, event: &Event, changed: usize) -> Result<(), ProjectionError> {
+        match self.expect_rows {
             Some(expected) if expected != changed => Err(ProjectionError::Rejected(format!(
                 "the SQL for {} changed {changed} rows where {expected} were expected",
                 event.meta.event_type
@@ -568,6 +816,74 @@ params = { body = "/nested/deep/text", raw = "@payload", at = "@offset" }
             );
         }
         assert_eq!(JsonPointer::new("/a/b~1c").to_string(), "/a/b~1c");
+    }
+
+    #[test]
+    fn names_are_numbered_for_postgres_outside_quotes_comments_and_casts() {
+        let (sql, names) = numbered(
+            "INSERT INTO t VALUES (:a, ':b', \":c\", :a::text, $$ :d $$, $q$:e$q$) -- :f\n/* :g */ RETURNING :h",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            sql,
+            "INSERT INTO t VALUES ($1, ':b', \":c\", $1::text, $$ :d $$, $q$:e$q$) -- :f\n/* :g */ RETURNING $2"
+        );
+        assert_eq!(names, ["a", "h"]);
+        let err = numbered("SELECT $1").err().unwrap_or_default();
+        assert!(err.contains("positional parameter ($1)"), "{err}");
+        assert_eq!(
+            numbered("SELECT 'it''s', :x_1").map(|(sql, _)| sql),
+            Ok("SELECT 'it''s', $1".to_string())
+        );
+    }
+
+    #[test]
+    fn a_file_gives_postgres_its_own_statements() -> Result<(), ConfigError> {
+        let base =
+            "schema = \"CREATE TABLE t (a TEXT)\"\n[on.e]\nsql = \"INSERT INTO t VALUES (:a)\"\n";
+        let plain = SqlProjection::parse(Path::new("p.toml"), base)?;
+        assert_eq!(plain.postgres_schema, plain.schema);
+        assert_eq!(
+            plain.handlers["e"].postgres.sql,
+            "INSERT INTO t VALUES ($1)"
+        );
+        let own = format!(
+            "{base}postgres_sql = \"INSERT INTO t VALUES (:b::jsonb)\"\nparams = {{ b = \"@payload\" }}\n"
+        )
+        .replace("[on.e]", "postgres_schema = \"CREATE TABLE t (a JSONB)\"\n[on.e]");
+        let own = SqlProjection::parse(Path::new("p.toml"), &own)?;
+        assert_eq!(own.postgres_schema, "CREATE TABLE t (a JSONB)");
+        assert_eq!(
+            own.handlers["e"].postgres.sql,
+            "INSERT INTO t VALUES ($1::jsonb)"
+        );
+        assert_eq!(own.handlers["e"].postgres.params, [ParamSource::Payload]);
+        assert_ne!(own.version, plain.version);
+        // A parameter only PostgreSQL's statement uses counts as used.
+        assert!(own.handlers["e"].params.len() == 1);
+        Ok(())
+    }
+
+    #[test]
+    fn values_reach_postgres_as_text_it_converts() {
+        let event = event(
+            12,
+            "noted",
+            json!({"n": 18446744073709551615u64, "f": true, "o": {"k": [1]}, "s": "x", "z": null}),
+        );
+        let fields = event.decode::<Value>().ok();
+        let text = |source: &str| {
+            ParamSource::parse(source)
+                .and_then(|s| s.text(&event, fields.as_ref()).ok())
+                .flatten()
+                .map(|t| t.into_owned())
+        };
+        assert_eq!(text("/n").as_deref(), Some("18446744073709551615"));
+        assert_eq!(text("/f").as_deref(), Some("true"));
+        assert_eq!(text("/o").as_deref(), Some(r#"{"k":[1]}"#));
+        assert_eq!(text("/s").as_deref(), Some("x"));
+        assert_eq!(text("/z"), None);
+        assert_eq!(text("@offset").as_deref(), Some("12"));
     }
 
     #[test]

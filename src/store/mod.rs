@@ -8,6 +8,7 @@
 
 pub mod dead_letters;
 pub mod lifecycle;
+pub mod postgres;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,19 +2,95 @@
 //! is applied to a projection only if its offset is exactly that projection's next offset, read
 //! under the write lock; passing the event just before a checkpoint, its id must be the one the
 //! checkpoint recorded, or the feed was rewritten and nothing of the batch is applied.
+//!
+//! The rule is the same on every store; a store gives it a transaction ([`BatchTx`]).
 
-use rusqlite::{Transaction, TransactionBehavior};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::activity::WriterActivity;
-use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, SlotState, Writer};
+use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, Slot, SlotState};
 use crate::config::OnError;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
-use crate::store::{self, lifecycle, Checkpoint, DeadLetter};
+use crate::store::lifecycle::HaltedEvent;
+use crate::store::{self, Checkpoint, DeadLetter};
 
-impl Writer {
-    /// Applies a batch in one transaction. On error nothing is committed and no in-memory
-    /// checkpoint moves.
+/// A store's open transaction, as a batch uses it. Every method's error is the store's own
+/// failure, which fails the batch; only [`BatchTx::apply`]'s inner error is the event's fault.
+pub(super) trait BatchTx {
+    /// `projection`'s committed checkpoint, read so that no other writer moves it until this
+    /// transaction ends.
+    fn checkpoint(&mut self, projection: &str) -> Result<Checkpoint, ApplyError>;
+    fn save_checkpoint(
+        &mut self,
+        projection: &str,
+        feed: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ApplyError>;
+    fn record_halt(&mut self, projection: &str, event: &HaltedEvent) -> Result<(), ApplyError>;
+    /// The first unresolved dead letter parked for `aggregate`, if any.
+    fn parked_behind(
+        &mut self,
+        projection: &str,
+        aggregate: &str,
+    ) -> Result<Option<i64>, ApplyError>;
+    fn insert_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), ApplyError>;
+    /// Applies `event` to `projection`. The inner error is the event's fault; the outer one the
+    /// store's.
+    fn apply(
+        &mut self,
+        projection: &ConfiguredProjection,
+        event: &Event,
+    ) -> Result<Result<(), ProjectionError>, ApplyError>;
+    fn savepoint(&mut self) -> Result<(), ApplyError>;
+    fn rollback_to_savepoint(&mut self) -> Result<(), ApplyError>;
+    fn release_savepoint(&mut self) -> Result<(), ApplyError>;
+    fn commit(self) -> Result<(), ApplyError>;
+}
+
+/// Where a store's batch transactions come from.
+pub(super) trait BeginBatch {
+    type Tx<'c>: BatchTx
+    where
+        Self: 'c;
+    fn begin(&mut self) -> Result<Self::Tx<'_>, ApplyError>;
+}
+
+/// The projections a writer holds, whatever its store.
+pub(super) struct Members {
+    pub slots: Vec<Slot>,
+    pub by_name: HashMap<String, usize>,
+    pub activity: Arc<WriterActivity>,
+    /// Feeds (or rebuilds) whose last batch had a poison event: their next batch starts with
+    /// savepoints.
+    poisoned: HashSet<String>,
+}
+
+impl Members {
+    pub fn new(slots: Vec<Slot>) -> Members {
+        let by_name = slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| (slot.projection.name.clone(), index))
+            .collect();
+        let activity = Arc::new(WriterActivity::new(
+            slots
+                .iter()
+                .map(|slot| slot.projection.name.clone())
+                .collect(),
+        ));
+        Members {
+            slots,
+            by_name,
+            activity,
+            poisoned: HashSet::new(),
+        }
+    }
+
+    /// Applies a batch in one transaction of `store`. On error nothing is committed and no
+    /// in-memory state moves. `poison_key` names whose run of poison events this is (a feed,
+    /// or a rebuild).
     ///
     /// Most batches apply cleanly, so the first attempt runs without a savepoint per event
     /// (they cost a share of the writer's time worth saving). An event that fails there may leave part
@@ -22,97 +98,37 @@ impl Writer {
     /// and applied again with a savepoint around each event. Poison events tend to come in
     /// runs, so after such a batch the feed's next batches start with savepoints, until one
     /// applies without a failure: a feed full of poison events is applied once, not twice.
-    pub fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
-        let shadow = self.shadow_of(batch);
-        // A rebuild's poison events are its own, not the live projections'.
-        let poison_key = match shadow {
-            Some(index) => self.shadows[index].member.clone(),
-            None => batch.feed.clone(),
-        };
-        let outcome = if self.poisoned.contains(&poison_key) {
-            let outcome = self.apply_with_savepoints(batch, shadow)?;
+    pub fn apply(
+        &mut self,
+        store: &mut impl BeginBatch,
+        batch: &Batch,
+        poison_key: &str,
+    ) -> Result<BatchOutcome, ApplyError> {
+        if self.poisoned.contains(poison_key) {
+            let outcome = self.apply_with_savepoints(store, batch)?;
             if outcome.halted.is_empty() && outcome.dead_lettered == 0 {
-                self.poisoned.remove(&poison_key);
+                self.poisoned.remove(poison_key);
             }
-            outcome
-        } else {
-            match self.apply_with(batch, shadow, Savepoints::Off) {
-                Ok(outcome) => outcome,
-                Err(Attempt::Failed(err)) => return Err(err),
-                Err(Attempt::NeedsSavepoints) => {
-                    let outcome = self.apply_with_savepoints(batch, shadow)?;
-                    self.poisoned.insert(poison_key);
-                    outcome
-                }
-            }
-        };
-        if let Some(index) = shadow {
-            self.finish_rebuild_if_caught_up(index);
+            return Ok(outcome);
         }
-        Ok(outcome)
-    }
-
-    /// The rebuild whose shadow `batch` is for, if it is for one (a shadow is read alone).
-    fn shadow_of(&self, batch: &Batch) -> Option<usize> {
-        self.shadows
-            .iter()
-            .position(|shadow| batch.projections.contains(&shadow.member))
-    }
-
-    /// Once a rebuild's shadow has caught up with the live checkpoint, its tables replace the
-    /// live ones. A failure is said and tried again after the shadow's next batch.
-    fn finish_rebuild_if_caught_up(&mut self, index: usize) {
-        let shadow = &self.shadows[index];
-        let Some(&live) = self.by_name.get(&shadow.projection) else {
-            return;
-        };
-        // Most batches of a rebuild leave it behind the live checkpoint: said without
-        // attaching the shadow.
-        let behind = match (
-            shadow.checkpoint(),
-            store::load_checkpoint(&self.conn, &shadow.projection),
-        ) {
-            (Ok(rebuilt), Ok(live)) => rebuilt.next_offset < live.unwrap_or_default().next_offset,
-            _ => false,
-        };
-        if behind {
-            return;
-        }
-        let source = self.slots[live].projection.definition.clone();
-        let started = std::time::Instant::now();
-        match shadow.swap_into(&mut self.conn, &source) {
-            Ok(false) => {}
-            Ok(true) => {
-                let shadow = self.shadows.remove(index);
-                tracing::info!(
-                    projection = %shadow.projection,
-                    version = %shadow.version,
-                    swap = ?started.elapsed(),
-                    "rebuilt: the new tables replaced the old ones"
-                );
-                if let Some(&slot) = self.by_name.get(&shadow.member) {
-                    self.slots[slot].state = SlotState::Retired;
-                }
-                let path = shadow.path.clone();
-                drop(shadow);
-                if let Err(err) = crate::store::lifecycle::remove_shadow(&path) {
-                    tracing::warn!(file = %path.display(), "could not remove the rebuild's database: {err}");
-                }
-                self.rebuilt.send_modify(|count| *count += 1);
+        let first = self.apply_with(store.begin()?, batch, Savepoints::Off);
+        match first {
+            Ok(outcome) => Ok(outcome),
+            Err(Attempt::Failed(err)) => Err(err),
+            Err(Attempt::NeedsSavepoints) => {
+                let outcome = self.apply_with_savepoints(store, batch)?;
+                self.poisoned.insert(poison_key.to_string());
+                Ok(outcome)
             }
-            Err(err) => tracing::error!(
-                projection = %shadow.projection,
-                "the rebuild caught up but could not replace the live tables (tried again after its next batch): {err:#}"
-            ),
         }
     }
 
     fn apply_with_savepoints(
         &mut self,
+        store: &mut impl BeginBatch,
         batch: &Batch,
-        shadow: Option<usize>,
     ) -> Result<BatchOutcome, ApplyError> {
-        self.apply_with(batch, shadow, Savepoints::On)
+        self.apply_with(store.begin()?, batch, Savepoints::On)
             .map_err(|attempt| match attempt {
                 Attempt::Failed(err) => err,
                 Attempt::NeedsSavepoints => {
@@ -123,8 +139,8 @@ impl Writer {
 
     fn apply_with(
         &mut self,
+        mut tx: impl BatchTx,
         batch: &Batch,
-        shadow: Option<usize>,
         savepoints: Savepoints,
     ) -> Result<BatchOutcome, Attempt> {
         // The batch's projections that still run, by slot.
@@ -145,24 +161,12 @@ impl Writer {
             ..BatchOutcome::default()
         };
 
-        let storage = ApplyError::storage;
-        let conn = match shadow {
-            Some(index) => &mut self.shadows[index].conn,
-            None => &mut self.conn,
-        };
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(storage)?;
         // The checkpoints as committed, read under the write lock: the database, not this
         // thread's memory, decides what is applied, so even a second writer cannot double-apply.
         let committed: Vec<Checkpoint> = members
             .iter()
-            .map(|&index| {
-                store::load_checkpoint(&tx, &self.slots[index].projection.name)
-                    .map(Option::unwrap_or_default)
-            })
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
+            .map(|&index| tx.checkpoint(&self.slots[index].projection.name))
+            .collect::<Result<_, _>>()?;
         let mut checkpoints = committed.clone();
         let mut last_created: Vec<Option<&str>> = vec![None; members.len()];
         for event in &batch.events {
@@ -174,13 +178,12 @@ impl Writer {
                     continue;
                 }
                 let step = Step {
-                    tx: &tx,
                     activity: &self.activity,
                     slot: index,
                     feed: &batch.feed,
                     savepoints,
                 };
-                match step.fate(projection, event)? {
+                match step.fate(&mut tx, projection, event)? {
                     Fate::Applied => counts[k].0 += 1,
                     Fate::DeadLettered => counts[k].1 += 1,
                     Fate::PassedOver => {}
@@ -198,14 +201,13 @@ impl Writer {
         }
         self.activity.committing();
         for (k, &index) in members.iter().enumerate() {
+            let name = &self.slots[index].projection.name;
             if checkpoints[k] != committed[k] {
-                let name = &self.slots[index].projection.name;
-                store::save_checkpoint(&tx, name, &batch.feed, &checkpoints[k]).map_err(storage)?;
+                tx.save_checkpoint(name, &batch.feed, &checkpoints[k])?;
             }
             if let Some(halt) = &halts[k] {
                 // Recorded, so that `projector projections` can say it without the daemon.
-                let name = &self.slots[index].projection.name;
-                let event = lifecycle::HaltedEvent {
+                let event = HaltedEvent {
                     offset: halt.offset,
                     event_id: halt.event_id.clone(),
                     event_type: halt.event_type.clone(),
@@ -213,13 +215,10 @@ impl Writer {
                     event_meta: halt.event_meta.clone(),
                     error: halt.error.clone(),
                 };
-                lifecycle::record_halt(&tx, name, &event).map_err(storage)?;
+                tx.record_halt(name, &event)?;
             }
         }
-        tx.commit().map_err(storage)?;
-        if shadow.is_none() {
-            self.wal.keep_bounded(&self.conn);
-        }
+        tx.commit()?;
 
         for ((((index, checkpoint), halt), (applied, dead_lettered)), last_created) in members
             .into_iter()
@@ -302,7 +301,6 @@ enum Fate {
 
 /// What applying one event to one projection needs of the batch.
 struct Step<'a> {
-    tx: &'a Transaction<'a>,
     activity: &'a WriterActivity,
     /// The projection's slot, for the activity report.
     slot: usize,
@@ -314,34 +312,32 @@ impl Step<'_> {
     /// Applies `event` to `projection`, or settles its failure by the projection's `on_error`.
     /// A failure of the database itself fails the batch; a failure without a savepoint asks for
     /// the batch again with them.
-    fn fate(&self, projection: &ConfiguredProjection, event: &Event) -> Result<Fate, Attempt> {
+    fn fate(
+        &self,
+        tx: &mut impl BatchTx,
+        projection: &ConfiguredProjection,
+        event: &Event,
+    ) -> Result<Fate, Attempt> {
         if !projection.handles(&event.meta.event_type) {
             return Ok(Fate::PassedOver);
         }
         self.activity.applying(self.slot, event.offset);
-        let storage = ApplyError::storage;
         let parks = match projection.on_error {
             OnError::Park => aggregate_of(event),
             OnError::Stop | OnError::Skip => None,
         };
         if let Some(aggregate) = &parks {
             // An aggregate with an event parked: this one waits behind it, in order.
-            if let Some(first) =
-                store::dead_letters::parked_behind(self.tx, &projection.name, aggregate)
-                    .map_err(storage)?
-            {
+            if let Some(first) = tx.parked_behind(&projection.name, aggregate)? {
                 let error = format!(
                     "parked behind dead letter {first}, an earlier event of aggregate {aggregate}: retrying that one releases this one"
                 );
-                self.dead_letter(projection, event, error, parks.clone())?;
+                self.dead_letter(tx, projection, event, error, parks.clone())?;
                 return Ok(Fate::DeadLettered);
             }
         }
-        let err = match apply_one(self.tx, projection, event, self.savepoints).map_err(storage)? {
+        let err = match apply_one(tx, projection, event, self.savepoints)? {
             Ok(()) => return Ok(Fate::Applied),
-            Err(ProjectionError::Sql(err)) if store::is_storage_failure(&err) => {
-                return Err(ApplyError::storage(err).into())
-            }
             // Dropping the transaction rolls it back.
             Err(_) if self.savepoints == Savepoints::Off => return Err(Attempt::NeedsSavepoints),
             Err(err) => err,
@@ -357,7 +353,7 @@ impl Step<'_> {
                 event_meta: store::dead_letters::meta_json(&event.meta),
             })),
             OnError::Skip | OnError::Park => {
-                self.dead_letter(projection, event, err.to_string(), parks)?;
+                self.dead_letter(tx, projection, event, err.to_string(), parks)?;
                 Ok(Fate::DeadLettered)
             }
         }
@@ -366,6 +362,7 @@ impl Step<'_> {
     /// Records `event` in the dead letters with `error`; `parks` the aggregate it holds back.
     fn dead_letter(
         &self,
+        tx: &mut impl BatchTx,
         projection: &ConfiguredProjection,
         event: &Event,
         error: String,
@@ -382,7 +379,7 @@ impl Step<'_> {
             event_meta: store::dead_letters::meta_json(&event.meta),
             parks,
         };
-        store::insert_dead_letter(self.tx, &letter).map_err(ApplyError::storage)
+        tx.insert_dead_letter(&letter)
     }
 }
 
@@ -414,31 +411,21 @@ impl From<ApplyError> for Attempt {
 }
 
 /// Applies one event to one projection; with savepoints, inside one, so that a failing event
-/// leaves none of its writes behind. The outer error is the database failing the savepoint
-/// itself.
+/// leaves none of its writes behind. The outer error is the store failing.
 fn apply_one(
-    tx: &Transaction,
+    tx: &mut impl BatchTx,
     projection: &ConfiguredProjection,
     event: &Event,
     savepoints: Savepoints,
-) -> rusqlite::Result<Result<(), ProjectionError>> {
+) -> Result<Result<(), ProjectionError>, ApplyError> {
     if savepoints == Savepoints::Off {
-        return Ok(projection.projection.apply(tx, event));
+        return tx.apply(projection, event);
     }
-    tx.prepare_cached("SAVEPOINT projector_event")?
-        .execute([])?;
-    let result = projection.projection.apply(tx, event);
-    if let Err(ProjectionError::Sql(err)) = &result {
-        if store::is_storage_failure(err) {
-            // SQLite may already have rolled the whole transaction back (a full disk, an I/O
-            // error), taking the savepoint with it: the batch fails as a whole, with this error.
-            return Ok(result);
-        }
-    }
+    tx.savepoint()?;
+    let result = tx.apply(projection, event)?;
     if result.is_err() {
-        tx.prepare_cached("ROLLBACK TO projector_event")?
-            .execute([])?;
+        tx.rollback_to_savepoint()?;
     }
-    tx.prepare_cached("RELEASE projector_event")?.execute([])?;
+    tx.release_savepoint()?;
     Ok(result)
 }

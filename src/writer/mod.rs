@@ -6,15 +6,17 @@
 mod activity;
 mod apply;
 mod open;
+pub mod postgres;
 mod shadow;
+mod sqlite;
 mod thread;
 mod wal;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+pub use postgres::{LeaseReport, LeaseRequest, PostgresWriter};
 pub use shadow::{rebuilt_projection, schema_objects, shadow_member};
 pub use thread::{PendingBatch, WriterHandle, WriterThread};
 
@@ -22,7 +24,7 @@ use crate::config::Synchronous;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, EventTypes};
 use crate::store::{self, Checkpoint};
-use activity::WriterActivity;
+use apply::Members;
 use wal::WalPolicy;
 
 /// Events of one feed, in offset order, for some of its projections.
@@ -91,6 +93,8 @@ pub enum ApplyError {
         expected: String,
         found: String,
     },
+    #[error("this daemon no longer holds the lease on feed {0:?}: another daemon applies it now")]
+    LeaseLost(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -102,6 +106,16 @@ impl ApplyError {
             ApplyError::Full(err.to_string())
         } else {
             ApplyError::Storage(err.to_string())
+        }
+    }
+
+    /// The PostgreSQL server (or the connection to it) failed.
+    fn postgres(err: ::postgres::Error) -> ApplyError {
+        let message = crate::projection::postgres_message(&err);
+        if err.code() == Some(&::postgres::error::SqlState::DISK_FULL) {
+            ApplyError::Full(message)
+        } else {
+            ApplyError::Storage(message)
         }
     }
 }
@@ -152,18 +166,13 @@ pub struct WriterSettings {
 pub struct Writer {
     conn: Connection,
     wal: WalPolicy,
-    slots: Vec<Slot>,
-    by_name: HashMap<String, usize>,
+    members: Members,
     /// The rebuilds in progress.
     shadows: Vec<shadow::Shadow>,
     /// The checkpoints read at open. After that the database is the only record of them.
     starting_points: Vec<StartingPoint>,
     /// The feeds paused when the writer opened.
     paused_feeds: BTreeSet<String>,
-    activity: Arc<WriterActivity>,
-    /// Feeds (or rebuilds) whose last batch had a poison event: their next batch starts with
-    /// savepoints.
-    poisoned: HashSet<String>,
     /// Counts the rebuilds finished: the daemon then starts its readers again.
     rebuilt: tokio::sync::watch::Sender<u64>,
 }
@@ -183,7 +192,27 @@ impl Writer {
         self.paused_feeds.clone()
     }
 
-    /// Records feeds as paused or resumed, in one transaction.
+    /// Moves the writer to its own thread. It runs until every handle is dropped, finishing the
+    /// batches already sent.
+    pub fn spawn(self) -> std::io::Result<(WriterHandle, WriterThread)> {
+        thread::spawn(self)
+    }
+}
+
+impl thread::WriterStore for Writer {
+    fn activity(&self) -> std::sync::Arc<activity::WriterActivity> {
+        self.members.activity.clone()
+    }
+
+    fn interrupter(&self) -> thread::Interrupter {
+        let handle = self.conn.get_interrupt_handle();
+        Box::new(move || handle.interrupt())
+    }
+
+    fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError> {
+        Writer::apply(self, batch)
+    }
+
     fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError> {
         let storage = ApplyError::storage;
         let tx = self
@@ -194,6 +223,29 @@ impl Writer {
             store::set_paused(&tx, feed, paused).map_err(storage)?;
         }
         tx.commit().map_err(storage)
+    }
+
+    fn after_full(&mut self) {
+        // The write-ahead log may hold the space the next batch needs.
+        let _ = self.wal.truncate(&self.conn);
+    }
+
+    fn leases(&mut self, _request: &LeaseRequest) -> Result<LeaseReport, ApplyError> {
+        Err(ApplyError::Internal(
+            "a SQLite database has one daemon: it has no leases".into(),
+        ))
+    }
+
+    fn release(&mut self, _feed: &str) -> Result<(), ApplyError> {
+        Err(ApplyError::Internal(
+            "a SQLite database has one daemon: it has no leases".into(),
+        ))
+    }
+
+    fn starting_points_of(&mut self, _feed: &str) -> Result<Vec<StartingPoint>, ApplyError> {
+        Err(ApplyError::Internal(
+            "a SQLite writer's starting points are read once, at open".into(),
+        ))
     }
 }
 

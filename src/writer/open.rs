@@ -4,12 +4,11 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use rusqlite::TransactionBehavior;
 
-use super::activity::WriterActivity;
+use super::apply::Members;
 use super::shadow::{self, Shadow};
 use super::wal::WalPolicy;
 use super::{Slot, SlotState, StartingPoint, Writer, WriterSettings};
@@ -151,27 +150,13 @@ impl Writer {
             shadows.push(shadow);
         }
 
-        let by_name = slots
-            .iter()
-            .enumerate()
-            .map(|(index, slot)| (slot.projection.name.clone(), index))
-            .collect();
-        let activity = Arc::new(WriterActivity::new(
-            slots
-                .iter()
-                .map(|slot| slot.projection.name.clone())
-                .collect(),
-        ));
         Ok(Writer {
             conn,
             wal: WalPolicy::new(path),
-            slots,
-            by_name,
+            members: Members::new(slots),
             shadows,
             starting_points,
             paused_feeds,
-            activity,
-            poisoned: HashSet::new(),
             rebuilt: tokio::sync::watch::Sender::new(0),
         })
     }

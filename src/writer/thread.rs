@@ -7,79 +7,107 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::InterruptHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::activity::WriterActivity;
-use super::{ApplyError, Batch, BatchOutcome, Writer};
+use super::postgres::{LeaseReport, LeaseRequest};
+use super::{ApplyError, Batch, BatchOutcome, StartingPoint};
 use crate::control::protocol::SlowBatch;
 
-impl Writer {
-    /// Moves the writer to its own thread. It runs until every handle is dropped, finishing the
-    /// batches already sent.
-    pub fn spawn(self) -> std::io::Result<(WriterHandle, WriterThread)> {
-        let (jobs, receiver) = mpsc::channel(16);
-        let activity = self.activity.clone();
-        let interrupt = self.conn.get_interrupt_handle();
-        let join = std::thread::Builder::new()
-            .name("projector-writer".into())
-            .spawn(move || self.run(receiver))?;
-        Ok((
-            WriterHandle { jobs, activity },
-            WriterThread { join, interrupt },
-        ))
-    }
+/// A store's writer, as its thread runs it.
+pub(super) trait WriterStore: Send + 'static {
+    fn activity(&self) -> Arc<WriterActivity>;
+    /// What makes the statement running fail (a stop past its timeout).
+    fn interrupter(&self) -> Interrupter;
+    fn apply(&mut self, batch: &Batch) -> Result<BatchOutcome, ApplyError>;
+    /// Records feeds as paused or resumed, in one transaction.
+    fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError>;
+    /// After a batch failed for want of room: frees what the store can.
+    fn after_full(&mut self) {}
+    /// Keeps this daemon's session alive and takes the leases it may: see [`LeaseRequest`].
+    fn leases(&mut self, request: &LeaseRequest) -> Result<LeaseReport, ApplyError>;
+    /// Gives `feed`'s lease back, once its readers have stopped.
+    fn release(&mut self, feed: &str) -> Result<(), ApplyError>;
+    /// Where `feed`'s projections stand now, as committed (by whichever daemon).
+    fn starting_points_of(&mut self, feed: &str) -> Result<Vec<StartingPoint>, ApplyError>;
+}
 
-    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
-        while let Some(job) = jobs.blocking_recv() {
-            let feed = match &job {
-                Job::Apply { batch, .. } => Some(batch.feed.clone()),
-                Job::SetPaused { .. } => None,
-            };
-            self.activity.start_job(feed);
-            self.run_job(job);
-            self.activity.end_job();
+/// Makes the writer's current statement fail.
+pub(super) type Interrupter = Box<dyn Fn() + Send + Sync>;
+
+/// Moves `store`'s writer to its own thread. It runs until every handle is dropped, finishing
+/// the batches already sent.
+pub(super) fn spawn(store: impl WriterStore) -> std::io::Result<(WriterHandle, WriterThread)> {
+    let (jobs, receiver) = mpsc::channel(16);
+    let activity = store.activity();
+    let interrupt = store.interrupter();
+    let join = std::thread::Builder::new()
+        .name("projector-writer".into())
+        .spawn(move || run(store, receiver))?;
+    Ok((
+        WriterHandle { jobs, activity },
+        WriterThread { join, interrupt },
+    ))
+}
+
+fn run(mut store: impl WriterStore, mut jobs: mpsc::Receiver<Job>) {
+    let activity = store.activity();
+    while let Some(job) = jobs.blocking_recv() {
+        let feed = match &job {
+            Job::Apply { batch, .. } => Some(batch.feed.clone()),
+            _ => None,
+        };
+        activity.start_job(feed);
+        run_job(&mut store, job);
+        activity.end_job();
+    }
+}
+
+/// Runs one job. The sender may have gone (shutdown); the job is committed or not either way.
+fn run_job(store: &mut impl WriterStore, job: Job) {
+    match job {
+        Job::Apply { batch, reply } => {
+            let started = Instant::now();
+            // A panicking projection is a bug, but it must not take the other feeds down: its
+            // transaction rolls back as it unwinds, and the batch fails.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| store.apply(&batch)))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(ApplyError::Internal(format!(
+                        "a projection panicked: {message}"
+                    )))
+                });
+            if result.is_ok() {
+                crate::metrics::metrics().batch(
+                    &batch.feed,
+                    started.elapsed().as_secs_f64(),
+                    batch.events.len(),
+                );
+            }
+            if matches!(result, Err(ApplyError::Full(_))) {
+                store.after_full();
+            }
+            let _ = reply.send(result);
         }
-    }
-
-    /// Runs one job. The sender may have gone (shutdown); the job is committed or not either way.
-    fn run_job(&mut self, job: Job) {
-        match job {
-            Job::Apply { batch, reply } => {
-                let started = Instant::now();
-                // A panicking projection is a bug, but it must not take the other feeds down:
-                // its transaction rolls back as it unwinds, and the batch fails.
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.apply(&batch)))
-                    .unwrap_or_else(|panic| {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(ApplyError::Internal(format!(
-                            "a projection panicked: {message}"
-                        )))
-                    });
-                if result.is_ok() {
-                    crate::metrics::metrics().batch(
-                        &batch.feed,
-                        started.elapsed().as_secs_f64(),
-                        batch.events.len(),
-                    );
-                }
-                if matches!(result, Err(ApplyError::Full(_))) {
-                    // The write-ahead log may hold the space the next batch needs.
-                    let _ = self.wal.truncate(&self.conn);
-                }
-                let _ = reply.send(result);
-            }
-            Job::SetPaused {
-                feeds,
-                paused,
-                reply,
-            } => {
-                let _ = reply.send(self.set_paused(&feeds, paused));
-            }
+        Job::SetPaused {
+            feeds,
+            paused,
+            reply,
+        } => {
+            let _ = reply.send(store.set_paused(&feeds, paused));
+        }
+        Job::Leases { request, reply } => {
+            let _ = reply.send(store.leases(&request));
+        }
+        Job::Release { feed, reply } => {
+            let _ = reply.send(store.release(&feed));
+        }
+        Job::StartingPoints { feed, reply } => {
+            let _ = reply.send(store.starting_points_of(&feed));
         }
     }
 }
@@ -94,12 +122,24 @@ enum Job {
         paused: bool,
         reply: oneshot::Sender<Result<(), ApplyError>>,
     },
+    Leases {
+        request: LeaseRequest,
+        reply: oneshot::Sender<Result<LeaseReport, ApplyError>>,
+    },
+    Release {
+        feed: String,
+        reply: oneshot::Sender<Result<(), ApplyError>>,
+    },
+    StartingPoints {
+        feed: String,
+        reply: oneshot::Sender<Result<Vec<StartingPoint>, ApplyError>>,
+    },
 }
 
 /// The writer's thread, for whoever stops it.
 pub struct WriterThread {
     pub join: JoinHandle<()>,
-    interrupt: InterruptHandle,
+    interrupt: Interrupter,
 }
 
 impl WriterThread {
@@ -107,7 +147,7 @@ impl WriterThread {
     /// interrupted statement is a storage failure, never the event's fault). Between
     /// statements it does nothing.
     pub fn interrupt(&self) {
-        self.interrupt.interrupt();
+        (self.interrupt)();
     }
 }
 
@@ -145,13 +185,35 @@ impl WriterHandle {
 
     /// Records `feeds` as paused (or resumed) once the batches sent before have committed.
     pub async fn set_paused(&self, feeds: Vec<String>, paused: bool) -> Result<(), ApplyError> {
-        let (reply, receiver) = oneshot::channel();
-        let job = Job::SetPaused {
+        self.ask(|reply| Job::SetPaused {
             feeds,
             paused,
             reply,
-        };
-        let _ = self.jobs.send(job).await;
+        })
+        .await
+    }
+
+    /// Renews this daemon's session and takes the leases it may (PostgreSQL).
+    pub async fn leases(&self, request: LeaseRequest) -> Result<LeaseReport, ApplyError> {
+        self.ask(|reply| Job::Leases { request, reply }).await
+    }
+
+    /// Gives `feed`'s lease back (PostgreSQL).
+    pub async fn release(&self, feed: String) -> Result<(), ApplyError> {
+        self.ask(|reply| Job::Release { feed, reply }).await
+    }
+
+    /// Where `feed`'s projections stand now, as committed.
+    pub async fn starting_points_of(&self, feed: String) -> Result<Vec<StartingPoint>, ApplyError> {
+        self.ask(|reply| Job::StartingPoints { feed, reply }).await
+    }
+
+    async fn ask<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, ApplyError>>) -> Job,
+    ) -> Result<T, ApplyError> {
+        let (reply, receiver) = oneshot::channel();
+        let _ = self.jobs.send(job(reply)).await;
         receiver
             .await
             .unwrap_or_else(|_| Err(ApplyError::Internal("the database writer stopped".into())))

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+pub mod pg;
 pub mod pki;
 
 use std::collections::{BTreeMap, HashMap};
@@ -79,7 +80,28 @@ impl Harness {
         feed_extra: &str,
         daemon_extra: &str,
     ) {
+        self.write_config_on(
+            "projector.db",
+            format,
+            url,
+            projections,
+            feed_extra,
+            daemon_extra,
+        );
+    }
+
+    /// As `write_config_in_format`, with `[daemon] database` = `database`.
+    pub fn write_config_on(
+        &self,
+        database: &str,
+        format: FeedFormat,
+        url: &str,
+        projections: &str,
+        feed_extra: &str,
+        daemon_extra: &str,
+    ) {
         let mut toml = ConsumerToml::new(url, format);
+        toml.database = database.into();
         toml.poll_interval = "50ms".into();
         toml.retry = Some(("10ms".into(), "200ms".into()));
         toml.daemon_keys = daemon_extra.into();

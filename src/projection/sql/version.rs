@@ -35,9 +35,18 @@ fn definition_hash(file: &ProjectionFile) -> String {
         hasher.update(text.as_bytes());
     };
     part(&squeezed(file.schema.get_ref()));
+    // Only where given, so that a file without PostgreSQL statements keeps its version.
+    if let Some(schema) = &file.postgres_schema {
+        part("postgres_schema");
+        part(&squeezed(schema.get_ref()));
+    }
     for (event_type, handler) in &file.on {
         part(event_type);
         part(&squeezed(handler.sql.get_ref()));
+        if let Some(sql) = &handler.postgres_sql {
+            part("postgres_sql");
+            part(&squeezed(sql.get_ref()));
+        }
         for (name, source) in &handler.params {
             part(name);
             part(source.get_ref());

@@ -1,0 +1,476 @@
+//! The PostgreSQL store, against the machine's real server: exactly once across SIGKILLs, and
+//! several daemons on one schema sharing the feeds by leases, taking over from one another
+//! when the active one is killed, stopped or frozen. Each test has a schema of its own.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::pg::{self, Schema};
+use common::{wait_for, Daemon, Harness};
+use projector::config::FeedFormat;
+use projector::demo::bank;
+use projector::demo::consumer_toml::BOTH_PROJECTIONS;
+
+/// How long a frozen daemon keeps its leases in these tests.
+const LEASE_TIMEOUT: &str = "2s";
+
+/// The feed `bank` of `harness`, on `schema`.
+fn write_config(harness: &Harness, schema: &Schema, projections: &str, feed_extra: &str) {
+    harness.write_config_on(
+        &pg::url(),
+        FeedFormat::Flux,
+        &harness.server.url(),
+        projections,
+        feed_extra,
+        &schema.daemon_keys(LEASE_TIMEOUT),
+    );
+}
+
+/// A daemon of its own folder (its own control socket) running the harness's config.
+struct Node {
+    at: NodeAt,
+    daemon: Daemon,
+}
+
+/// Where a node's daemon is: what the waits' conditions look at while the daemon is watched.
+#[derive(Clone)]
+struct NodeAt {
+    dir: PathBuf,
+    pid: u32,
+}
+
+impl Node {
+    fn start(harness: &Harness, name: &str) -> Node {
+        let dir = harness.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        for file in ["consumer.toml", "account_balances.toml"] {
+            std::fs::copy(harness.dir.path().join(file), dir.join(file))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let daemon = Daemon::spawn(&dir.join("consumer.toml"), &dir, &[]);
+        let pid = daemon.child.id();
+        Node {
+            at: NodeAt { dir, pid },
+            daemon,
+        }
+    }
+
+    fn is(&self, id: &str) -> bool {
+        self.at.is(id)
+    }
+}
+
+impl NodeAt {
+    /// Whether this node is daemon `id` (`host:pid`).
+    fn is(&self, id: &str) -> bool {
+        id.ends_with(&format!(":{}", self.pid))
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let config = self.dir.join("consumer.toml");
+        let mut all = vec!["ctl", "--config", config.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        common::projector(&all)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let output = self.ctl(&["status", "--json"]);
+        let reply: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", common::output_text(&output)));
+        reply["status"].clone()
+    }
+
+    /// The status of feed `name`.
+    fn feed(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        status["feeds"]
+            .as_array()
+            .and_then(|feeds| feeds.iter().find(|feed| feed["name"] == name).cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// Waits until a live daemon that `fits` holds `feed`'s lease; returns its id.
+async fn wait_for_holder(
+    schema: &Schema,
+    watched: &mut Daemon,
+    feed: &str,
+    fits: impl Fn(&str) -> bool,
+) -> String {
+    let mut holder = None;
+    wait_for(
+        watched,
+        &format!("the right daemon to hold {feed}'s lease"),
+        || {
+            holder = schema.lease_holder(feed).filter(|id| fits(id));
+            holder.is_some()
+        },
+    )
+    .await;
+    holder.unwrap_or_default()
+}
+
+/// The node that is daemon `id`.
+fn node_of<'n>(nodes: &'n mut [Node], id: &str) -> &'n mut Node {
+    nodes
+        .iter_mut()
+        .find(|node| node.is(id))
+        .unwrap_or_else(|| panic!("no node is {id}"))
+}
+
+/// The smallest, middle and largest of `times`.
+fn spread(times: &mut [Duration]) -> String {
+    times.sort();
+    match times {
+        [] => "none".into(),
+        [..] => format!(
+            "min {:?}, median {:?}, max {:?} over {}",
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1],
+            times.len()
+        ),
+    }
+}
+
+/// Waits until every projection of `schema` has checkpointed `offset`.
+async fn wait_for_offset(schema: &Schema, watched: &mut Daemon, offset: u64) {
+    wait_for(watched, &format!("every checkpoint at {offset}"), || {
+        let checkpoints = schema.checkpoints();
+        !checkpoints.is_empty() && checkpoints.values().all(|&at| at == offset)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_on_postgres_leaves_the_read_models_exact() {
+    let seed = 20_261_202;
+    let chunk = 300;
+    let kills = 8;
+    let all = bank::generate(seed, 2000 + chunk * kills);
+    let mut served = 2000;
+    let harness = Harness::new(all[..served].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    harness.server.random_faults(seed, 0.05);
+    let mut moments = fastrand::Rng::with_seed(seed);
+    for kill in 1..=kills {
+        let daemon = harness.spawn();
+        tokio::time::sleep(Duration::from_millis(moments.u64(50..600))).await;
+        daemon.kill();
+        schema.assert_consistent(&all[..served], &format!("after kill {kill}"));
+        harness.server.append(all[served..served + chunk].to_vec());
+        served += chunk;
+    }
+    let mut daemon = harness.spawn();
+    wait_for_offset(&schema, &mut daemon, served as u64).await;
+    schema.assert_exact(&all[..served]);
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_takes_over_when_the_active_daemon_is_killed_or_stopped() {
+    let all = bank::generate(7, 3000);
+    let harness = Harness::new(all[..1000].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    let mut a = Node::start(&harness, "a");
+    let first = wait_for_holder(&schema, &mut a.daemon, "bank", |_| true).await;
+    assert!(
+        a.is(&first),
+        "{first} holds the lease, not a ({})",
+        a.at.pid
+    );
+    let mut b = Node::start(&harness, "b");
+    wait_for_offset(&schema, &mut a.daemon, 1000).await;
+    let b_at = b.at.clone();
+    wait_for(
+        &mut b.daemon,
+        "b to stand by, naming a as the holder",
+        || {
+            let feed = b_at.feed("bank");
+            feed["state"] == "standby" && feed["lease_holder"] == first.as_str()
+        },
+    )
+    .await;
+    let text = common::output_text(&a.at.ctl(&["status"]));
+    assert!(
+        text.contains(&format!("daemon {first} (this one): holds bank"))
+            && text.contains("stands by")
+            && text.contains(&format!("lease held by {first}")),
+        "{text}"
+    );
+
+    harness.server.append(all[1000..2000].to_vec());
+    let killed = Instant::now();
+    a.daemon.kill();
+    let second = wait_for_holder(&schema, &mut b.daemon, "bank", |id| b_at.is(id)).await;
+    let after_kill = killed.elapsed();
+    wait_for_offset(&schema, &mut b.daemon, 2000).await;
+    schema.assert_exact(&all[..2000]);
+
+    let mut c = Node::start(&harness, "c");
+    let c_at = c.at.clone();
+    wait_for(&mut c.daemon, "c to stand by", || {
+        c_at.feed("bank")["lease_holder"] == second.as_str()
+    })
+    .await;
+    harness.server.append(all[2000..].to_vec());
+    let stopped = Instant::now();
+    let (status, log) = b.daemon.terminate().await;
+    assert!(status.success(), "{log}");
+    wait_for_holder(&schema, &mut c.daemon, "bank", |id| c_at.is(id)).await;
+    let after_stop = stopped.elapsed();
+    wait_for_offset(&schema, &mut c.daemon, 3000).await;
+    schema.assert_exact(&all);
+    eprintln!("takeover: {after_kill:?} after SIGKILL, {after_stop:?} after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_frozen_past_its_lease_loses_it_and_commits_nothing_when_it_wakes() {
+    let all = bank::generate(11, 3000);
+    let harness = Harness::new(all[..1000].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    let mut a = Node::start(&harness, "a");
+    let a_at = a.at.clone();
+    wait_for_holder(&schema, &mut a.daemon, "bank", |id| a_at.is(id)).await;
+    let mut b = Node::start(&harness, "b");
+    let b_at = b.at.clone();
+    wait_for_offset(&schema, &mut a.daemon, 1000).await;
+
+    a.daemon.signal("STOP");
+    let frozen = Instant::now();
+    harness.server.append(all[1000..2000].to_vec());
+    wait_for_holder(&schema, &mut b.daemon, "bank", |id| b_at.is(id)).await;
+    let takeover = frozen.elapsed();
+    wait_for_offset(&schema, &mut b.daemon, 2000).await;
+
+    // Awake again, a finds its session ended by the server and its lease gone with it.
+    a.daemon.signal("CONT");
+    common::wait_for_log(&mut a.daemon, "lost the feed's lease").await;
+    harness.server.append(all[2000..].to_vec());
+    wait_for_offset(&schema, &mut b.daemon, 3000).await;
+    schema.assert_exact(&all);
+    wait_for(&mut a.daemon, "a to stand by behind b", || {
+        a_at.feed("bank")["state"] == "standby"
+    })
+    .await;
+    assert!(
+        takeover >= Duration::from_secs(2),
+        "b took over after {takeover:?}, before a's lease could have timed out"
+    );
+    eprintln!("takeover of a frozen daemon: {takeover:?} (lease_timeout {LEASE_TIMEOUT})");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_daemons_over_a_faulty_feed_stay_exact_while_the_active_one_is_killed_again_and_again(
+) {
+    let seed = 5;
+    let chunk = 400;
+    let rounds = 6;
+    let all = bank::generate(seed, 1000 + chunk * rounds);
+    let mut served = 1000;
+    let harness = Harness::new(all[..served].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    harness.server.random_faults(seed, 0.05);
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|n| Node::start(&harness, &format!("n{n}")))
+        .collect();
+    let mut takeovers = Vec::new();
+    for round in 0..rounds {
+        let holder = wait_for_holder(&schema, &mut nodes[0].daemon, "bank", |_| true).await;
+        harness.server.append(all[served..served + chunk].to_vec());
+        served += chunk;
+        let index = nodes
+            .iter()
+            .position(|node| node.is(&holder))
+            .unwrap_or_else(|| panic!("no node is {holder}"));
+        let victim = nodes.remove(index);
+        let killed = Instant::now();
+        victim.daemon.kill();
+        schema.assert_consistent(&all[..served], &format!("round {round}, after the kill"));
+        nodes.push(Node::start(&harness, &format!("n{}", round + 3)));
+        wait_for_holder(&schema, &mut nodes[0].daemon, "bank", |id| id != holder).await;
+        takeovers.push(killed.elapsed());
+    }
+    let holder = wait_for_holder(&schema, &mut nodes[0].daemon, "bank", |_| true).await;
+    let active = node_of(&mut nodes, &holder);
+    wait_for_offset(&schema, &mut active.daemon, served as u64).await;
+    schema.assert_exact(&all[..served]);
+    eprintln!("takeover after SIGKILL: {}", spread(&mut takeovers));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feeds_spread_over_the_daemons_and_a_pause_through_any_daemon_holds_the_feed() {
+    let all = bank::generate(3, 2000);
+    let harness = Harness::new(all[..1000].to_vec()).await;
+    let schema = Schema::new();
+    let url = harness.server.url();
+    let projections = format!(
+        r#"
+[[feed]]
+name = "ledger"
+url = "{url}"
+format = "flux"
+poll_interval = "50ms"
+find_head = false
+
+[[projection]]
+name = "account_balances"
+feed = "bank"
+file = "account_balances.toml"
+
+[[projection]]
+name = "account_ledger"
+feed = "ledger"
+module = "account_ledger"
+"#
+    );
+    write_config(&harness, &schema, &projections, "");
+    let mut a = Node::start(&harness, "a");
+    let a_at = a.at.clone();
+    wait_for(&mut a.daemon, "a to hold both feeds", || {
+        schema.lease_holder("bank").is_some_and(|id| a_at.is(&id))
+            && schema.lease_holder("ledger").is_some_and(|id| a_at.is(&id))
+    })
+    .await;
+    let mut b = Node::start(&harness, "b");
+    let b_at = b.at.clone();
+    wait_for(&mut b.daemon, "one feed each", || {
+        let holders = [schema.lease_holder("bank"), schema.lease_holder("ledger")];
+        holders
+            .iter()
+            .any(|h| h.as_deref().is_some_and(|id| a_at.is(id)))
+            && holders
+                .iter()
+                .any(|h| h.as_deref().is_some_and(|id| b_at.is(id)))
+    })
+    .await;
+    wait_for_offset(&schema, &mut a.daemon, 1000).await;
+
+    // Paused through the daemon that does not hold it, the feed stops where it runs.
+    let bank_holder = schema.lease_holder("bank").unwrap_or_default();
+    let (holder, other) = if a.is(&bank_holder) {
+        (&mut a, b_at)
+    } else {
+        (&mut b, a_at)
+    };
+    let paused = other.ctl(&["pause", "bank"]);
+    assert!(paused.status.success(), "{}", common::output_text(&paused));
+    let holder_at = holder.at.clone();
+    wait_for(
+        &mut holder.daemon,
+        "the holder to park the paused feed",
+        || holder_at.feed("bank")["state"] == "paused",
+    )
+    .await;
+    harness.server.append(all[1000..].to_vec());
+    wait_for(&mut holder.daemon, "the ledger to move on alone", || {
+        schema.checkpoints().get("account_ledger") == Some(&2000)
+    })
+    .await;
+    assert_eq!(schema.checkpoints().get("account_balances"), Some(&1000));
+    let resumed = other.ctl(&["resume", "bank"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        common::output_text(&resumed)
+    );
+    wait_for_offset(&schema, &mut holder.daemon, 2000).await;
+    schema.assert_exact(&all);
+}
+
+/// An audit of every event, with PostgreSQL statements of its own: the payload kept as JSONB.
+const AUDIT: &str = r#"
+schema = "CREATE TABLE IF NOT EXISTS audit (event_id TEXT PRIMARY KEY, event_type TEXT, payload TEXT)"
+postgres_schema = "CREATE TABLE IF NOT EXISTS audit (event_id TEXT PRIMARY KEY, event_type TEXT, payload JSONB)"
+
+[on."*"]
+sql = "INSERT INTO audit VALUES (:id, :type, :payload)"
+postgres_sql = "INSERT INTO audit VALUES (:id, :type::text, :payload::jsonb)"
+params = { id = "@event_id", type = "@event_type", payload = "@payload" }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declarative_files_run_their_postgres_statements_with_values_bound_never_pasted() {
+    let mut events = bank::generate(9, 200);
+    let hostile = "x'); DROP TABLE audit; --";
+    let credit = events
+        .iter()
+        .position(|e| e.event_type == bank::CREDITED)
+        .unwrap_or_else(|| panic!("no credit"));
+    let mut body: serde_json::Value =
+        serde_json::from_str(&events[credit].body).unwrap_or_else(|e| panic!("{e}"));
+    body["transaction_id"] = hostile.into();
+    events[credit].body = body.to_string();
+    let harness = Harness::new(events.clone()).await;
+    std::fs::write(harness.dir.path().join("audit.toml"), AUDIT).unwrap_or_else(|e| panic!("{e}"));
+    let schema = Schema::new();
+    let projections = r#"
+[[projection]]
+name = "audit"
+feed = "bank"
+file = "audit.toml"
+"#;
+    write_config(&harness, &schema, projections, "");
+    let mut daemon = harness.spawn();
+    wait_for_offset(&schema, &mut daemon, 200).await;
+    let id = events[credit].id.clone();
+    let (kept, count, kind) = schema.query(move |client| {
+        let row = client
+            .query_one(
+                "SELECT payload->>'transaction_id', (SELECT count(*) FROM audit), pg_typeof(payload)::text
+                 FROM audit WHERE event_id = $1",
+                &[&id],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        (row.get::<_, String>(0), row.get::<_, i64>(1), row.get::<_, String>(2))
+    });
+    assert_eq!(
+        (kept.as_str(), count, kind.as_str()),
+        (hostile, 200, "jsonb")
+    );
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_that_read_a_sqlite_file_say_so_and_check_probes_the_server() {
+    let harness = Harness::new(bank::generate(1, 50)).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    for command in [
+        vec!["query", "SELECT 1"],
+        vec!["projections"],
+        vec!["dead-letters", "list"],
+    ] {
+        let output = harness.run(&command);
+        let text = common::output_text(&output);
+        assert!(
+            !output.status.success() && text.contains("use psql") && text.contains(&schema.name),
+            "{command:?}: {text}"
+        );
+    }
+    let output = harness.run(&["check", "--probe"]);
+    let text = common::output_text(&output);
+    assert!(
+        output.status.success()
+            && text.contains(&format!("reachable; schema {} is set up", schema.name)),
+        "{text}"
+    );
+    let mut daemon = harness.spawn_running().await;
+    let refused = harness.run(&["rebuild", "account_balances"]);
+    let text = common::output_text(&refused);
+    assert!(
+        !refused.status.success() && text.contains("does not rebuild yet"),
+        "{text}"
+    );
+    wait_for_offset(&schema, &mut daemon, 50).await;
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
