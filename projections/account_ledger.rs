@@ -2,7 +2,9 @@
 //! account the number and totals of credits and debits and the time of the last activity.
 //!
 //! It shows the typed side of the projection contract: each event type has a serde struct, and a
-//! payload that does not fit it is a poison event handled by the projection's `on_error`.
+//! payload that does not fit it is a poison event handled by the projection's `on_error`. It runs
+//! on both stores: an event is decoded and checked once (`Entry`), then written with each
+//! store's SQL.
 
 use rusqlite::{params, Transaction};
 use serde::Deserialize;
@@ -74,6 +76,33 @@ impl Entry {
     }
 }
 
+/// The ledger's tables, the same on both stores but for the type of their integers.
+fn tables(integer: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS account_ledger_entries (
+             event_offset   {integer} PRIMARY KEY,
+             account_id     TEXT NOT NULL,
+             transaction_id TEXT NOT NULL,
+             kind           TEXT NOT NULL CHECK (kind IN ('credit', 'debit')),
+             amount         {integer} NOT NULL,
+             created        TEXT NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS account_ledger_entries_by_account
+             ON account_ledger_entries (account_id, event_offset);
+         CREATE TABLE IF NOT EXISTS account_activity (
+             account_id      TEXT PRIMARY KEY,
+             opening_balance {integer} NOT NULL,
+             credits         {integer} NOT NULL DEFAULT 0,
+             debits          {integer} NOT NULL DEFAULT 0,
+             credited_total  {integer} NOT NULL DEFAULT 0,
+             debited_total   {integer} NOT NULL DEFAULT 0,
+             opened_offset   {integer} NOT NULL,
+             last_offset     {integer} NOT NULL,
+             last_activity   TEXT NOT NULL
+         );"
+    )
+}
+
 /// The account a credit or debit names must have been opened.
 fn opened(updated: u64, kind: &str, account_id: &str) -> Result<(), ProjectionError> {
     if updated != 1 {
@@ -94,29 +123,7 @@ impl Projection for AccountLedger {
     }
 
     fn setup(&self, tx: &Transaction) -> Result<(), ProjectionError> {
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS account_ledger_entries (
-                 event_offset   INTEGER PRIMARY KEY,
-                 account_id     TEXT NOT NULL,
-                 transaction_id TEXT NOT NULL,
-                 kind           TEXT NOT NULL CHECK (kind IN ('credit', 'debit')),
-                 amount         INTEGER NOT NULL,
-                 created        TEXT NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS account_ledger_entries_by_account
-                 ON account_ledger_entries (account_id, event_offset);
-             CREATE TABLE IF NOT EXISTS account_activity (
-                 account_id      TEXT PRIMARY KEY,
-                 opening_balance INTEGER NOT NULL,
-                 credits         INTEGER NOT NULL DEFAULT 0,
-                 debits          INTEGER NOT NULL DEFAULT 0,
-                 credited_total  INTEGER NOT NULL DEFAULT 0,
-                 debited_total   INTEGER NOT NULL DEFAULT 0,
-                 opened_offset   INTEGER NOT NULL,
-                 last_offset     INTEGER NOT NULL,
-                 last_activity   TEXT NOT NULL
-             );",
-        )?;
+        tx.execute_batch(&tables("INTEGER"))?;
         Ok(())
     }
 
@@ -174,29 +181,8 @@ impl Projection for AccountLedger {
     }
 
     fn setup_postgres(&self, tx: &mut PostgresTx) -> Result<(), ProjectionError> {
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS account_ledger_entries (
-                 event_offset   BIGINT PRIMARY KEY,
-                 account_id     TEXT NOT NULL,
-                 transaction_id TEXT NOT NULL,
-                 kind           TEXT NOT NULL CHECK (kind IN ('credit', 'debit')),
-                 amount         BIGINT NOT NULL,
-                 created        TEXT NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS account_ledger_entries_by_account
-                 ON account_ledger_entries (account_id, event_offset);
-             CREATE TABLE IF NOT EXISTS account_activity (
-                 account_id      TEXT PRIMARY KEY,
-                 opening_balance BIGINT NOT NULL,
-                 credits         BIGINT NOT NULL DEFAULT 0,
-                 debits          BIGINT NOT NULL DEFAULT 0,
-                 credited_total  BIGINT NOT NULL DEFAULT 0,
-                 debited_total   BIGINT NOT NULL DEFAULT 0,
-                 opened_offset   BIGINT NOT NULL,
-                 last_offset     BIGINT NOT NULL,
-                 last_activity   TEXT NOT NULL
-             );",
-        )?;
+        // PostgreSQL's INTEGER is 32 bits.
+        tx.batch_execute(&tables("BIGINT"))?;
         Ok(())
     }
 
@@ -215,10 +201,21 @@ impl Projection for AccountLedger {
                 Ok(())
             }
             Some(Entry::Moved { kind, change }) => {
-                tx.execute(
-                    "INSERT INTO account_ledger_entries
-                         (event_offset, account_id, transaction_id, kind, amount, created)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                let (credit, debit) = Entry::split(kind, change.amount);
+                // One statement, one round trip to the server: the entry, then the activity.
+                let updated = tx.execute(
+                    "WITH entry AS (
+                         INSERT INTO account_ledger_entries
+                             (event_offset, account_id, transaction_id, kind, amount, created)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                     )
+                     UPDATE account_activity SET
+                         credits = credits + (CASE WHEN $7::BIGINT > 0 THEN 1 ELSE 0 END),
+                         debits = debits + (CASE WHEN $8::BIGINT > 0 THEN 1 ELSE 0 END),
+                         credited_total = credited_total + $7::BIGINT,
+                         debited_total = debited_total + $8::BIGINT,
+                         last_offset = $1, last_activity = $6
+                     WHERE account_id = $2",
                     &[
                         &offset,
                         &change.account_id,
@@ -226,18 +223,9 @@ impl Projection for AccountLedger {
                         &kind,
                         &change.amount,
                         created,
+                        &credit,
+                        &debit,
                     ],
-                )?;
-                let (credit, debit) = Entry::split(kind, change.amount);
-                let updated = tx.execute(
-                    "UPDATE account_activity SET
-                         credits = credits + (CASE WHEN $2::BIGINT > 0 THEN 1 ELSE 0 END),
-                         debits = debits + (CASE WHEN $3::BIGINT > 0 THEN 1 ELSE 0 END),
-                         credited_total = credited_total + $2::BIGINT,
-                         debited_total = debited_total + $3::BIGINT,
-                         last_offset = $4, last_activity = $5
-                     WHERE account_id = $1",
-                    &[&change.account_id, &credit, &debit, &offset, created],
                 )?;
                 opened(updated, kind, &change.account_id)
             }

@@ -464,13 +464,259 @@ async fn commands_that_read_a_sqlite_file_say_so_and_check_probes_the_server() {
         "{text}"
     );
     let mut daemon = harness.spawn_running().await;
-    let refused = harness.run(&["rebuild", "account_balances"]);
+    let refused = harness.run(&["skip", "account_balances"]);
     let text = common::output_text(&refused);
     assert!(
-        !refused.status.success() && text.contains("does not rebuild yet"),
+        !refused.status.success() && text.contains("does not skip yet"),
         "{text}"
     );
     wait_for_offset(&schema, &mut daemon, 50).await;
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_whose_session_the_server_ends_connects_again_takes_its_lease_back_and_stays_exact(
+) {
+    let all = bank::generate(13, 3000);
+    let harness = Harness::new(all[..1000].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    let mut daemon = harness.spawn();
+    wait_for_offset(&schema, &mut daemon, 1000).await;
+    for (round, end) in [(1, 2000), (2, 3000)] {
+        harness.server.append(all[end - 1000..end].to_vec());
+        // What an operator's pg_terminate_backend, a server restart or a failover of the
+        // server does to the daemon's connection, mid catch-up.
+        let ended: i64 = schema.query(|client| {
+            client
+                .query_one(
+                    "SELECT count(pg_terminate_backend(backend_pid)) FROM projector_daemons",
+                    &[],
+                )
+                .map(|row| row.get(0))
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+        assert_eq!(ended, 1, "round {round}");
+        wait_for_offset(&schema, &mut daemon, end as u64).await;
+        schema.assert_exact(&all[..end]);
+    }
+    let log = daemon.log();
+    assert!(
+        log.contains("the connection to PostgreSQL was lost"),
+        "{log}"
+    );
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_events_on_postgres_are_dead_lettered_or_halt_their_projection_alone() {
+    let mut events = bank::generate(17, 600);
+    let poison = common::poison_first_credit(&mut events);
+    let harness = Harness::new(events.clone()).await;
+    let schema = Schema::new();
+    let projections = r#"
+[[projection]]
+name = "account_balances"
+feed = "bank"
+file = "account_balances.toml"
+on_error = "skip"
+
+[[projection]]
+name = "account_ledger"
+feed = "bank"
+module = "account_ledger"
+on_error = "stop"
+"#;
+    write_config(&harness, &schema, projections, "");
+    let mut daemon = harness.spawn();
+    wait_for(
+        &mut daemon,
+        "balances past the poison and the ledger halted at it",
+        || {
+            let checkpoints = schema.checkpoints();
+            checkpoints.get("account_balances") == Some(&600)
+                && checkpoints.get("account_ledger") == Some(&(poison as u64))
+        },
+    )
+    .await;
+    let (letters, halted_at): (Vec<(i64, String)>, Option<i64>) = schema.query(|client| {
+        let letters = client
+            .query(
+                "SELECT event_offset, event_id FROM projector_dead_letters WHERE projection = 'account_balances'",
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let halted = client
+            .query_one(
+                "SELECT halted_offset FROM projector_checkpoints WHERE projection = 'account_ledger'",
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .get(0);
+        (letters, halted)
+    });
+    assert_eq!(letters, vec![(poison as i64, events[poison].id.clone())]);
+    assert_eq!(halted_at, Some(poison as i64));
+    let mut without_poison = events.clone();
+    without_poison.remove(poison);
+    let (balances, entries) = schema.query(|client| {
+        let balances: std::collections::BTreeMap<String, i64> = client
+            .query("SELECT account_id, balance FROM account_balances", &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let entries: i64 = client
+            .query_one("SELECT count(*) FROM account_ledger_entries", &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .get(0);
+        (balances, entries)
+    });
+    assert_eq!(balances, bank::expected_balances(&without_poison));
+    assert_eq!(entries, common::credits_and_debits(&events[..poison]));
+    let (status, log) = daemon.terminate().await;
+    assert!(status.success(), "{log}");
+}
+
+/// The schemas of rebuilds in progress on the server.
+fn shadow_schemas(schema: &Schema) -> i64 {
+    schema.query(|client| {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projector_rebuild_%'
+                 AND EXISTS (SELECT 1 FROM projector_rebuilds)",
+                &[],
+            )
+            .map(|row| row.get(0))
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_asked_of_a_standby_is_built_by_the_daemon_holding_the_feed_and_swapped_in() {
+    let all = bank::generate(19, 3000);
+    let harness = Harness::new(all[..2000].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    let mut a = Node::start(&harness, "a");
+    let a_at = a.at.clone();
+    wait_for_holder(&schema, &mut a.daemon, "bank", |id| a_at.is(id)).await;
+    let b = Node::start(&harness, "b");
+    wait_for_offset(&schema, &mut a.daemon, 2000).await;
+    // A read model gone wrong, which a rebuild from the feed's start puts right.
+    schema.query(|client| {
+        client
+            .batch_execute("UPDATE account_balances SET balance = -1")
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    let asked = common::projector(&[
+        "rebuild",
+        "account_balances",
+        "--config",
+        b.at.dir.join("consumer.toml").to_str().unwrap_or_default(),
+    ]);
+    let text = common::output_text(&asked);
+    assert!(
+        asked.status.success() && text.contains("rebuilding account_balances"),
+        "{text}"
+    );
+    harness.server.append(all[2000..].to_vec());
+    common::wait_for_log(
+        &mut a.daemon,
+        "rebuilt: the new tables replaced the old ones",
+    )
+    .await;
+    wait_for_offset(&schema, &mut a.daemon, 3000).await;
+    schema.assert_exact(&all);
+    assert_eq!(shadow_schemas(&schema), 0);
+    let left: i64 = schema.query(|client| {
+        client
+            .query_one(
+                "SELECT (SELECT count(*) FROM projector_rebuilds)
+                      + (SELECT count(*) FROM projector_checkpoints WHERE projection LIKE '%@rebuild')",
+                &[],
+            )
+            .map(|row| row.get(0))
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_definition_is_rebuilt_beside_the_served_tables_and_goes_on_after_a_failover() {
+    let seed = 23;
+    let all = bank::generate(seed, 12_000);
+    let harness = Harness::new(all[..10_000].to_vec()).await;
+    let schema = Schema::new();
+    write_config(&harness, &schema, BOTH_PROJECTIONS, "");
+    let mut first = harness.spawn();
+    wait_for_offset(&schema, &mut first, 10_000).await;
+    let (status, log) = first.terminate().await;
+    assert!(status.success(), "{log}");
+
+    // A new definition: the daemons rebuild it from the feed's start, serving the old tables.
+    let file = harness.dir.path().join("account_balances.toml");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, format!("version = \"2\"\n{text}")).unwrap_or_else(|e| panic!("{e}"));
+    harness.server.random_faults(seed, 0.1);
+    let mut nodes = vec![Node::start(&harness, "a"), Node::start(&harness, "b")];
+    let holder = wait_for_holder(&schema, &mut nodes[0].daemon, "bank", |_| true).await;
+    let member = "account_balances@rebuild".to_string();
+    wait_for(&mut nodes[0].daemon, "the rebuild to get going", || {
+        schema.checkpoints().get(&member).is_some_and(|&at| at > 0)
+    })
+    .await;
+    // Meanwhile the old tables are served as they were.
+    schema.assert_consistent(&all[..10_000], "while rebuilding");
+    let index = nodes
+        .iter()
+        .position(|n| n.is(&holder))
+        .unwrap_or_else(|| panic!("no node is {holder}"));
+    let holder_node = nodes.remove(index);
+    holder_node.daemon.kill();
+    let reached = schema.checkpoints().get(&member).copied().unwrap_or(0);
+    let survivor = &mut nodes[0];
+    let survivor_at = survivor.at.clone();
+    wait_for_holder(&schema, &mut survivor.daemon, "bank", |id| {
+        survivor_at.is(id)
+    })
+    .await;
+    harness.server.append(all[10_000..].to_vec());
+    // The shadow goes on from where it was, never again from the feed's start.
+    let mut lowest = u64::MAX;
+    let log = survivor.daemon.log_path().to_path_buf();
+    wait_for(
+        &mut survivor.daemon,
+        "the survivor to swap the rebuild in",
+        || {
+            if let Some(&at) = schema.checkpoints().get(&member) {
+                lowest = lowest.min(at);
+            }
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("rebuilt: the new tables replaced the old ones")
+        },
+    )
+    .await;
+    assert!(
+        lowest >= reached,
+        "the shadow went back from {reached} to {lowest}"
+    );
+    wait_for_offset(&schema, &mut survivor.daemon, 12_000).await;
+    schema.assert_exact(&all);
+    let version: String = schema.query(|client| {
+        client
+            .query_one(
+                "SELECT definition_version FROM projector_checkpoints WHERE projection = 'account_balances'",
+                &[],
+            )
+            .map(|row| row.get(0))
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(version, "2");
 }

@@ -556,7 +556,10 @@ on_error = "skip"
             "{err}"
         );
         let err = error_of(&on_postgres("max_database_bytes = 1000000"));
-        assert!(err.contains("max_database_bytes caps a SQLite file"), "{err}");
+        assert!(
+            err.contains("max_database_bytes caps a SQLite file"),
+            "{err}"
+        );
         let err = error_of(&on_postgres("lease_timeout = \"200ms\""));
         assert!(err.contains("lease_timeout"), "{err}");
         let err = error_of(&VALID.replace("control_socket", "schema = \"x\"\ncontrol_socket"));

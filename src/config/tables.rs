@@ -93,6 +93,8 @@ pub struct PostgresStore {
     pub schema: String,
     pub password: Option<SecretSource>,
     pub lease_timeout: std::time::Duration,
+    /// `[daemon] synchronous`: whether a commit waits for the server's disk.
+    pub synchronous: Synchronous,
 }
 
 impl PostgresStore {
@@ -128,6 +130,7 @@ impl DaemonConfig {
                     other => other,
                 }),
                 lease_timeout: self.lease_timeout.0,
+                synchronous: self.synchronous,
             });
         } else {
             self.database = dir.join(&self.database);

@@ -6,7 +6,8 @@
 //!
 //! Each feed has a controller: when its lease is taken it starts the feed's readers from the
 //! checkpoints as committed (by whichever daemon), and when the lease is lost or handed back it
-//! stops them, their batches in flight committed or rolled back whole.
+//! stops them, their batches in flight committed or rolled back whole. A rebuild that begins or
+//! ends (here or through another daemon) starts them again, the shadow's reader with them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -78,6 +79,7 @@ pub(super) async fn start(
     };
     let starting_points = opened.starting_points();
     let paused_feeds = opened.paused_feeds();
+    let rebuilds = opened.rebuilds_changed();
     let (writer, writer_thread) = opened.spawn().context("starting the writer thread")?;
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -98,7 +100,7 @@ pub(super) async fn start(
             tasks.spawn(control_feed(
                 plan,
                 runtime.clone(),
-                watching,
+                (watching, rebuilds.clone()),
                 writer.clone(),
                 stop.clone(),
             ));
@@ -211,11 +213,12 @@ async fn lease_rounds(
     }
 }
 
-/// Runs `plan`'s readers while this daemon holds the feed's lease: see the module's comment.
+/// Runs `plan`'s readers while this daemon holds the feed's lease, starting them again when a
+/// rebuild begins or ends: see the module's comment.
 async fn control_feed(
     plan: FeedPlan,
     runtime: FeedRuntime,
-    mut lease: watch::Receiver<Lease>,
+    (mut lease, mut rebuilds): (watch::Receiver<Lease>, watch::Receiver<u64>),
     writer: WriterHandle,
     stop: CancellationToken,
 ) {
@@ -225,6 +228,8 @@ async fn control_feed(
             () = stop.cancelled() => return,
             held = lease.wait_for(|lease| *lease == Lease::Held) => if held.is_err() { return },
         }
+        // A rebuild that begins or ends from here on starts the readers again.
+        rebuilds.mark_unchanged();
         let points = match writer.starting_points_of(feed.clone()).await {
             Ok(points) => points,
             Err(err) => {
@@ -244,16 +249,19 @@ async fn control_feed(
         };
         readers.start(&plan, &points, &runtime);
         readers.tasks.close();
-        tokio::select! {
-            () = stop.cancelled() => {}
-            _ = lease.wait_for(|lease| *lease != Lease::Held) => {}
-        }
+        let rebuilt = tokio::select! {
+            () = stop.cancelled() => false,
+            _ = lease.wait_for(|lease| *lease != Lease::Held) => false,
+            changed = rebuilds.changed() => changed.is_ok(),
+        };
         readers.stop.cancel();
         readers.tasks.wait().await;
         if stop.is_cancelled() {
             return;
         }
-        if *lease.borrow() == Lease::HandingBack {
+        if rebuilt {
+            tracing::info!(feed = %feed, "a rebuild began or ended: reading again from the checkpoints");
+        } else if *lease.borrow() == Lease::HandingBack {
             if let Err(err) = writer.release(feed.clone()).await {
                 tracing::warn!(feed = %feed, "could not hand the feed's lease back: {err}");
             }

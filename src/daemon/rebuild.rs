@@ -25,6 +25,19 @@ impl Supervisor {
             Ok(projection) => projection,
             Err(err) => return Ok(Reply::error(err)),
         };
+        if self.config.daemon.postgres.is_some() {
+            // Recorded in the store: the daemon holding the feed builds it, without a restart.
+            let Some(engine) = self.engine.as_ref() else {
+                return Ok(Reply::error("internal error: no engine is running"));
+            };
+            return Ok(match engine.writer.rebuild(projection.name, cancel).await {
+                Ok(message) => {
+                    tracing::info!(projection = name, "{message}");
+                    Reply::done(message)
+                }
+                Err(refused) => Reply::error(refused),
+            });
+        }
         self.change(name, move |database, _| {
             if cancel {
                 cancel_rebuild(database, &projection)

@@ -249,12 +249,11 @@ impl Supervisor {
         Ok(reply)
     }
 
-    /// Why `request` cannot be done on this store, if it cannot: on PostgreSQL, rebuilding,
-    /// skipping and resetting are not done yet.
+    /// Why `request` cannot be done on this store, if it cannot: on PostgreSQL, skipping and
+    /// resetting are not done yet.
     fn refused_on_this_store(&self, request: &Request) -> Option<String> {
         let store = self.config.daemon.postgres.as_ref()?;
         let what = match request {
-            Request::Rebuild { .. } => "rebuild",
             Request::Skip { .. } => "skip",
             Request::Reset { .. } => "reset",
             _ => return None,

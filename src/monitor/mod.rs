@@ -32,28 +32,30 @@ pub struct FeedMonitor {
     retries: Counter,
 }
 
+/// A projection's progress as it starts from `point`, its counters those of the process.
+fn projection_progress(feed: &str, point: &StartingPoint) -> ProjectionProgress {
+    let labels = ProjectionLabels {
+        feed: feed.to_string(),
+        projection: point.projection.clone(),
+    };
+    ProjectionProgress {
+        next_offset: point.checkpoint.next_offset,
+        frozen: point.frozen,
+        dead_letters: point.dead_letters,
+        // Created at 0, so that a rate over them starts from the beginning.
+        applied_total: metrics().events_applied.get_or_create(&labels).clone(),
+        dead_letters_total: metrics().dead_letters.get_or_create(&labels).clone(),
+        ..ProjectionProgress::default()
+    }
+}
+
 impl FeedMonitor {
     /// A monitor for `feed`, whose projections start at `points`.
     pub fn new(feed: &str, points: &[&StartingPoint]) -> FeedMonitor {
         let progress = Progress {
             projections: points
                 .iter()
-                .map(|point| {
-                    let labels = ProjectionLabels {
-                        feed: feed.to_string(),
-                        projection: point.projection.clone(),
-                    };
-                    let progress = ProjectionProgress {
-                        next_offset: point.checkpoint.next_offset,
-                        frozen: point.frozen,
-                        dead_letters: point.dead_letters,
-                        // Created at 0, so that a rate over them starts from the beginning.
-                        applied_total: metrics().events_applied.get_or_create(&labels).clone(),
-                        dead_letters_total: metrics().dead_letters.get_or_create(&labels).clone(),
-                        ..ProjectionProgress::default()
-                    };
-                    (point.projection.clone(), progress)
-                })
+                .map(|point| (point.projection.clone(), projection_progress(feed, point)))
                 .collect(),
             read_up_to: points
                 .iter()
@@ -103,16 +105,21 @@ impl FeedMonitor {
     }
 
     /// Starts the feed's progress again from `points`, with no reader (its readers stopped and
-    /// others start from there: a lease taken on PostgreSQL). The counters go on.
+    /// others start from there: a lease taken on PostgreSQL, a rebuild begun or ended). The
+    /// counters of the projections still there go on.
     pub fn start_over(&self, points: &[&StartingPoint]) {
         self.progress.send_modify(|p| {
             p.readers.clear();
             p.reached_head = false;
+            let mut before = std::mem::take(&mut p.projections);
             for point in points {
-                if let Some(projection) = p.projections.get_mut(&point.projection) {
-                    projection.next_offset = point.checkpoint.next_offset;
-                    projection.dead_letters = point.dead_letters;
-                }
+                let mut projection = before
+                    .remove(&point.projection)
+                    .unwrap_or_else(|| projection_progress(&self.feed, point));
+                projection.next_offset = point.checkpoint.next_offset;
+                projection.dead_letters = point.dead_letters;
+                projection.frozen = point.frozen;
+                p.projections.insert(point.projection.clone(), projection);
             }
             p.read_up_to = points
                 .iter()

@@ -353,8 +353,6 @@ struct Handler {
     params: Vec<ParamSource>,
     /// The statement on PostgreSQL, its `:name`s numbered.
     postgres: PostgresStatement,
-    /// Some parameter is a payload field: the payload is parsed for the statement.
-    reads_fields: bool,
     expect_rows: Option<usize>,
 }
 
@@ -462,10 +460,6 @@ impl SqlProjection {
                     format!("parameter {unused:?} is not used by the SQL for {event_type:?}"),
                 ));
             }
-            let reads_fields = params
-                .iter()
-                .chain(&postgres_params)
-                .any(|source| matches!(source, ParamSource::Pointer(_)));
             handlers.insert(
                 event_type.clone(),
                 Handler {
@@ -475,7 +469,6 @@ impl SqlProjection {
                         sql: postgres_sql,
                         params: postgres_params,
                     },
-                    reads_fields,
                     expect_rows: handler.expect_rows,
                 },
             );
@@ -541,12 +534,7 @@ impl Projection for SqlProjection {
         let Some(handler) = self.handler(event) else {
             return Ok(());
         };
-        // Parsed once for all the statement's fields.
-        let fields = if handler.reads_fields {
-            Some(event.decode::<Value>()?)
-        } else {
-            None
-        };
+        let fields = fields(event, &handler.params)?;
         let mut statement = tx.prepare_cached(&handler.sql)?;
         for (index, source) in handler.params.iter().enumerate() {
             statement.raw_bind_parameter(index + 1, source.value(event, fields.as_ref())?)?;
@@ -581,11 +569,7 @@ impl Projection for SqlProjection {
         let Some(handler) = self.handler(event) else {
             return Ok(());
         };
-        let fields = if handler.reads_fields {
-            Some(event.decode::<Value>()?)
-        } else {
-            None
-        };
+        let fields = fields(event, &handler.postgres.params)?;
         let values = handler
             .postgres
             .params
@@ -600,6 +584,14 @@ impl Projection for SqlProjection {
         let changed = tx.execute_prepared(&statement, &params)?;
         handler.expect(event, usize::try_from(changed).unwrap_or(usize::MAX))
     }
+}
+
+/// The payload parsed, once for all a statement's fields; None when no parameter reads one.
+fn fields(event: &Event, params: &[ParamSource]) -> Result<Option<Value>, DecodeError> {
+    let reads_fields = params
+        .iter()
+        .any(|source| matches!(source, ParamSource::Pointer(_)));
+    reads_fields.then(|| event.decode::<Value>()).transpose()
 }
 
 impl SqlProjection {

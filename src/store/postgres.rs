@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::Context;
 use postgres::{Client, GenericClient};
 
-use super::lifecycle::{Definition, HaltedEvent};
+use super::lifecycle::{Definition, HaltedEvent, Rebuild, SchemaObject};
 use super::{offset_to_sql, Checkpoint, DeadLetter};
-use crate::config::PostgresStore;
+use crate::config::{PostgresStore, Synchronous};
 use crate::event::PagePlace;
 
 /// Projector's own tables, oldest first. Append only: `projector_migrations` records how many
@@ -133,6 +133,11 @@ pub fn connect(store: &PostgresStore, name: &str, session: Session) -> anyhow::R
         settings.push_str(&format!(
             "; SET idle_session_timeout = {millis}; SET idle_in_transaction_session_timeout = {millis}"
         ));
+        // As SQLite's NORMAL: a commit does not wait for the server's disk, so only a crash of
+        // the server itself can drop the last commits, checkpoints with them (read again).
+        if store.synchronous == Synchronous::Normal {
+            settings.push_str("; SET synchronous_commit = off");
+        }
     }
     client.batch_execute(&settings)?;
     Ok(client)
@@ -141,7 +146,7 @@ pub fn connect(store: &PostgresStore, name: &str, session: Session) -> anyhow::R
 /// TLS when the URL's `sslmode` asks for it (`require`) or the server offers it (`prefer`, the
 /// default), the server's certificate always verified against the system's roots (or the
 /// built-in ones where the system has none); `sslmode=disable` for none.
-fn tls() -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+pub fn tls() -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
@@ -449,6 +454,116 @@ pub fn record_definition(
         ],
     )?;
     Ok(())
+}
+
+/// The rebuilds in progress, by projection.
+pub fn rebuilds(client: &mut impl GenericClient) -> Result<Vec<Rebuild>, postgres::Error> {
+    let rows = client.query(
+        "SELECT projection, feed, definition_version, reason, started_at::text
+         FROM projector_rebuilds ORDER BY projection",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|row| Rebuild {
+            projection: row.get(0),
+            feed: row.get(1),
+            version: row.get(2),
+            reason: row.get(3),
+            started_at: row.get(4),
+        })
+        .collect())
+}
+
+/// Records a rebuild as started (replacing one of the projection that was in progress).
+pub fn start_rebuild(
+    client: &mut impl GenericClient,
+    projection: &str,
+    feed: &str,
+    version: &str,
+    reason: &str,
+) -> Result<(), postgres::Error> {
+    client.execute(
+        "INSERT INTO projector_rebuilds (projection, feed, definition_version, reason)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (projection) DO UPDATE SET
+             feed = excluded.feed, definition_version = excluded.definition_version,
+             reason = excluded.reason, started_at = now()",
+        &[&projection, &feed, &version, &reason],
+    )?;
+    Ok(())
+}
+
+pub fn end_rebuild(
+    client: &mut impl GenericClient,
+    projection: &str,
+) -> Result<(), postgres::Error> {
+    client.execute(
+        "DELETE FROM projector_rebuilds WHERE projection = $1",
+        &[&projection],
+    )?;
+    Ok(())
+}
+
+/// Forgets a rebuild's shadow: its checkpoint and dead letters, and its schema with its tables.
+pub fn drop_shadow(
+    client: &mut impl GenericClient,
+    shadow_schema: &str,
+    member: &str,
+) -> Result<(), postgres::Error> {
+    client.execute(
+        "DELETE FROM projector_checkpoints WHERE projection = $1",
+        &[&member],
+    )?;
+    client.execute(
+        "DELETE FROM projector_dead_letters WHERE projection = $1",
+        &[&member],
+    )?;
+    client.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        quoted(shadow_schema)
+    ))
+}
+
+/// The schema a rebuild of `projection` builds its tables in: named by a hash, since a
+/// projection's name may be longer than a PostgreSQL name or hold characters it would quote.
+pub fn shadow_schema(schema: &str, projection: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{schema}\0{projection}"));
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("projector_rebuild_{hex}")
+}
+
+/// The tables, views and sequences of `schema` that are not Projector's own, tables first
+/// (their indexes, constraints and own sequences go with them).
+pub fn objects_in(
+    client: &mut impl GenericClient,
+    schema: &str,
+) -> Result<Vec<SchemaObject>, postgres::Error> {
+    let rows = client.query(
+        "SELECT CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
+                    WHEN 'S' THEN 'sequence' ELSE 'table' END, c.relname::text
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+           AND c.relname NOT LIKE 'projector\\_%'
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                           WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
+           AND NOT c.relispartition
+         ORDER BY c.relkind NOT IN ('r', 'p'), c.oid",
+        &[&schema],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|row| SchemaObject {
+            kind: row.get(0),
+            name: row.get(1),
+        })
+        .collect())
+}
+
+/// A PostgreSQL name, quoted.
+pub fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// The advisory lock key of `feed`'s lease in `schema`.

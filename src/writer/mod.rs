@@ -7,6 +7,7 @@ mod activity;
 mod apply;
 mod open;
 pub mod postgres;
+mod settle;
 mod shadow;
 mod sqlite;
 mod thread;
@@ -239,6 +240,16 @@ impl thread::WriterStore for Writer {
     fn release(&mut self, _feed: &str) -> Result<(), ApplyError> {
         Err(ApplyError::Internal(
             "a SQLite database has one daemon: it has no leases".into(),
+        ))
+    }
+
+    fn rebuild(
+        &mut self,
+        _projection: &str,
+        _cancel: bool,
+    ) -> Result<Result<String, String>, ApplyError> {
+        Err(ApplyError::Internal(
+            "a SQLite rebuild begins with the engine stopped, not in the writer".into(),
         ))
     }
 

@@ -9,10 +9,10 @@ use anyhow::Context;
 use rusqlite::TransactionBehavior;
 
 use super::apply::Members;
+use super::settle::settle;
 use super::shadow::{self, Shadow};
 use super::wal::WalPolicy;
 use super::{Slot, SlotState, StartingPoint, Writer, WriterSettings};
-use crate::config::OnChange;
 use crate::projection::ConfiguredProjection;
 use crate::store::lifecycle::{self, Definition};
 use crate::store::{self, Checkpoint};
@@ -63,9 +63,19 @@ impl Writer {
                 };
                 let recorded = lifecycle::recorded_definition(&tx, &name)?;
                 let rebuild = rebuilds.iter().find(|r| r.projection == name);
-                let settled = settle(&tx, &projection, recorded.as_ref(), rebuild)?;
+                let settled = settle(&projection, recorded.as_ref(), rebuild)?;
                 if settled.dropped {
+                    lifecycle::end_rebuild(&tx, &name)?;
                     dropped_rebuilds.push(name.clone());
+                }
+                if let Some(reason) = &settled.start {
+                    lifecycle::start_rebuild(
+                        &tx,
+                        &name,
+                        &projection.feed,
+                        &projection.version,
+                        reason,
+                    )?;
                 }
                 let frozen = settled.frozen;
                 if !frozen {
@@ -160,73 +170,4 @@ impl Writer {
             rebuilt: tokio::sync::watch::Sender::new(0),
         })
     }
-}
-
-/// What opening does about a projection, given the definition its tables were built by.
-struct Settled {
-    /// Its definition changed: its tables are served as they are until its rebuild is done.
-    frozen: bool,
-    /// It is being rebuilt; true if its shadow starts again from nothing.
-    shadow: Option<bool>,
-    /// A rebuild towards another definition was dropped.
-    dropped: bool,
-}
-
-/// Decides whether `projection` runs, is rebuilt (its rebuild started afresh or not), or is
-/// refused (`on_change = "refuse"`), against the definition `recorded` and the `rebuild` in
-/// progress; records a rebuild that starts or ends.
-fn settle(
-    tx: &rusqlite::Transaction,
-    projection: &ConfiguredProjection,
-    recorded: Option<&Definition>,
-    rebuild: Option<&lifecycle::Rebuild>,
-) -> anyhow::Result<Settled> {
-    let name = &projection.name;
-    let version = &projection.version;
-    let changed_from = recorded
-        .map(|r| r.version.clone())
-        .filter(|old| old != version);
-    let building_current = rebuild.is_some_and(|r| r.version == *version);
-    let restart_reason = match (&changed_from, rebuild) {
-        _ if building_current => None,
-        (Some(old), _) => match projection.on_change {
-            OnChange::Refuse => anyhow::bail!(
-                "projection {name:?}'s definition changed since its tables were built (version {old}, now {version}), and its on_change is \"refuse\": run `projector rebuild {name}` to rebuild it from the feed's start (its current tables are served until the rebuild replaces them), or put the previous definition back"
-            ),
-            OnChange::Rebuild => {
-                tracing::warn!(
-                    projection = %name,
-                    "the definition changed since the tables were built (version {old}, now {version}): rebuilding from the feed's start; the current tables are served as they are until the rebuild replaces them"
-                );
-                Some(format!("the definition changed from version {old}"))
-            }
-        },
-        // Rebuilding a definition that has changed since: start again with this one.
-        (None, Some(rebuild)) if rebuild.reason.starts_with(lifecycle::ASKED) => {
-            Some(format!("{}; the definition changed during it", lifecycle::ASKED))
-        }
-        (None, Some(rebuild)) => {
-            tracing::info!(
-                projection = %name,
-                "the definition is the one the tables were built by again: dropping the rebuild towards version {}",
-                rebuild.version
-            );
-            lifecycle::end_rebuild(tx, name)?;
-            return Ok(Settled {
-                frozen: false,
-                shadow: None,
-                dropped: true,
-            });
-        }
-        (None, None) => None,
-    };
-    if let Some(reason) = &restart_reason {
-        lifecycle::start_rebuild(tx, name, &projection.feed, version, reason)?;
-    }
-    let fresh = restart_reason.is_some();
-    Ok(Settled {
-        frozen: changed_from.is_some(),
-        shadow: (rebuild.is_some() || fresh).then_some(fresh),
-        dropped: false,
-    })
 }

@@ -4,6 +4,12 @@
 //!
 //! When the connection is lost, so are its leases: the next job connects again holding none,
 //! and the daemon's readers of those feeds stop at the next lease round.
+//!
+//! A rebuild builds the projection's tables again in a schema of its own (its shadow), read from
+//! the feed's start beside the live tables; once caught up, the shadow's tables replace the live
+//! ones in one transaction (moved, not copied). Rebuilds are recorded in the store, so any
+//! daemon may start or cancel one and whichever holds the feed builds it, from where its shadow
+//! is after a failover.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -13,14 +19,16 @@ use postgres::Client;
 
 use super::activity::WriterActivity;
 use super::apply::{BatchTx, BeginBatch, Members};
+use super::settle::settle;
+use super::shadow::shadow_member;
 use super::thread::{self, Interrupter, WriterStore};
 use super::{
     ApplyError, Batch, BatchOutcome, Slot, SlotState, StartingPoint, WriterHandle, WriterThread,
 };
-use crate::config::{OnChange, PostgresStore};
+use crate::config::PostgresStore;
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, PostgresTx, ProjectionError};
-use crate::store::lifecycle::{Definition, HaltedEvent};
+use crate::store::lifecycle::{self, Definition, HaltedEvent, SchemaObject};
 use crate::store::postgres::{self as pg, Session, StatementCache};
 use crate::store::{Checkpoint, DeadLetter};
 
@@ -59,6 +67,21 @@ pub struct PostgresWriter {
     paused_feeds: BTreeSet<String>,
     /// Cancels the statement running on the current connection.
     cancel: Arc<Mutex<Option<postgres::CancelToken>>>,
+    /// The rebuilds this writer builds (every one recorded whose definition is this daemon's).
+    shadows: Vec<PostgresShadow>,
+    /// Counts the changes of rebuilds (begun, ended, swapped in): the feeds' readers then start
+    /// again from the checkpoints.
+    rebuilt: tokio::sync::watch::Sender<u64>,
+}
+
+/// A rebuild in progress: its tables are in a schema of their own.
+struct PostgresShadow {
+    /// The live projection's name.
+    projection: String,
+    member: String,
+    /// The definition it is built by.
+    version: String,
+    schema: String,
 }
 
 /// The writer's connection with its prepared statements.
@@ -77,66 +100,82 @@ impl PostgresWriter {
     ) -> anyhow::Result<PostgresWriter> {
         let mut conn = connect(store, id)?;
         let mut starting_points = Vec::with_capacity(projections.len());
-        let mut slots = Vec::with_capacity(projections.len());
         if let Some(refused) = crate::projection::refused_by_postgres(&projections) {
             anyhow::bail!(refused);
         }
+        let mut slots = Vec::with_capacity(2 * projections.len());
         let mut tx = conn.client.transaction()?;
         pg::lock_setup(&mut tx, &store.schema)?;
+        let rebuilds = pg::rebuilds(&mut tx)?;
+        let mut shadows = Vec::new();
         for projection in projections {
             let name = projection.name.clone();
-            if let Some(recorded) = pg::recorded_definition(&mut tx, &name)? {
-                if recorded.version != projection.version {
-                    let old = &recorded.version;
-                    let version = &projection.version;
-                    match projection.on_change {
-                        OnChange::Refuse => anyhow::bail!(
-                            "projection {name:?}'s definition changed since its tables were built (version {old}, now {version}), and its on_change is \"refuse\": put the previous definition back"
-                        ),
-                        OnChange::Rebuild => anyhow::bail!(
-                            "projection {name:?}'s definition changed since its tables were built (version {old}, now {version}); on PostgreSQL, Projector does not rebuild a projection yet: put the previous definition back, or drop its tables and delete its row of {}.projector_checkpoints to build it again from the feed's start",
-                            store.schema
-                        ),
-                    }
-                }
+            let recorded = pg::recorded_definition(&mut tx, &name)?;
+            let rebuild = rebuilds.iter().find(|r| r.projection == name);
+            let settled = settle(&projection, recorded.as_ref(), rebuild)?;
+            let member = shadow_member(&name);
+            if settled.dropped {
+                pg::end_rebuild(&mut tx, &name)?;
+                pg::drop_shadow(&mut tx, &pg::shadow_schema(&store.schema, &name), &member)?;
             }
-            let mut writes = PostgresTx::new(&mut tx, &mut conn.statements);
-            projection
-                .projection
-                .setup_postgres(&mut writes)
-                .map_err(|err| anyhow::anyhow!("{err}"))
-                .with_context(|| format!("setting up projection {name:?} on PostgreSQL"))?;
-            let checkpoint = match pg::lock_checkpoint(&mut tx, &mut conn.statements, &name)? {
-                Some(checkpoint) => checkpoint,
-                None => {
-                    let fresh = Checkpoint::default();
-                    pg::save_checkpoint(
-                        &mut tx,
-                        &mut conn.statements,
-                        &name,
-                        &projection.feed,
-                        &fresh,
-                    )?;
-                    fresh
-                }
-            };
-            let definition = Definition {
-                version: projection.version.clone(),
-                source: projection.definition.clone(),
-                objects: Vec::new(),
-            };
-            pg::record_definition(&mut tx, &name, &definition)?;
+            if let Some(reason) = &settled.start {
+                let version = &projection.version;
+                pg::start_rebuild(&mut tx, &name, &projection.feed, version, reason)?;
+            }
+            if !settled.frozen {
+                let mut writes = PostgresTx::new(&mut tx, &mut conn.statements);
+                projection
+                    .projection
+                    .setup_postgres(&mut writes)
+                    .map_err(|err| anyhow::anyhow!("{err}"))
+                    .with_context(|| format!("setting up projection {name:?} on PostgreSQL"))?;
+            }
+            let checkpoint =
+                ensure_checkpoint(&mut tx, &mut conn.statements, &name, &projection.feed)?;
+            if !settled.frozen {
+                let definition = Definition {
+                    version: projection.version.clone(),
+                    source: projection.definition.clone(),
+                    objects: definition_objects(&mut tx, &mut conn.statements, &projection)?,
+                };
+                pg::record_definition(&mut tx, &name, &definition)?;
+            }
             starting_points.push(StartingPoint {
                 projection: name.clone(),
                 feed: projection.feed.clone(),
                 event_types: projection.event_types.clone(),
                 checkpoint,
                 dead_letters: pg::count_dead_letters(&mut tx, &name)?,
-                frozen: false,
+                frozen: settled.frozen,
+            });
+            let shadow_state = match settled.shadow {
+                Some(fresh) => {
+                    let shadow = begin_shadow(
+                        &mut tx,
+                        &mut conn.statements,
+                        &store.schema,
+                        &projection,
+                        fresh,
+                    )?;
+                    shadows.push(shadow);
+                    SlotState::Running
+                }
+                None => SlotState::Retired,
+            };
+            slots.push(Slot {
+                projection: ConfiguredProjection {
+                    name: member,
+                    ..projection.clone()
+                },
+                state: shadow_state,
             });
             slots.push(Slot {
                 projection,
-                state: SlotState::Running,
+                state: if settled.frozen {
+                    SlotState::Frozen
+                } else {
+                    SlotState::Running
+                },
             });
         }
         let paused_feeds = pg::paused_feeds(&mut tx)?;
@@ -151,7 +190,15 @@ impl PostgresWriter {
             starting_points,
             paused_feeds,
             cancel,
+            shadows,
+            rebuilt: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes each time a rebuild begins, ends or replaces a projection's tables: the feeds'
+    /// readers must then start again from the checkpoints.
+    pub fn rebuilds_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rebuilt.subscribe()
     }
 
     pub fn starting_points(&self) -> Vec<StartingPoint> {
@@ -215,11 +262,13 @@ impl WriterStore for PostgresWriter {
         let cancel = self.cancel.clone();
         Box::new(move || {
             let token = cancel.lock().ok().and_then(|token| token.clone());
-            if let Some(token) = token {
+            if let (Some(token), Ok(tls)) = (token, pg::tls()) {
                 // The blocking client runs a runtime of its own, which cannot start on the
                 // caller's (async) thread.
                 std::thread::spawn(move || {
-                    let _ = token.cancel_query(postgres::NoTls);
+                    if let Err(err) = token.cancel_query(tls) {
+                        tracing::warn!("could not cancel the statement running: {err}");
+                    }
                 });
             }
         })
@@ -231,7 +280,22 @@ impl WriterStore for PostgresWriter {
         let (true, Some(conn)) = (self.held.contains(&batch.feed), self.conn.as_mut()) else {
             return Err(ApplyError::LeaseLost(batch.feed.clone()));
         };
-        self.members.apply(conn, batch, &batch.feed)
+        // A rebuild's shadow is read alone, so a batch is all live or all one shadow's.
+        let shadow = self
+            .shadows
+            .iter()
+            .position(|shadow| batch.projections.contains(&shadow.member));
+        let Some(index) = shadow else {
+            return self.members.apply(conn, batch, &batch.feed);
+        };
+        let shadow = &self.shadows[index];
+        let mut in_shadow = InSchema {
+            conn,
+            search_path: format!("{}, {}", pg::quoted(&shadow.schema), self.store.schema),
+        };
+        let outcome = self.members.apply(&mut in_shadow, batch, &shadow.member)?;
+        self.finish_rebuild_if_caught_up(index);
+        Ok(outcome)
     }
 
     fn set_paused(&mut self, feeds: &[String], paused: bool) -> Result<(), ApplyError> {
@@ -244,6 +308,7 @@ impl WriterStore for PostgresWriter {
     }
 
     fn leases(&mut self, request: &LeaseRequest) -> Result<LeaseReport, ApplyError> {
+        self.follow_rebuilds()?;
         let schema = self.store.schema.clone();
         let id = self.id.clone();
         self.connection()?;
@@ -307,18 +372,21 @@ impl WriterStore for PostgresWriter {
     }
 
     fn starting_points_of(&mut self, feed: &str) -> Result<Vec<StartingPoint>, ApplyError> {
-        let members: Vec<(String, crate::projection::EventTypes)> = self
-            .members
-            .slots
-            .iter()
-            .filter(|slot| slot.projection.feed == feed)
-            .map(|slot| {
-                (
-                    slot.projection.name.clone(),
-                    slot.projection.event_types.clone(),
-                )
-            })
-            .collect();
+        let mut members = Vec::new();
+        for slot in &mut self.members.slots {
+            if slot.projection.feed != feed || slot.state == SlotState::Retired {
+                continue;
+            }
+            // Its readers start again: a projection halted on a poison event tries it again.
+            if slot.state == SlotState::Halted {
+                slot.state = SlotState::Running;
+            }
+            members.push((
+                slot.projection.name.clone(),
+                slot.projection.event_types.clone(),
+                slot.state == SlotState::Frozen,
+            ));
+        }
         let conn = self.connection()?;
         let checkpoints: BTreeMap<String, Checkpoint> = pg::read_checkpoints(&mut conn.client)
             .map_err(ApplyError::postgres)?
@@ -326,7 +394,7 @@ impl WriterStore for PostgresWriter {
             .collect();
         members
             .into_iter()
-            .map(|(projection, event_types)| {
+            .map(|(projection, event_types, frozen)| {
                 Ok(StartingPoint {
                     checkpoint: checkpoints.get(&projection).cloned().unwrap_or_default(),
                     dead_letters: pg::count_dead_letters(&mut conn.client, &projection)
@@ -334,10 +402,352 @@ impl WriterStore for PostgresWriter {
                     projection,
                     feed: feed.to_string(),
                     event_types,
-                    frozen: false,
+                    frozen,
                 })
             })
             .collect()
+    }
+
+    fn rebuild(
+        &mut self,
+        projection: &str,
+        cancel: bool,
+    ) -> Result<Result<String, String>, ApplyError> {
+        let Some(&live) = self.members.by_name.get(projection) else {
+            return Ok(Err(format!("no projection named {projection:?}")));
+        };
+        let configured = self.members.slots[live].projection.clone();
+        let schema = self.store.schema.clone();
+        let conn = self.connection()?;
+        let mut tx = conn.client.transaction().map_err(ApplyError::postgres)?;
+        pg::lock_setup(&mut tx, &schema).map_err(ApplyError::postgres)?;
+        let rebuild = pg::rebuilds(&mut tx)
+            .map_err(ApplyError::postgres)?
+            .into_iter()
+            .find(|r| r.projection == projection);
+        let reply = if cancel {
+            let recorded =
+                pg::recorded_definition(&mut tx, projection).map_err(ApplyError::postgres)?;
+            match (rebuild, recorded) {
+                (None, _) => return Ok(Err(format!("{projection} is not being rebuilt"))),
+                (Some(_), Some(recorded)) if recorded.version != configured.version => {
+                    return Ok(Err(format!(
+                        "{projection}'s definition changed since its tables were built (version {}, now {}): its rebuild is how the new definition takes over, so it cannot be cancelled; to keep the old tables, put the previous definition back and restart the daemons, which drops the rebuild",
+                        recorded.version, configured.version
+                    )))
+                }
+                (Some(_), _) => {
+                    pg::end_rebuild(&mut tx, projection).map_err(ApplyError::postgres)?;
+                    let shadow = pg::shadow_schema(&schema, projection);
+                    pg::drop_shadow(&mut tx, &shadow, &shadow_member(projection))
+                        .map_err(ApplyError::postgres)?;
+                    format!("the rebuild of {projection} is cancelled and its shadow dropped; its tables are as they were")
+                }
+            }
+        } else {
+            if let Some(rebuild) = rebuild {
+                return Ok(Ok(format!(
+                    "{projection} is being rebuilt already (since {}; {}): `projector ctl status` shows how far it is",
+                    rebuild.started_at, rebuild.reason
+                )));
+            }
+            pg::start_rebuild(
+                &mut tx,
+                projection,
+                &configured.feed,
+                &configured.version,
+                lifecycle::ASKED,
+            )
+            .map_err(ApplyError::postgres)?;
+            format!(
+                "rebuilding {projection} from the feed's start; its current tables are served and kept current until the rebuild replaces them (`projector ctl status` shows its progress)"
+            )
+        };
+        tx.commit().map_err(ApplyError::postgres)?;
+        self.follow_rebuilds()?;
+        Ok(Ok(reply))
+    }
+}
+
+impl PostgresWriter {
+    /// Builds the rebuilds recorded (by any daemon) whose definition is this daemon's, and
+    /// forgets those no longer recorded (swapped in or cancelled, here or by another daemon);
+    /// says so to the feeds' readers when anything changed.
+    fn follow_rebuilds(&mut self) -> Result<(), ApplyError> {
+        let schema = self.store.schema.clone();
+        let conn = self.connection()?;
+        let recorded = pg::rebuilds(&mut conn.client).map_err(ApplyError::postgres)?;
+        let mut changed = false;
+        let mut index = 0;
+        while index < self.shadows.len() {
+            let shadow = &self.shadows[index];
+            if recorded
+                .iter()
+                .any(|r| r.projection == shadow.projection && r.version == shadow.version)
+            {
+                index += 1;
+                continue;
+            }
+            let shadow = self.shadows.remove(index);
+            self.set_state(&shadow.member, SlotState::Retired);
+            let built: Option<Definition> =
+                pg::recorded_definition(&mut self.connection()?.client, &shadow.projection)
+                    .map_err(ApplyError::postgres)?;
+            if built.is_some_and(|built| built.version == shadow.version) {
+                // Another daemon swapped it in: the definition configured here is the live one.
+                self.set_state(&shadow.projection, SlotState::Running);
+            }
+            changed = true;
+        }
+        for rebuild in recorded {
+            let Some(&live) = self.members.by_name.get(&rebuild.projection) else {
+                continue;
+            };
+            let projection = self.members.slots[live].projection.clone();
+            if projection.version != rebuild.version
+                || self.shadows.iter().any(|s| s.projection == projection.name)
+            {
+                continue;
+            }
+            let conn = self.connection()?;
+            let mut tx = conn.client.transaction().map_err(ApplyError::postgres)?;
+            pg::lock_setup(&mut tx, &schema).map_err(ApplyError::postgres)?;
+            let shadow = begin_shadow(&mut tx, &mut conn.statements, &schema, &projection, false)
+                .map_err(|err| ApplyError::Storage(format!("{err:#}")))?;
+            tx.commit().map_err(ApplyError::postgres)?;
+            tracing::info!(projection = %projection.name, "rebuilding from the feed's start, beside the live tables");
+            self.set_state(&shadow.member, SlotState::Running);
+            self.shadows.push(shadow);
+            changed = true;
+        }
+        if changed {
+            self.rebuilt.send_modify(|count| *count += 1);
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, name: &str, state: SlotState) {
+        if let Some(&slot) = self.members.by_name.get(name) {
+            self.members.slots[slot].state = state;
+        }
+    }
+
+    /// Once the shadow of rebuild `index` has caught up with the live checkpoint, its tables
+    /// replace the live ones. A failure is said and tried again after the shadow's next batch.
+    fn finish_rebuild_if_caught_up(&mut self, index: usize) {
+        let schema = self.store.schema.clone();
+        let shadow = &self.shadows[index];
+        let source = self
+            .members
+            .by_name
+            .get(&shadow.projection)
+            .map(|&slot| self.members.slots[slot].projection.definition.clone())
+            .unwrap_or_default();
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match swap(&mut conn.client, &schema, shadow, &source) {
+            Ok(false) => {}
+            Ok(true) => {
+                let shadow = self.shadows.remove(index);
+                tracing::info!(
+                    projection = %shadow.projection,
+                    version = %shadow.version,
+                    swap = ?started.elapsed(),
+                    "rebuilt: the new tables replaced the old ones"
+                );
+                self.set_state(&shadow.member, SlotState::Retired);
+                self.set_state(&shadow.projection, SlotState::Running);
+                self.rebuilt.send_modify(|count| *count += 1);
+            }
+            Err(err) => tracing::error!(
+                projection = %shadow.projection,
+                "the rebuild caught up but could not replace the live tables (tried again after its next batch): {err:#}"
+            ),
+        }
+    }
+}
+
+/// `projection`'s checkpoint, made at the feed's start if it has none.
+fn ensure_checkpoint(
+    tx: &mut postgres::Transaction,
+    statements: &mut StatementCache,
+    projection: &str,
+    feed: &str,
+) -> anyhow::Result<Checkpoint> {
+    Ok(match pg::lock_checkpoint(tx, statements, projection)? {
+        Some(checkpoint) => checkpoint,
+        None => {
+            let fresh = Checkpoint::default();
+            pg::save_checkpoint(tx, statements, projection, feed, &fresh)?;
+            fresh
+        }
+    })
+}
+
+/// The objects `projection`'s setup makes, found by running it in a scratch schema that is
+/// rolled back.
+fn definition_objects(
+    tx: &mut postgres::Transaction,
+    statements: &mut StatementCache,
+    projection: &ConfiguredProjection,
+) -> anyhow::Result<Vec<SchemaObject>> {
+    tx.batch_execute(
+        "SAVEPOINT projector_scratch;
+         CREATE SCHEMA projector_scratch;
+         SET LOCAL search_path TO projector_scratch",
+    )?;
+    let made = projection
+        .projection
+        .setup_postgres(&mut PostgresTx::new(tx, statements))
+        .map_err(|err| anyhow::anyhow!("{err}"))
+        .and_then(|()| Ok(pg::objects_in(tx, "projector_scratch")?));
+    tx.batch_execute(
+        "ROLLBACK TO SAVEPOINT projector_scratch; RELEASE SAVEPOINT projector_scratch",
+    )?;
+    // Statements prepared in the scratch schema are planned again where they run next.
+    statements.clear();
+    made
+}
+
+/// Sets up the shadow of `projection`'s rebuild: its schema and tables, and its checkpoint
+/// (at the feed's start when `fresh`, or left where it is).
+fn begin_shadow(
+    tx: &mut postgres::Transaction,
+    statements: &mut StatementCache,
+    schema: &str,
+    projection: &ConfiguredProjection,
+    fresh: bool,
+) -> anyhow::Result<PostgresShadow> {
+    let shadow = PostgresShadow {
+        projection: projection.name.clone(),
+        member: shadow_member(&projection.name),
+        version: projection.version.clone(),
+        schema: pg::shadow_schema(schema, &projection.name),
+    };
+    if fresh {
+        pg::drop_shadow(tx, &shadow.schema, &shadow.member)?;
+    }
+    let quoted = pg::quoted(&shadow.schema);
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {quoted}; SET LOCAL search_path TO {quoted}, {schema}"
+    ))?;
+    projection
+        .projection
+        .setup_postgres(&mut PostgresTx::new(tx, statements))
+        .map_err(|err| anyhow::anyhow!("{err}"))
+        .with_context(|| format!("setting up projection {:?} to rebuild it", projection.name))?;
+    tx.batch_execute(&format!("SET LOCAL search_path TO {schema}"))?;
+    ensure_checkpoint(tx, statements, &shadow.member, &projection.feed)?;
+    Ok(shadow)
+}
+
+/// Replaces the live projection's objects with the shadow's (moved into the live schema), moves
+/// its checkpoint and dead letters to the shadow's and ends the rebuild, in one transaction; or
+/// does nothing if the shadow is behind the live checkpoint. True if it swapped.
+fn swap(
+    client: &mut Client,
+    schema: &str,
+    shadow: &PostgresShadow,
+    source: &str,
+) -> anyhow::Result<bool> {
+    let mut statements = StatementCache::new();
+    let mut tx = client.transaction()?;
+    let live =
+        pg::lock_checkpoint(&mut tx, &mut statements, &shadow.projection)?.unwrap_or_default();
+    let rebuilt =
+        pg::lock_checkpoint(&mut tx, &mut statements, &shadow.member)?.unwrap_or_default();
+    if rebuilt.next_offset < live.next_offset {
+        return Ok(false);
+    }
+    let feed: String = tx
+        .query_one(
+            "SELECT feed FROM projector_checkpoints WHERE projection = $1",
+            &[&shadow.projection],
+        )?
+        .get(0);
+    let old = pg::recorded_definition(&mut tx, &shadow.projection)?
+        .map(|definition| definition.objects)
+        .unwrap_or_default();
+    let new = pg::objects_in(&mut tx, &shadow.schema)?;
+    // Out with the live objects, the old definition's and any the new one would collide with:
+    // views first, then tables (taking their indexes and own sequences).
+    let live_objects = pg::objects_in(&mut tx, schema)?;
+    for rank in ["view", "materialized view", "table", "sequence"] {
+        for object in live_objects.iter().filter(|o| {
+            o.kind == rank && old.iter().chain(&new).any(|doomed| doomed.name == o.name)
+        }) {
+            tx.batch_execute(&format!(
+                "DROP {} IF EXISTS {schema}.{}",
+                rank.to_uppercase(),
+                pg::quoted(&object.name)
+            ))?;
+        }
+    }
+    let shadow_schema = pg::quoted(&shadow.schema);
+    for object in &new {
+        tx.batch_execute(&format!(
+            "ALTER {} {shadow_schema}.{} SET SCHEMA {schema}",
+            object.kind.to_uppercase(),
+            pg::quoted(&object.name)
+        ))?;
+    }
+    // The rebuild's dead letters are the projection's now; the old model's are moot.
+    tx.execute(
+        "DELETE FROM projector_dead_letters WHERE projection = $1",
+        &[&shadow.projection],
+    )?;
+    tx.execute(
+        "UPDATE projector_dead_letters SET projection = $1 WHERE projection = $2",
+        &[&shadow.projection, &shadow.member],
+    )?;
+    pg::save_checkpoint(
+        &mut tx,
+        &mut statements,
+        &shadow.projection,
+        &feed,
+        &rebuilt,
+    )?;
+    pg::record_definition(
+        &mut tx,
+        &shadow.projection,
+        &Definition {
+            version: shadow.version.clone(),
+            source: source.to_string(),
+            objects: new,
+        },
+    )?;
+    pg::end_rebuild(&mut tx, &shadow.projection)?;
+    pg::drop_shadow(&mut tx, &shadow.schema, &shadow.member)?;
+    tx.commit()?;
+    Ok(true)
+}
+
+/// A store's connection whose batches run with another `search_path`: a rebuild's shadow's.
+struct InSchema<'a> {
+    conn: &'a mut Connection,
+    search_path: String,
+}
+
+impl BeginBatch for InSchema<'_> {
+    type Tx<'c>
+        = PostgresBatch<'c>
+    where
+        Self: 'c;
+
+    fn begin(&mut self) -> Result<PostgresBatch<'_>, ApplyError> {
+        let mut tx = self
+            .conn
+            .client
+            .transaction()
+            .map_err(ApplyError::postgres)?;
+        tx.batch_execute(&format!("SET LOCAL search_path TO {}", self.search_path))
+            .map_err(ApplyError::postgres)?;
+        Ok(PostgresBatch {
+            tx,
+            statements: &mut self.conn.statements,
+        })
     }
 }
 

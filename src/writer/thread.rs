@@ -30,6 +30,13 @@ pub(super) trait WriterStore: Send + 'static {
     fn release(&mut self, feed: &str) -> Result<(), ApplyError>;
     /// Where `feed`'s projections stand now, as committed (by whichever daemon).
     fn starting_points_of(&mut self, feed: &str) -> Result<Vec<StartingPoint>, ApplyError>;
+    /// Begins rebuilding `projection` (or cancels its rebuild) where the writer builds rebuilds
+    /// itself; the inner error is a refusal, said to the operator.
+    fn rebuild(
+        &mut self,
+        projection: &str,
+        cancel: bool,
+    ) -> Result<Result<String, String>, ApplyError>;
 }
 
 /// Makes the writer's current statement fail.
@@ -109,6 +116,13 @@ fn run_job(store: &mut impl WriterStore, job: Job) {
         Job::StartingPoints { feed, reply } => {
             let _ = reply.send(store.starting_points_of(&feed));
         }
+        Job::Rebuild {
+            projection,
+            cancel,
+            reply,
+        } => {
+            let _ = reply.send(store.rebuild(&projection, cancel));
+        }
     }
 }
 
@@ -133,6 +147,11 @@ enum Job {
     StartingPoints {
         feed: String,
         reply: oneshot::Sender<Result<Vec<StartingPoint>, ApplyError>>,
+    },
+    Rebuild {
+        projection: String,
+        cancel: bool,
+        reply: oneshot::Sender<Result<Result<String, String>, ApplyError>>,
     },
 }
 
@@ -206,6 +225,18 @@ impl WriterHandle {
     /// Where `feed`'s projections stand now, as committed.
     pub async fn starting_points_of(&self, feed: String) -> Result<Vec<StartingPoint>, ApplyError> {
         self.ask(|reply| Job::StartingPoints { feed, reply }).await
+    }
+
+    /// Begins rebuilding `projection`, or cancels its rebuild (PostgreSQL): what was done, or
+    /// why not.
+    pub async fn rebuild(&self, projection: String, cancel: bool) -> Result<String, String> {
+        self.ask(|reply| Job::Rebuild {
+            projection,
+            cancel,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|err| Err(err.to_string()))
     }
 
     async fn ask<T>(

@@ -116,6 +116,7 @@ impl Schema {
     pub fn assert_consistent(&self, events: &[StoredEvent], context: &str) {
         let events = events.to_vec();
         let context = context.to_string();
+        let schema = self.name.clone();
         self.query(move |client| {
             let mut tx = client
                 .build_transaction()
@@ -154,16 +155,30 @@ impl Schema {
                     "{context}: {projection}'s checkpoint names the wrong event"
                 );
                 let prefix = &events[..applied];
-                match projection.as_str() {
+                // A rebuild's shadow has its tables in a schema of its own.
+                let (name, tables) = match projection.strip_suffix("@rebuild") {
+                    Some(live) => (
+                        live,
+                        format!(
+                            "{}.",
+                            projector::store::postgres::shadow_schema(&schema, live)
+                        ),
+                    ),
+                    None => (projection.as_str(), String::new()),
+                };
+                match name {
                     "account_balances" => assert_eq!(
-                        balances_in(&mut tx),
+                        balances_in(&mut tx, &tables),
                         projector::demo::bank::expected_balances(prefix),
-                        "{context}: balances at offset {applied}"
+                        "{context}: {projection}'s balances at offset {applied}"
                     ),
                     "account_ledger" => assert_eq!(
-                        count_in(&mut tx, "SELECT count(*) FROM account_ledger_entries"),
+                        count_in(
+                            &mut tx,
+                            &format!("SELECT count(*) FROM {tables}account_ledger_entries")
+                        ),
                         super::credits_and_debits(prefix),
-                        "{context}: ledger entries at offset {applied}"
+                        "{context}: {projection}'s ledger entries at offset {applied}"
                     ),
                     other => panic!("unexpected projection {other}"),
                 }
@@ -176,7 +191,7 @@ impl Schema {
         let (balances, entries) = self.query(|client| {
             let mut tx = client.transaction().unwrap_or_else(|e| panic!("{e}"));
             (
-                balances_in(&mut tx),
+                balances_in(&mut tx, ""),
                 count_in(&mut tx, "SELECT count(*) FROM account_ledger_entries"),
             )
         });
@@ -191,10 +206,15 @@ impl Drop for Schema {
     }
 }
 
-fn balances_in(tx: &mut postgres::Transaction) -> BTreeMap<String, i64> {
-    tx.query("SELECT account_id, balance FROM account_balances", &[])
-        .map(|rows| rows.iter().map(|row| (row.get(0), row.get(1))).collect())
-        .unwrap_or_default()
+/// The balances of `account_balances` in the schema `tables` names (`name.`, or the
+/// search_path's for "").
+fn balances_in(tx: &mut postgres::Transaction, tables: &str) -> BTreeMap<String, i64> {
+    tx.query(
+        &format!("SELECT account_id, balance FROM {tables}account_balances"),
+        &[],
+    )
+    .map(|rows| rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    .unwrap_or_default()
 }
 
 fn count_in(tx: &mut postgres::Transaction, sql: &str) -> i64 {
