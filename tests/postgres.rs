@@ -456,6 +456,12 @@ async fn commands_that_read_a_sqlite_file_say_so_and_check_probes_the_server() {
             "{command:?}: {text}"
         );
     }
+    let refused = harness.run(&["rebuild", "account_balances"]);
+    let text = common::output_text(&refused);
+    assert!(
+        !refused.status.success() && text.contains("with no daemon works on a SQLite database"),
+        "{text}"
+    );
     let output = harness.run(&["check", "--probe"]);
     let text = common::output_text(&output);
     assert!(
@@ -464,12 +470,6 @@ async fn commands_that_read_a_sqlite_file_say_so_and_check_probes_the_server() {
         "{text}"
     );
     let mut daemon = harness.spawn_running().await;
-    let refused = harness.run(&["skip", "account_balances"]);
-    let text = common::output_text(&refused);
-    assert!(
-        !refused.status.success() && text.contains("does not skip yet"),
-        "{text}"
-    );
     wait_for_offset(&schema, &mut daemon, 50).await;
     let (status, log) = daemon.terminate().await;
     assert!(status.success(), "{log}");
@@ -511,9 +511,11 @@ async fn a_writer_whose_session_the_server_ends_connects_again_takes_its_lease_b
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn poison_events_on_postgres_are_dead_lettered_or_halt_their_projection_alone() {
-    let mut events = bank::generate(17, 600);
-    let poison = common::poison_first_credit(&mut events);
+async fn poison_events_on_postgres_are_dead_lettered_or_halt_their_projection_until_skipped_through_any_daemon(
+) {
+    let mut all = bank::generate(17, 700);
+    let poison = common::poison_first_credit(&mut all);
+    let events = all[..600].to_vec();
     let harness = Harness::new(events.clone()).await;
     let schema = Schema::new();
     let projections = r#"
@@ -530,9 +532,13 @@ module = "account_ledger"
 on_error = "stop"
 "#;
     write_config(&harness, &schema, projections, "");
-    let mut daemon = harness.spawn();
+    let mut a = Node::start(&harness, "a");
+    let a_at = a.at.clone();
+    wait_for_holder(&schema, &mut a.daemon, "bank", |id| a_at.is(id)).await;
+    let b = Node::start(&harness, "b");
+    let daemon = &mut a.daemon;
     wait_for(
-        &mut daemon,
+        daemon,
         "balances past the poison and the ledger halted at it",
         || {
             let checkpoints = schema.checkpoints();
@@ -579,7 +585,45 @@ on_error = "stop"
     });
     assert_eq!(balances, bank::expected_balances(&without_poison));
     assert_eq!(entries, common::credits_and_debits(&events[..poison]));
-    let (status, log) = daemon.terminate().await;
+    // Skipped through the daemon standing by, the halted projection goes on where it runs.
+    let b_config = b.at.dir.join("consumer.toml");
+    let b_config = b_config.to_str().unwrap_or_default();
+    let skipped = common::projector(&["skip", "account_ledger", "--config", b_config]);
+    let text = common::output_text(&skipped);
+    assert!(
+        skipped.status.success() && text.contains("moved into the dead letters"),
+        "{text}"
+    );
+    wait_for(daemon, "the ledger to go on past the poison", || {
+        schema.checkpoints().get("account_ledger") == Some(&600)
+    })
+    .await;
+    let entries: i64 = schema.query(|client| {
+        client
+            .query_one("SELECT count(*) FROM account_ledger_entries", &[])
+            .map(|row| row.get(0))
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(entries, common::credits_and_debits(&without_poison));
+    let reset = common::projector(&[
+        "reset",
+        "account_ledger",
+        "--to",
+        "600",
+        "--yes",
+        "--config",
+        b_config,
+    ]);
+    let text = common::output_text(&reset);
+    assert!(
+        reset.status.success() && text.contains("moved from offset 600 to 600"),
+        "{text}"
+    );
+    harness.server.append(all[600..].to_vec());
+    wait_for_offset(&schema, &mut a.daemon, 700).await;
+    all.remove(poison);
+    schema.assert_exact(&all);
+    let (status, log) = a.daemon.terminate().await;
     assert!(status.success(), "{log}");
 }
 

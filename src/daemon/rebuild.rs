@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::control::protocol::{FeedStatus, Reply};
 use crate::projection::ConfiguredProjection;
 use crate::store;
+use crate::writer::OperatorChange;
 
 /// How often a rebuild run alone reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -27,16 +28,12 @@ impl Supervisor {
         };
         if self.config.daemon.postgres.is_some() {
             // Recorded in the store: the daemon holding the feed builds it, without a restart.
-            let Some(engine) = self.engine.as_ref() else {
-                return Ok(Reply::error("internal error: no engine is running"));
+            let change = if cancel {
+                OperatorChange::CancelRebuild
+            } else {
+                OperatorChange::Rebuild
             };
-            return Ok(match engine.writer.rebuild(projection.name, cancel).await {
-                Ok(message) => {
-                    tracing::info!(projection = name, "{message}");
-                    Reply::done(message)
-                }
-                Err(refused) => Reply::error(refused),
-            });
+            return Ok(self.change_in_store(name, change).await);
         }
         self.change(name, move |database, _| {
             if cancel {

@@ -13,6 +13,7 @@ use crate::control::protocol::{
     eta_text, ClusterDaemon, ClusterStatus, DaemonStatus, FeedState, Reply, Request,
 };
 use crate::projection::ConfiguredProjection;
+use crate::writer::OperatorChange;
 
 /// How long a pause waits for the feed's batch in flight before replying anyway.
 const PAUSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -216,9 +217,6 @@ impl Supervisor {
     }
 
     async fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
-        if let Some(refused) = self.refused_on_this_store(&request) {
-            return Ok(Reply::error(refused));
-        }
         let reply = match request {
             Request::Status => Reply {
                 ok: true,
@@ -229,6 +227,14 @@ impl Supervisor {
             Request::Resume { feed } => self.resume(feed.as_deref()).await?,
             Request::Reload => self.reload().await?,
             Request::Rebuild { projection, cancel } => self.rebuild(&projection, cancel).await?,
+            Request::Skip { projection } if self.config.daemon.postgres.is_some() => {
+                self.change_in_store(&projection, OperatorChange::Skip)
+                    .await
+            }
+            Request::Reset { projection, offset } if self.config.daemon.postgres.is_some() => {
+                self.change_in_store(&projection, OperatorChange::Reset(offset))
+                    .await
+            }
             Request::Skip { projection } => {
                 self.change(&projection, move |database, name| {
                     super::changes::skip_halted_event(database, name)
@@ -249,20 +255,22 @@ impl Supervisor {
         Ok(reply)
     }
 
-    /// Why `request` cannot be done on this store, if it cannot: on PostgreSQL, skipping and
-    /// resetting are not done yet.
-    fn refused_on_this_store(&self, request: &Request) -> Option<String> {
-        let store = self.config.daemon.postgres.as_ref()?;
-        let what = match request {
-            Request::Skip { .. } => "skip",
-            Request::Reset { .. } => "reset",
-            _ => return None,
+    /// Makes an operator's change where the store's writer makes it (PostgreSQL): recorded in
+    /// the store, the daemon applying the feed reads again from the checkpoints.
+    pub(super) async fn change_in_store(&self, name: &str, change: OperatorChange) -> Reply {
+        if let Err(err) = self.projection(name) {
+            return Reply::error(err);
+        }
+        let Some(engine) = self.engine.as_ref() else {
+            return Reply::error("internal error: no engine is running");
         };
-        Some(format!(
-            "{what} works on a SQLite database; on PostgreSQL ({}) Projector does not {what} yet: stop its daemons, change {}.projector_checkpoints with psql, and start them again",
-            store.shown(),
-            store.schema
-        ))
+        match engine.writer.change(name.to_string(), change).await {
+            Ok(message) => {
+                tracing::info!(projection = name, "{message}");
+                Reply::done(message)
+            }
+            Err(refused) => Reply::error(refused),
+        }
     }
 
     pub(super) fn status(&self) -> DaemonStatus {

@@ -83,6 +83,13 @@ const MIGRATIONS: &[&str] = &[
         backend_pid INTEGER NOT NULL,
         taken_at    TIMESTAMPTZ NOT NULL DEFAULT now()
     );",
+    // 2: a count of the operators' changes (a skip, a reset, a rebuild begun, cancelled or
+    // swapped in), by which every daemon learns that its readers must start again.
+    "CREATE TABLE projector_changes (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        generation BIGINT NOT NULL
+    );
+    INSERT INTO projector_changes VALUES (1, 0);",
 ];
 
 /// A connection's prepared statements, by SQL text: a statement prepared once runs in one round
@@ -348,15 +355,17 @@ pub fn parked_behind(
     Ok(tx.query_one(&statement, &[&projection, &aggregate])?.get(0))
 }
 
+/// Records `letter`; returns its id.
 pub fn insert_dead_letter(
     tx: &mut impl GenericClient,
     letter: &DeadLetter,
-) -> Result<(), postgres::Error> {
-    tx.execute(
+) -> Result<i64, postgres::Error> {
+    let row = tx.query_one(
         "INSERT INTO projector_dead_letters
              (projection, feed, event_offset, event_id, event_type, payload, error, event_meta,
               aggregate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         RETURNING id",
         &[
             &letter.projection,
             &letter.feed,
@@ -369,7 +378,57 @@ pub fn insert_dead_letter(
             &letter.parks,
         ],
     )?;
+    Ok(row.get(0))
+}
+
+/// The event `projection` is halted on, if it is halted.
+pub fn halted_event(
+    client: &mut impl GenericClient,
+    projection: &str,
+) -> Result<Option<HaltedEvent>, postgres::Error> {
+    let row = client.query_opt(
+        "SELECT halted_offset, halted_event_id, halted_event_type, halted_payload,
+                halted_event_meta, halted_error
+         FROM projector_checkpoints WHERE projection = $1 AND halted_offset IS NOT NULL",
+        &[&projection],
+    )?;
+    Ok(row.map(|row| HaltedEvent {
+        offset: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        event_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
+        event_type: row.get::<_, Option<String>>(2).unwrap_or_default(),
+        payload: row.get(3),
+        event_meta: row.get::<_, Option<String>>(4).unwrap_or_default(),
+        error: row.get::<_, Option<String>>(5).unwrap_or_default(),
+    }))
+}
+
+/// The feed `projection`'s checkpoint is of, if it has one.
+pub fn feed_of(
+    client: &mut impl GenericClient,
+    projection: &str,
+) -> Result<Option<String>, postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT feed FROM projector_checkpoints WHERE projection = $1",
+            &[&projection],
+        )?
+        .map(|row| row.get(0)))
+}
+
+/// Counts an operator's change, for every daemon to see at its next round.
+pub fn count_change(client: &mut impl GenericClient) -> Result<(), postgres::Error> {
+    client.execute(
+        "UPDATE projector_changes SET generation = generation + 1 WHERE id = 1",
+        &[],
+    )?;
     Ok(())
+}
+
+/// How many changes operators have made.
+pub fn changes(client: &mut impl GenericClient) -> Result<i64, postgres::Error> {
+    Ok(client
+        .query_one("SELECT generation FROM projector_changes WHERE id = 1", &[])?
+        .get(0))
 }
 
 /// How many dead letters of `projection` wait for an operator.

@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-pub use postgres::{LeaseReport, LeaseRequest, PostgresWriter};
+pub use postgres::{LeaseReport, LeaseRequest, OperatorChange, PostgresWriter};
 pub use shadow::{rebuilt_projection, schema_objects, shadow_member};
 pub use thread::{PendingBatch, WriterHandle, WriterThread};
 
@@ -243,13 +243,14 @@ impl thread::WriterStore for Writer {
         ))
     }
 
-    fn rebuild(
+    fn change(
         &mut self,
         _projection: &str,
-        _cancel: bool,
+        _change: OperatorChange,
     ) -> Result<Result<String, String>, ApplyError> {
         Err(ApplyError::Internal(
-            "a SQLite rebuild begins with the engine stopped, not in the writer".into(),
+            "on SQLite an operator's change is made with the engine stopped, not by the writer"
+                .into(),
         ))
     }
 

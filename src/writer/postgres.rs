@@ -32,6 +32,17 @@ use crate::store::lifecycle::{self, Definition, HaltedEvent, SchemaObject};
 use crate::store::postgres::{self as pg, Session, StatementCache};
 use crate::store::{Checkpoint, DeadLetter};
 
+/// What an operator asks to be done to a projection, wherever its feed is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorChange {
+    Rebuild,
+    CancelRebuild,
+    /// Move the event it halted on into the dead letters, and its checkpoint past it.
+    Skip,
+    /// Move its checkpoint to this offset.
+    Reset(u64),
+}
+
 /// What a lease round asks of the writer.
 #[derive(Debug, Clone)]
 pub struct LeaseRequest {
@@ -69,9 +80,11 @@ pub struct PostgresWriter {
     cancel: Arc<Mutex<Option<postgres::CancelToken>>>,
     /// The rebuilds this writer builds (every one recorded whose definition is this daemon's).
     shadows: Vec<PostgresShadow>,
-    /// Counts the changes of rebuilds (begun, ended, swapped in): the feeds' readers then start
-    /// again from the checkpoints.
+    /// Counts the changes of rebuilds (begun, ended, swapped in) and operators' changes to
+    /// checkpoints seen: the feeds' readers then start again from the checkpoints.
     rebuilt: tokio::sync::watch::Sender<u64>,
+    /// The store's count of operators' changes, as last seen.
+    changes_seen: i64,
 }
 
 /// A rebuild in progress: its tables are in a schema of their own.
@@ -117,10 +130,12 @@ impl PostgresWriter {
             if settled.dropped {
                 pg::end_rebuild(&mut tx, &name)?;
                 pg::drop_shadow(&mut tx, &pg::shadow_schema(&store.schema, &name), &member)?;
+                pg::count_change(&mut tx)?;
             }
             if let Some(reason) = &settled.start {
                 let version = &projection.version;
                 pg::start_rebuild(&mut tx, &name, &projection.feed, version, reason)?;
+                pg::count_change(&mut tx)?;
             }
             if !settled.frozen {
                 let mut writes = PostgresTx::new(&mut tx, &mut conn.statements);
@@ -179,6 +194,7 @@ impl PostgresWriter {
             });
         }
         let paused_feeds = pg::paused_feeds(&mut tx)?;
+        let changes_seen = pg::changes(&mut tx)?;
         tx.commit()?;
         let cancel = Arc::new(Mutex::new(Some(conn.client.cancel_token())));
         Ok(PostgresWriter {
@@ -192,6 +208,7 @@ impl PostgresWriter {
             cancel,
             shadows,
             rebuilt: tokio::sync::watch::Sender::new(0),
+            changes_seen,
         })
     }
 
@@ -308,7 +325,7 @@ impl WriterStore for PostgresWriter {
     }
 
     fn leases(&mut self, request: &LeaseRequest) -> Result<LeaseReport, ApplyError> {
-        self.follow_rebuilds()?;
+        self.follow_changes()?;
         let schema = self.store.schema.clone();
         let id = self.id.clone();
         self.connection()?;
@@ -408,10 +425,10 @@ impl WriterStore for PostgresWriter {
             .collect()
     }
 
-    fn rebuild(
+    fn change(
         &mut self,
         projection: &str,
-        cancel: bool,
+        change: OperatorChange,
     ) -> Result<Result<String, String>, ApplyError> {
         let Some(&live) = self.members.by_name.get(projection) else {
             return Ok(Err(format!("no projection named {projection:?}")));
@@ -421,63 +438,166 @@ impl WriterStore for PostgresWriter {
         let conn = self.connection()?;
         let mut tx = conn.client.transaction().map_err(ApplyError::postgres)?;
         pg::lock_setup(&mut tx, &schema).map_err(ApplyError::postgres)?;
-        let rebuild = pg::rebuilds(&mut tx)
-            .map_err(ApplyError::postgres)?
-            .into_iter()
-            .find(|r| r.projection == projection);
-        let reply = if cancel {
-            let recorded =
-                pg::recorded_definition(&mut tx, projection).map_err(ApplyError::postgres)?;
-            match (rebuild, recorded) {
-                (None, _) => return Ok(Err(format!("{projection} is not being rebuilt"))),
-                (Some(_), Some(recorded)) if recorded.version != configured.version => {
-                    return Ok(Err(format!(
-                        "{projection}'s definition changed since its tables were built (version {}, now {}): its rebuild is how the new definition takes over, so it cannot be cancelled; to keep the old tables, put the previous definition back and restart the daemons, which drops the rebuild",
-                        recorded.version, configured.version
-                    )))
-                }
-                (Some(_), _) => {
-                    pg::end_rebuild(&mut tx, projection).map_err(ApplyError::postgres)?;
-                    let shadow = pg::shadow_schema(&schema, projection);
-                    pg::drop_shadow(&mut tx, &shadow, &shadow_member(projection))
-                        .map_err(ApplyError::postgres)?;
-                    format!("the rebuild of {projection} is cancelled and its shadow dropped; its tables are as they were")
-                }
+        let made = match change {
+            OperatorChange::Rebuild | OperatorChange::CancelRebuild => {
+                let cancel = change == OperatorChange::CancelRebuild;
+                change_rebuild(&mut tx, &schema, &configured, cancel)
             }
-        } else {
-            if let Some(rebuild) = rebuild {
-                return Ok(Ok(format!(
-                    "{projection} is being rebuilt already (since {}; {}): `projector ctl status` shows how far it is",
-                    rebuild.started_at, rebuild.reason
-                )));
+            OperatorChange::Skip => skip_halted_event(&mut tx, &mut conn.statements, projection),
+            OperatorChange::Reset(offset) => {
+                reset_checkpoint(&mut tx, &mut conn.statements, projection, offset)
             }
-            pg::start_rebuild(
-                &mut tx,
-                projection,
-                &configured.feed,
-                &configured.version,
-                lifecycle::ASKED,
-            )
-            .map_err(ApplyError::postgres)?;
-            format!(
-                "rebuilding {projection} from the feed's start; its current tables are served and kept current until the rebuild replaces them (`projector ctl status` shows its progress)"
-            )
         };
+        let message = match made.map_err(ApplyError::postgres)? {
+            Ok(message) => message,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        pg::count_change(&mut tx).map_err(ApplyError::postgres)?;
         tx.commit().map_err(ApplyError::postgres)?;
-        self.follow_rebuilds()?;
-        Ok(Ok(reply))
+        self.follow_changes()?;
+        Ok(Ok(message))
     }
+}
+
+/// Begins `projection`'s rebuild, or cancels it: what was done, or (the inner error) why not.
+fn change_rebuild(
+    tx: &mut postgres::Transaction,
+    schema: &str,
+    projection: &ConfiguredProjection,
+    cancel: bool,
+) -> Result<Result<String, String>, postgres::Error> {
+    let name = &projection.name;
+    let rebuild = pg::rebuilds(tx)?
+        .into_iter()
+        .find(|r| r.projection == *name);
+    if !cancel {
+        if let Some(rebuild) = rebuild {
+            return Ok(Ok(format!(
+                "{name} is being rebuilt already (since {}; {}): `projector ctl status` shows how far it is",
+                rebuild.started_at, rebuild.reason
+            )));
+        }
+        pg::start_rebuild(
+            tx,
+            name,
+            &projection.feed,
+            &projection.version,
+            lifecycle::ASKED,
+        )?;
+        return Ok(Ok(format!(
+            "rebuilding {name} from the feed's start; its current tables are served and kept current until the rebuild replaces them (`projector ctl status` shows its progress)"
+        )));
+    }
+    if rebuild.is_none() {
+        return Ok(Err(format!("{name} is not being rebuilt")));
+    }
+    if let Some(recorded) = pg::recorded_definition(tx, name)? {
+        if recorded.version != projection.version {
+            return Ok(Err(format!(
+                "{name}'s definition changed since its tables were built (version {}, now {}): its rebuild is how the new definition takes over, so it cannot be cancelled; to keep the old tables, put the previous definition back and restart the daemons, which drops the rebuild",
+                recorded.version, projection.version
+            )));
+        }
+    }
+    pg::end_rebuild(tx, name)?;
+    pg::drop_shadow(tx, &pg::shadow_schema(schema, name), &shadow_member(name))?;
+    Ok(Ok(format!(
+        "the rebuild of {name} is cancelled and its shadow dropped; its tables are as they were"
+    )))
+}
+
+/// Moves the event `projection` halted on into the dead letters, and its checkpoint past it.
+fn skip_halted_event(
+    tx: &mut postgres::Transaction,
+    statements: &mut StatementCache,
+    projection: &str,
+) -> Result<Result<String, String>, postgres::Error> {
+    let Some(halted) = pg::halted_event(tx, projection)? else {
+        return Ok(Err(format!(
+            "{projection} is not halted: there is no event to skip"
+        )));
+    };
+    let checkpoint = pg::lock_checkpoint(tx, statements, projection)?.unwrap_or_default();
+    if checkpoint.next_offset != halted.offset {
+        return Ok(Err(format!(
+            "{projection} halted at offset {} but its checkpoint is at {} now: nothing skipped",
+            halted.offset, checkpoint.next_offset
+        )));
+    }
+    let feed = pg::feed_of(tx, projection)?.unwrap_or_default();
+    let letter = pg::insert_dead_letter(
+        tx,
+        &DeadLetter {
+            projection,
+            feed: &feed,
+            event_offset: halted.offset,
+            event_id: &halted.event_id,
+            event_type: &halted.event_type,
+            payload: halted.payload.clone(),
+            error: format!("skipped by an operator; it failed with: {}", halted.error),
+            event_meta: halted.event_meta.clone(),
+            parks: None,
+        },
+    )?;
+    let past = Checkpoint {
+        next_offset: halted.offset + 1,
+        last_event_id: Some(halted.event_id.clone()),
+        // The page before the halted event: the reader reads on from there past it.
+        page: checkpoint.page,
+    };
+    pg::save_checkpoint(tx, statements, projection, &feed, &past)?;
+    Ok(Ok(format!(
+        "event {} (offset {}) of {projection} moved into the dead letters as dead letter {letter}; {projection} goes on from offset {}",
+        crate::shown::escaped(&halted.event_id),
+        halted.offset,
+        halted.offset + 1
+    )))
+}
+
+/// Moves `projection`'s checkpoint to `offset`; its tables and dead letters are left as they are.
+fn reset_checkpoint(
+    tx: &mut postgres::Transaction,
+    statements: &mut StatementCache,
+    projection: &str,
+    offset: u64,
+) -> Result<Result<String, String>, postgres::Error> {
+    let Some(checkpoint) = pg::lock_checkpoint(tx, statements, projection)? else {
+        return Ok(Err(format!("the schema has no projection {projection:?}")));
+    };
+    if pg::rebuilds(tx)?.iter().any(|r| r.projection == projection) {
+        return Ok(Err(format!(
+            "{projection} is being rebuilt: cancel the rebuild first (`projector rebuild {projection} --cancel`)"
+        )));
+    }
+    let feed = pg::feed_of(tx, projection)?.unwrap_or_default();
+    let reset = Checkpoint {
+        next_offset: offset,
+        last_event_id: None,
+        // A page at or before the new checkpoint is read on from; else the first page.
+        page: checkpoint
+            .page
+            .clone()
+            .filter(|page| page.first_offset < offset),
+    };
+    pg::save_checkpoint(tx, statements, projection, &feed, &reset)?;
+    Ok(Ok(format!(
+        "{projection}'s checkpoint moved from offset {} to {offset}",
+        checkpoint.next_offset
+    )))
 }
 
 impl PostgresWriter {
     /// Builds the rebuilds recorded (by any daemon) whose definition is this daemon's, and
     /// forgets those no longer recorded (swapped in or cancelled, here or by another daemon);
-    /// says so to the feeds' readers when anything changed.
-    fn follow_rebuilds(&mut self) -> Result<(), ApplyError> {
+    /// says so to the feeds' readers when anything changed, or an operator changed a
+    /// checkpoint (through any daemon).
+    fn follow_changes(&mut self) -> Result<(), ApplyError> {
         let schema = self.store.schema.clone();
         let conn = self.connection()?;
         let recorded = pg::rebuilds(&mut conn.client).map_err(ApplyError::postgres)?;
-        let mut changed = false;
+        let changes = pg::changes(&mut conn.client).map_err(ApplyError::postgres)?;
+        let mut changed = changes != self.changes_seen;
+        self.changes_seen = changes;
         let mut index = 0;
         while index < self.shadows.len() {
             let shadow = &self.shadows[index];
@@ -720,6 +840,7 @@ fn swap(
     )?;
     pg::end_rebuild(&mut tx, &shadow.projection)?;
     pg::drop_shadow(&mut tx, &shadow.schema, &shadow.member)?;
+    pg::count_change(&mut tx)?;
     tx.commit()?;
     Ok(true)
 }
@@ -807,7 +928,9 @@ impl BatchTx for PostgresBatch<'_> {
     }
 
     fn insert_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), ApplyError> {
-        pg::insert_dead_letter(&mut self.tx, letter).map_err(ApplyError::postgres)
+        pg::insert_dead_letter(&mut self.tx, letter)
+            .map(drop)
+            .map_err(ApplyError::postgres)
     }
 
     fn apply(

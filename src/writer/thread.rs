@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::activity::WriterActivity;
-use super::postgres::{LeaseReport, LeaseRequest};
+use super::postgres::{LeaseReport, LeaseRequest, OperatorChange};
 use super::{ApplyError, Batch, BatchOutcome, StartingPoint};
 use crate::control::protocol::SlowBatch;
 
@@ -30,12 +30,12 @@ pub(super) trait WriterStore: Send + 'static {
     fn release(&mut self, feed: &str) -> Result<(), ApplyError>;
     /// Where `feed`'s projections stand now, as committed (by whichever daemon).
     fn starting_points_of(&mut self, feed: &str) -> Result<Vec<StartingPoint>, ApplyError>;
-    /// Begins rebuilding `projection` (or cancels its rebuild) where the writer builds rebuilds
-    /// itself; the inner error is a refusal, said to the operator.
-    fn rebuild(
+    /// Makes an operator's `change` to `projection` where the store's writer makes it itself
+    /// (PostgreSQL): what was done, or (the inner error) why not.
+    fn change(
         &mut self,
         projection: &str,
-        cancel: bool,
+        change: OperatorChange,
     ) -> Result<Result<String, String>, ApplyError>;
 }
 
@@ -116,12 +116,12 @@ fn run_job(store: &mut impl WriterStore, job: Job) {
         Job::StartingPoints { feed, reply } => {
             let _ = reply.send(store.starting_points_of(&feed));
         }
-        Job::Rebuild {
+        Job::Change {
             projection,
-            cancel,
+            change,
             reply,
         } => {
-            let _ = reply.send(store.rebuild(&projection, cancel));
+            let _ = reply.send(store.change(&projection, change));
         }
     }
 }
@@ -148,9 +148,9 @@ enum Job {
         feed: String,
         reply: oneshot::Sender<Result<Vec<StartingPoint>, ApplyError>>,
     },
-    Rebuild {
+    Change {
         projection: String,
-        cancel: bool,
+        change: OperatorChange,
         reply: oneshot::Sender<Result<Result<String, String>, ApplyError>>,
     },
 }
@@ -227,12 +227,15 @@ impl WriterHandle {
         self.ask(|reply| Job::StartingPoints { feed, reply }).await
     }
 
-    /// Begins rebuilding `projection`, or cancels its rebuild (PostgreSQL): what was done, or
-    /// why not.
-    pub async fn rebuild(&self, projection: String, cancel: bool) -> Result<String, String> {
-        self.ask(|reply| Job::Rebuild {
+    /// Makes an operator's change to `projection` (PostgreSQL): what was done, or why not.
+    pub async fn change(
+        &self,
+        projection: String,
+        change: OperatorChange,
+    ) -> Result<String, String> {
+        self.ask(|reply| Job::Change {
             projection,
-            cancel,
+            change,
             reply,
         })
         .await
