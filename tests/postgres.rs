@@ -259,6 +259,12 @@ async fn a_daemon_frozen_past_its_lease_loses_it_and_commits_nothing_when_it_wak
         a_at.feed("bank")["state"] == "standby"
     })
     .await;
+    // The lag a saw while it applied the feed is not the feed's any more: b reports that.
+    let feed = a_at.feed("bank");
+    assert!(
+        feed["lag"].is_null() && feed["projections"][0]["lag_seconds"].is_null(),
+        "{feed}"
+    );
     assert!(
         takeover >= Duration::from_secs(2),
         "b took over after {takeover:?}, before a's lease could have timed out"

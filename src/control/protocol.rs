@@ -410,6 +410,21 @@ pub struct FeedStatus {
     pub projections: Vec<ProjectionStatus>,
 }
 
+impl FeedStatus {
+    /// Says the feed stands by here: another daemon applies it, and the lag this daemon last saw
+    /// is not the feed's (the daemon applying it reports that), so no alert fires on it here.
+    pub fn stand_by(&mut self) {
+        self.state = FeedState::Standby;
+        self.lag = None;
+        self.eta_seconds = None;
+        self.stalled_seconds = None;
+        for projection in &mut self.projections {
+            projection.lag = None;
+            projection.lag_seconds = None;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LastError {
     pub message: String,

@@ -292,7 +292,7 @@ impl Supervisor {
                         if let (Some(lease), Some(leases)) = (&feed.lease, &leases) {
                             status.lease_holder = leases.holder(&status.name).map(str::to_string);
                             if *lease.borrow() == super::leases::Lease::Standby {
-                                status.state = FeedState::Standby;
+                                status.stand_by();
                             }
                         }
                         status
