@@ -10,7 +10,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::config::Synchronous;
 use crate::projection::ConfiguredProjection;
-use crate::store::{self, lifecycle, Checkpoint, DeadLetter};
+use crate::store::{self, lifecycle};
 
 fn open(database: &Path) -> anyhow::Result<Connection> {
     store::open_writer(database, Synchronous::Normal)
@@ -80,43 +80,14 @@ pub fn skip_halted_event(database: &Path, projection: &str) -> anyhow::Result<St
         anyhow::bail!("{projection} is not halted: there is no event to skip");
     };
     let checkpoint = store::load_checkpoint(&tx, projection)?.unwrap_or_default();
-    if checkpoint.next_offset != halted.offset {
-        anyhow::bail!(
-            "{projection} halted at offset {} but its checkpoint is at {} now: nothing skipped",
-            halted.offset,
-            checkpoint.next_offset
-        );
-    }
     let feed = feed_of(&tx, projection)?;
-    store::insert_dead_letter(
-        &tx,
-        &DeadLetter {
-            projection,
-            feed: &feed,
-            event_offset: halted.offset,
-            event_id: &halted.event_id,
-            event_type: &halted.event_type,
-            payload: halted.payload.clone(),
-            error: format!("skipped by an operator; it failed with: {}", halted.error),
-            event_meta: halted.event_meta.clone(),
-            parks: None,
-        },
-    )?;
+    let skip =
+        lifecycle::Skip::of(projection, &feed, &halted, checkpoint).map_err(anyhow::Error::msg)?;
+    store::insert_dead_letter(&tx, &skip.letter)?;
     let letter = tx.last_insert_rowid();
-    let past = Checkpoint {
-        next_offset: halted.offset + 1,
-        last_event_id: Some(halted.event_id.clone()),
-        // The page before the halted event: the reader reads on from there past it.
-        page: checkpoint.page,
-    };
-    store::save_checkpoint(&tx, projection, &feed, &past)?;
+    store::save_checkpoint(&tx, projection, &feed, &skip.past)?;
     tx.commit()?;
-    Ok(format!(
-        "event {} (offset {}) of {projection} moved into the dead letters as dead letter {letter}; {projection} goes on from offset {}",
-        crate::shown::escaped(&halted.event_id),
-        halted.offset,
-        halted.offset + 1
-    ))
+    Ok(skip.said(letter))
 }
 
 /// Moves `projection`'s checkpoint to `offset`: the events from there are applied again (or,
@@ -136,16 +107,12 @@ pub fn reset_checkpoint(database: &Path, projection: &str, offset: u64) -> anyho
         );
     }
     let feed = feed_of(&tx, projection)?;
-    let reset = Checkpoint {
-        next_offset: offset,
-        last_event_id: None,
-        // A page at or before the new checkpoint is read on from; else the first page.
-        page: checkpoint
-            .page
-            .clone()
-            .filter(|page| page.first_offset < offset),
-    };
-    store::save_checkpoint(&tx, projection, &feed, &reset)?;
+    store::save_checkpoint(
+        &tx,
+        projection,
+        &feed,
+        &lifecycle::reset_to(&checkpoint, offset),
+    )?;
     tx.commit()?;
     Ok(format!(
         "{projection}'s checkpoint moved from offset {} to {offset}",

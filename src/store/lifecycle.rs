@@ -139,6 +139,74 @@ pub fn halted_event(conn: &Connection, projection: &str) -> rusqlite::Result<Opt
     .optional()
 }
 
+/// Skipping the event a projection halted on, as every store makes it: the dead letter it
+/// becomes, and the checkpoint past it.
+pub struct Skip<'a> {
+    pub letter: super::DeadLetter<'a>,
+    pub past: super::Checkpoint,
+}
+
+impl<'a> Skip<'a> {
+    /// Skips `halted`, on which `projection` (of `feed`, at `checkpoint`) halted; why not if
+    /// the checkpoint has moved since.
+    pub fn of(
+        projection: &'a str,
+        feed: &'a str,
+        halted: &'a HaltedEvent,
+        checkpoint: super::Checkpoint,
+    ) -> Result<Skip<'a>, String> {
+        if checkpoint.next_offset != halted.offset {
+            return Err(format!(
+                "{projection} halted at offset {} but its checkpoint is at {} now: nothing skipped",
+                halted.offset, checkpoint.next_offset
+            ));
+        }
+        Ok(Skip {
+            letter: super::DeadLetter {
+                projection,
+                feed,
+                event_offset: halted.offset,
+                event_id: &halted.event_id,
+                event_type: &halted.event_type,
+                payload: halted.payload.clone(),
+                error: format!("skipped by an operator; it failed with: {}", halted.error),
+                event_meta: halted.event_meta.clone(),
+                parks: None,
+            },
+            past: super::Checkpoint {
+                next_offset: halted.offset + 1,
+                last_event_id: Some(halted.event_id.clone()),
+                // The page before the halted event: the reader reads on from there past it.
+                page: checkpoint.page,
+            },
+        })
+    }
+
+    /// What was done, once the letter is dead letter `id`.
+    pub fn said(&self, id: i64) -> String {
+        let projection = self.letter.projection;
+        format!(
+            "event {} (offset {}) of {projection} moved into the dead letters as dead letter {id}; {projection} goes on from offset {}",
+            crate::shown::escaped(self.letter.event_id),
+            self.letter.event_offset,
+            self.past.next_offset
+        )
+    }
+}
+
+/// `checkpoint` moved to `offset` by an operator: no event id to prove, and the page it is on
+/// kept only if it lies before the new checkpoint (else the reader starts from the first page).
+pub fn reset_to(checkpoint: &super::Checkpoint, offset: u64) -> super::Checkpoint {
+    super::Checkpoint {
+        next_offset: offset,
+        last_event_id: None,
+        page: checkpoint
+            .page
+            .clone()
+            .filter(|page| page.first_offset < offset),
+    }
+}
+
 /// A projection as the database records it.
 #[derive(Debug, Clone)]
 pub struct ProjectionRecord {

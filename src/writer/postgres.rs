@@ -518,40 +518,14 @@ fn skip_halted_event(
         )));
     };
     let checkpoint = pg::lock_checkpoint(tx, statements, projection)?.unwrap_or_default();
-    if checkpoint.next_offset != halted.offset {
-        return Ok(Err(format!(
-            "{projection} halted at offset {} but its checkpoint is at {} now: nothing skipped",
-            halted.offset, checkpoint.next_offset
-        )));
-    }
     let feed = pg::feed_of(tx, projection)?.unwrap_or_default();
-    let letter = pg::insert_dead_letter(
-        tx,
-        &DeadLetter {
-            projection,
-            feed: &feed,
-            event_offset: halted.offset,
-            event_id: &halted.event_id,
-            event_type: &halted.event_type,
-            payload: halted.payload.clone(),
-            error: format!("skipped by an operator; it failed with: {}", halted.error),
-            event_meta: halted.event_meta.clone(),
-            parks: None,
-        },
-    )?;
-    let past = Checkpoint {
-        next_offset: halted.offset + 1,
-        last_event_id: Some(halted.event_id.clone()),
-        // The page before the halted event: the reader reads on from there past it.
-        page: checkpoint.page,
+    let skip = match lifecycle::Skip::of(projection, &feed, &halted, checkpoint) {
+        Ok(skip) => skip,
+        Err(refused) => return Ok(Err(refused)),
     };
-    pg::save_checkpoint(tx, statements, projection, &feed, &past)?;
-    Ok(Ok(format!(
-        "event {} (offset {}) of {projection} moved into the dead letters as dead letter {letter}; {projection} goes on from offset {}",
-        crate::shown::escaped(&halted.event_id),
-        halted.offset,
-        halted.offset + 1
-    )))
+    let letter = pg::insert_dead_letter(tx, &skip.letter)?;
+    pg::save_checkpoint(tx, statements, projection, &feed, &skip.past)?;
+    Ok(Ok(skip.said(letter)))
 }
 
 /// Moves `projection`'s checkpoint to `offset`; its tables and dead letters are left as they are.
@@ -570,15 +544,7 @@ fn reset_checkpoint(
         )));
     }
     let feed = pg::feed_of(tx, projection)?.unwrap_or_default();
-    let reset = Checkpoint {
-        next_offset: offset,
-        last_event_id: None,
-        // A page at or before the new checkpoint is read on from; else the first page.
-        page: checkpoint
-            .page
-            .clone()
-            .filter(|page| page.first_offset < offset),
-    };
+    let reset = lifecycle::reset_to(&checkpoint, offset);
     pg::save_checkpoint(tx, statements, projection, &feed, &reset)?;
     Ok(Ok(format!(
         "{projection}'s checkpoint moved from offset {} to {offset}",
