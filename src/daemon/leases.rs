@@ -155,7 +155,6 @@ async fn lease_rounds(
 ) {
     let request = LeaseRequest {
         feeds: feeds.iter().map(|f| f.feed.clone()).collect(),
-        take: true,
     };
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -7,13 +7,22 @@
 //! writer's own connection: a daemon whose session ends (killed, or frozen past
 //! `lease_timeout`, when the server ends its idle session) holds no lease and commits nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod leases;
+mod rebuilds;
+
+pub use leases::{cluster, register_daemon, release_lease, try_lease};
+pub use rebuilds::{
+    changes, count_change, drop_shadow, end_rebuild, objects_in, quoted, rebuilds, shadow_schema,
+    start_rebuild,
+};
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
 use postgres::{Client, GenericClient};
 
-use super::lifecycle::{Definition, HaltedEvent, Rebuild, SchemaObject};
+use super::lifecycle::{Definition, HaltedEvent};
 use super::{offset_to_sql, Checkpoint, DeadLetter};
 use crate::config::{PostgresStore, Synchronous};
 use crate::event::PagePlace;
@@ -415,22 +424,6 @@ pub fn feed_of(
         .map(|row| row.get(0)))
 }
 
-/// Counts an operator's change, for every daemon to see at its next round.
-pub fn count_change(client: &mut impl GenericClient) -> Result<(), postgres::Error> {
-    client.execute(
-        "UPDATE projector_changes SET generation = generation + 1 WHERE id = 1",
-        &[],
-    )?;
-    Ok(())
-}
-
-/// How many changes operators have made.
-pub fn changes(client: &mut impl GenericClient) -> Result<i64, postgres::Error> {
-    Ok(client
-        .query_one("SELECT generation FROM projector_changes WHERE id = 1", &[])?
-        .get(0))
-}
-
 /// How many dead letters of `projection` wait for an operator.
 pub fn count_dead_letters(
     client: &mut impl GenericClient,
@@ -513,191 +506,6 @@ pub fn record_definition(
         ],
     )?;
     Ok(())
-}
-
-/// The rebuilds in progress, by projection.
-pub fn rebuilds(client: &mut impl GenericClient) -> Result<Vec<Rebuild>, postgres::Error> {
-    let rows = client.query(
-        "SELECT projection, feed, definition_version, reason, started_at::text
-         FROM projector_rebuilds ORDER BY projection",
-        &[],
-    )?;
-    Ok(rows
-        .iter()
-        .map(|row| Rebuild {
-            projection: row.get(0),
-            feed: row.get(1),
-            version: row.get(2),
-            reason: row.get(3),
-            started_at: row.get(4),
-        })
-        .collect())
-}
-
-/// Records a rebuild as started (replacing one of the projection that was in progress).
-pub fn start_rebuild(
-    client: &mut impl GenericClient,
-    projection: &str,
-    feed: &str,
-    version: &str,
-    reason: &str,
-) -> Result<(), postgres::Error> {
-    client.execute(
-        "INSERT INTO projector_rebuilds (projection, feed, definition_version, reason)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (projection) DO UPDATE SET
-             feed = excluded.feed, definition_version = excluded.definition_version,
-             reason = excluded.reason, started_at = now()",
-        &[&projection, &feed, &version, &reason],
-    )?;
-    Ok(())
-}
-
-pub fn end_rebuild(
-    client: &mut impl GenericClient,
-    projection: &str,
-) -> Result<(), postgres::Error> {
-    client.execute(
-        "DELETE FROM projector_rebuilds WHERE projection = $1",
-        &[&projection],
-    )?;
-    Ok(())
-}
-
-/// Forgets a rebuild's shadow: its checkpoint and dead letters, and its schema with its tables.
-pub fn drop_shadow(
-    client: &mut impl GenericClient,
-    shadow_schema: &str,
-    member: &str,
-) -> Result<(), postgres::Error> {
-    client.execute(
-        "DELETE FROM projector_checkpoints WHERE projection = $1",
-        &[&member],
-    )?;
-    client.execute(
-        "DELETE FROM projector_dead_letters WHERE projection = $1",
-        &[&member],
-    )?;
-    client.batch_execute(&format!(
-        "DROP SCHEMA IF EXISTS {} CASCADE",
-        quoted(shadow_schema)
-    ))
-}
-
-/// The schema a rebuild of `projection` builds its tables in: named by a hash, since a
-/// projection's name may be longer than a PostgreSQL name or hold characters it would quote.
-pub fn shadow_schema(schema: &str, projection: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{schema}\0{projection}"));
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("projector_rebuild_{hex}")
-}
-
-/// The tables, views and sequences of `schema` that are not Projector's own, tables first
-/// (their indexes, constraints and own sequences go with them).
-pub fn objects_in(
-    client: &mut impl GenericClient,
-    schema: &str,
-) -> Result<Vec<SchemaObject>, postgres::Error> {
-    let rows = client.query(
-        "SELECT CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
-                    WHEN 'S' THEN 'sequence' ELSE 'table' END, c.relname::text
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
-           AND c.relname NOT LIKE 'projector\\_%'
-           AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                           WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))
-           AND NOT c.relispartition
-         ORDER BY c.relkind NOT IN ('r', 'p'), c.oid",
-        &[&schema],
-    )?;
-    Ok(rows
-        .iter()
-        .map(|row| SchemaObject {
-            kind: row.get(0),
-            name: row.get(1),
-        })
-        .collect())
-}
-
-/// A PostgreSQL name, quoted.
-pub fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The advisory lock key of `feed`'s lease in `schema`.
-const LEASE_KEY: &str = "hashtext('projector lease ' || $1), hashtext($2)";
-
-/// Records this connection as daemon `id`'s, forgetting daemons whose sessions have ended.
-pub fn register_daemon(client: &mut Client, id: &str) -> Result<(), postgres::Error> {
-    client.batch_execute(
-        "DELETE FROM projector_daemons d WHERE NOT EXISTS (
-             SELECT 1 FROM pg_stat_activity a
-             WHERE a.pid = d.backend_pid AND a.application_name = d.id)",
-    )?;
-    client.execute(
-        "INSERT INTO projector_daemons (id, backend_pid) VALUES ($1, pg_backend_pid())
-         ON CONFLICT (id) DO UPDATE SET backend_pid = excluded.backend_pid, started_at = now()",
-        &[&id],
-    )?;
-    Ok(())
-}
-
-/// Takes `feed`'s lease for daemon `id` on this connection if no session holds it.
-pub fn try_lease(
-    client: &mut Client,
-    schema: &str,
-    feed: &str,
-    id: &str,
-) -> Result<bool, postgres::Error> {
-    let taken: bool = client
-        .query_one(
-            &format!("SELECT pg_try_advisory_lock({LEASE_KEY})"),
-            &[&schema, &feed],
-        )?
-        .get(0);
-    if taken {
-        client.execute(
-            "INSERT INTO projector_leases (feed, holder, backend_pid)
-             VALUES ($1, $2, pg_backend_pid())
-             ON CONFLICT (feed) DO UPDATE SET
-                 holder = excluded.holder, backend_pid = excluded.backend_pid, taken_at = now()",
-            &[&feed, &id],
-        )?;
-    }
-    Ok(taken)
-}
-
-/// Gives `feed`'s lease back.
-pub fn release_lease(client: &mut Client, schema: &str, feed: &str) -> Result<(), postgres::Error> {
-    client.execute(
-        "DELETE FROM projector_leases WHERE feed = $1 AND backend_pid = pg_backend_pid()",
-        &[&feed],
-    )?;
-    client.query_one(
-        &format!("SELECT pg_advisory_unlock({LEASE_KEY})"),
-        &[&schema, &feed],
-    )?;
-    Ok(())
-}
-
-/// The daemons sharing the schema whose sessions are alive, by id, with the feeds each holds.
-pub fn cluster(client: &mut Client) -> Result<BTreeMap<String, Vec<String>>, postgres::Error> {
-    let rows = client.query(
-        "SELECT d.id, l.feed FROM projector_daemons d
-         JOIN pg_stat_activity a ON a.pid = d.backend_pid AND a.application_name = d.id
-         LEFT JOIN projector_leases l ON l.holder = d.id AND l.backend_pid = d.backend_pid
-         ORDER BY d.id, l.feed",
-        &[],
-    )?;
-    let mut daemons: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for row in rows {
-        let feeds = daemons.entry(row.get(0)).or_default();
-        if let Some(feed) = row.get::<_, Option<String>>(1) {
-            feeds.push(feed);
-        }
-    }
-    Ok(daemons)
 }
 
 /// True for errors of the server or the connection (it went away, it is shutting down, it is
