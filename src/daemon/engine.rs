@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::leases::{Lease, LeaseView};
+use super::lease_state::{Lease, LeaseView};
 use crate::config::{Config, ConfigError, ConfigSource, FeedConfig};
 use crate::feed::FeedClient;
 use crate::monitor::FeedMonitor;
@@ -58,14 +58,11 @@ impl Engine {
     /// a feed's projections that stand at the same checkpoint. A projection that stands
     /// elsewhere (new, or halted last time) gets a reader of its own, so it rebuilds from its
     /// own offset while the others go on.
-    pub(super) async fn start(
+    pub(super) async fn start_on_sqlite(
         config: &Config,
         projections: Vec<ConfiguredProjection>,
         carried: &CarriedMonitors,
     ) -> anyhow::Result<Engine> {
-        if let Some(store) = &config.daemon.postgres {
-            return super::leases::start(config, store, projections, carried).await;
-        }
         let opened = open_writer(config, projections).await?;
         let starting_points = opened.starting_points();
         let paused_feeds = opened.paused_feeds();

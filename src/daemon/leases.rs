@@ -20,40 +20,10 @@ use tokio_util::task::TaskTracker;
 use super::engine::{
     points_of, CarriedMonitors, Engine, EngineParts, FeedPlan, FeedRuntime, Readers,
 };
+use super::lease_state::{Lease, LeaseView};
 use crate::config::{Config, PostgresStore};
 use crate::projection::ConfiguredProjection;
 use crate::writer::{LeaseRequest, PostgresWriter, StartingPoint, WriterHandle};
-
-/// Where this daemon stands with a feed's lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lease {
-    /// Another daemon holds it, or none does yet.
-    Standby,
-    Held,
-    /// Held beyond this daemon's share: its readers stop, then it is given back.
-    HandingBack,
-}
-
-/// The leases as the last round found them, for `status`.
-#[derive(Debug, Clone, Default)]
-pub(super) struct LeaseView {
-    /// This daemon's id.
-    pub(super) this: String,
-    /// The daemons whose sessions are alive, by id, with the feeds each holds.
-    pub(super) daemons: BTreeMap<String, Vec<String>>,
-    /// Why the last round failed, if it did.
-    pub(super) error: Option<String>,
-}
-
-impl LeaseView {
-    /// The daemon holding `feed`'s lease, if one does.
-    pub(super) fn holder(&self, feed: &str) -> Option<&str> {
-        self.daemons
-            .iter()
-            .find(|(_, feeds)| feeds.iter().any(|f| f == feed))
-            .map(|(daemon, _)| daemon.as_str())
-    }
-}
 
 /// This daemon's id among those sharing the schema: its host and process.
 pub fn daemon_id() -> String {

@@ -9,8 +9,10 @@
 
 mod changes;
 mod engine;
+mod lease_state;
 mod leases;
 mod rebuild;
+mod start;
 mod supervisor;
 
 use tokio_util::sync::CancellationToken;
@@ -20,7 +22,7 @@ use crate::control::handle::Inbox;
 use crate::control::server::ControlSocket;
 use crate::projection::ConfiguredProjection;
 use crate::store;
-use engine::{CarriedMonitors, Engine};
+use engine::CarriedMonitors;
 use supervisor::Supervisor;
 
 pub use changes::{cancel_rebuild, reset_checkpoint, skip_halted_event};
@@ -55,7 +57,7 @@ pub async fn run(
         Some(address) => Some(crate::metrics::server::bind(address.get_ref()).await?),
         None => None,
     };
-    let engine = Engine::start(&config, projections.clone(), &CarriedMonitors::new()).await?;
+    let engine = start::start_engine(&config, projections.clone(), &CarriedMonitors::new()).await?;
     let mut supervisor = Supervisor::new(config, projections, engine);
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(socket.serve(inbox.handle(), stop_serving.clone()));

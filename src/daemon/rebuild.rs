@@ -97,7 +97,8 @@ pub async fn rebuild_alone(
     let mut alone = config;
     alone.feeds.retain(|f| f.name() == feed);
     alone.projections.retain(|p| p.name() == name);
-    let mut engine = Engine::start(&alone, vec![projection], &CarriedMonitors::new()).await?;
+    let mut engine =
+        Engine::start_on_sqlite(&alone, vec![projection], &CarriedMonitors::new()).await?;
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     let end = loop {
         tokio::select! {

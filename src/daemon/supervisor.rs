@@ -291,7 +291,7 @@ impl Supervisor {
                         let mut status = feed.monitor.snapshot(&url, *feed.paused.borrow());
                         if let (Some(lease), Some(leases)) = (&feed.lease, &leases) {
                             status.lease_holder = leases.holder(&status.name).map(str::to_string);
-                            if *lease.borrow() == super::leases::Lease::Standby {
+                            if *lease.borrow() == super::lease_state::Lease::Standby {
                                 status.stand_by();
                             }
                         }
@@ -453,7 +453,7 @@ impl Supervisor {
             None => Ok(String::new()),
         };
         self.engine = Some(
-            Engine::start(&self.config, self.projections.clone(), &carried)
+            super::start::start_engine(&self.config, self.projections.clone(), &carried)
                 .await
                 .context("starting the readers again")?,
         );
@@ -522,7 +522,7 @@ impl Supervisor {
             carried = engine.carried_monitors();
             engine.stop().await?;
         }
-        let reply = match Engine::start(&config, projections.clone(), &carried).await {
+        let reply = match super::start::start_engine(&config, projections.clone(), &carried).await {
             Ok(engine) => {
                 self.engine = Some(engine);
                 self.config = config;
@@ -539,7 +539,7 @@ impl Supervisor {
                 let reason = format!("{err:#}");
                 tracing::error!("the new configuration could not start ({reason}); starting the previous one again");
                 self.engine = Some(
-                    Engine::start(&self.config, self.projections.clone(), &carried)
+                    super::start::start_engine(&self.config, self.projections.clone(), &carried)
                         .await
                         .context("restarting the previous configuration")?,
                 );

@@ -7,6 +7,7 @@ mod activity;
 mod apply;
 mod open;
 pub mod postgres;
+mod requests;
 mod settle;
 mod shadow;
 mod sqlite;
@@ -17,7 +18,8 @@ use std::collections::BTreeSet;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-pub use postgres::{LeaseReport, LeaseRequest, OperatorChange, PostgresWriter};
+pub use postgres::PostgresWriter;
+pub use requests::{LeaseReport, LeaseRequest, OperatorChange};
 pub use shadow::{rebuilt_projection, schema_objects, shadow_member};
 pub use thread::{PendingBatch, WriterHandle, WriterThread};
 

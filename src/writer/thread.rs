@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::activity::WriterActivity;
-use super::postgres::{LeaseReport, LeaseRequest, OperatorChange};
+use super::requests::{LeaseReport, LeaseRequest, OperatorChange};
 use super::{ApplyError, Batch, BatchOutcome, StartingPoint};
 use crate::control::protocol::SlowBatch;
 

@@ -8,17 +8,6 @@ use crate::store::lifecycle;
 use crate::store::postgres::{self as pg, StatementCache};
 use crate::writer::shadow::shadow_member;
 
-/// What an operator asks to be done to a projection, wherever its feed is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OperatorChange {
-    Rebuild,
-    CancelRebuild,
-    /// Move the event it halted on into the dead letters, and its checkpoint past it.
-    Skip,
-    /// Move its checkpoint to this offset.
-    Reset(u64),
-}
-
 /// Begins `projection`'s rebuild, or cancels it: what was done, or (the inner error) why not.
 pub(super) fn change_rebuild(
     tx: &mut postgres::Transaction,

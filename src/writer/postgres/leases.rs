@@ -1,32 +1,10 @@
 //! The leases of several daemons on one schema, as the writer takes and gives them back on its
 //! own connection.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use super::{Connection, PostgresWriter};
 use crate::store::postgres as pg;
+use crate::writer::requests::{LeaseReport, LeaseRequest};
 use crate::writer::ApplyError;
-
-/// What a lease round asks of the writer.
-#[derive(Debug, Clone)]
-pub struct LeaseRequest {
-    /// The feeds this daemon reads (those with projections).
-    pub feeds: Vec<String>,
-}
-
-/// What a lease round found.
-#[derive(Debug, Clone, Default)]
-pub struct LeaseReport {
-    /// The feeds whose leases this daemon holds now.
-    pub held: BTreeSet<String>,
-    /// Held beyond this daemon's share while another daemon holds less than its own: to hand
-    /// back once their readers have stopped.
-    pub surplus: Vec<String>,
-    /// The feeds paused, by whichever daemon.
-    pub paused: BTreeSet<String>,
-    /// The daemons whose sessions are alive, by id, with the feeds each holds.
-    pub daemons: BTreeMap<String, Vec<String>>,
-}
 
 impl PostgresWriter {
     /// Keeps this daemon's session alive and takes the leases it may, up to its share of the

@@ -22,14 +22,12 @@ mod changes;
 mod leases;
 mod rebuild;
 
-pub use changes::OperatorChange;
-pub use leases::{LeaseReport, LeaseRequest};
-
 use changes::{change_rebuild, reset_checkpoint, skip_halted_event};
 use rebuild::{begin_shadow, definition_objects, ensure_checkpoint, PostgresShadow};
 
 use super::activity::WriterActivity;
 use super::apply::Members;
+use super::requests::{LeaseReport, LeaseRequest, OperatorChange};
 use super::settle::settle;
 use super::shadow::shadow_member;
 use super::thread::{self, Interrupter, WriterStore};
