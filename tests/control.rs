@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, wait_for_log, Daemon, Harness, DEADLINE};
+use common::{wait_for, wait_for_log, Daemon, Harness, Store, DEADLINE};
 use projector::demo::bank;
 use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 use projector::demo::faults::{Fault, Target};
@@ -21,6 +21,20 @@ const BOTH: &[&str] = &["account_balances", "account_ledger"];
 /// Several poll intervals (50 ms in the tests): long enough for a daemon that ignored a pause
 /// to show it. Waiting for something not to happen needs some time; no test passes by it.
 const QUIET_PERIOD: Duration = Duration::from_millis(500);
+
+// The tests of steering that apply to either store, run on both.
+on_both_stores! {
+    pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed_in_store => pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed, pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed_on_postgres;
+    a_feed_backing_off_after_errors_stops_retrying_when_paused_in_store => a_feed_backing_off_after_errors_stops_retrying_when_paused, a_feed_backing_off_after_errors_stops_retrying_when_paused_on_postgres;
+    stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket_in_store => stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket, stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket_on_postgres;
+    a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout_in_store => a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout, a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout_on_postgres;
+    a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing_in_store => a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing, a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing_on_postgres;
+    status_reports_state_checkpoints_head_lag_retries_and_the_last_error_in_store => status_reports_state_checkpoints_head_lag_retries_and_the_last_error, status_reports_state_checkpoints_head_lag_retries_and_the_last_error_on_postgres;
+    status_names_a_halted_projection_and_its_poison_event_in_store => status_names_a_halted_projection_and_its_poison_event, status_names_a_halted_projection_and_its_poison_event_on_postgres;
+    a_pause_survives_a_restart_until_resumed_in_store => a_pause_survives_a_restart_until_resumed, a_pause_survives_a_restart_until_resumed_on_postgres;
+    sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs_in_store => sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs, sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs_on_postgres;
+    a_reload_that_cannot_start_brings_the_previous_configuration_back_in_store => a_reload_that_cannot_start_brings_the_previous_configuration_back, a_reload_that_cannot_start_brings_the_previous_configuration_back_on_postgres;
+}
 
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -46,10 +60,11 @@ async fn assert_frozen(harness: &Harness, more: Vec<projector::demo::feed_server
     assert_eq!(harness.balances(), balances);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed() {
+async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_feed_in_store(
+    store: Store,
+) {
     let events = bank::generate(30, 3000);
-    let harness = Harness::new(events[..1000].to_vec()).await;
+    let harness = Harness::on(store, events[..1000].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 1000).await;
 
@@ -85,10 +100,9 @@ async fn pause_and_resume_by_socket_and_by_signal_freeze_and_restore_a_growing_f
     assert!(log.contains("SIGUSR1 received") && log.contains("SIGUSR2 received"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_feed_backing_off_after_errors_stops_retrying_when_paused() {
+async fn a_feed_backing_off_after_errors_stops_retrying_when_paused_in_store(store: Store) {
     let events = bank::generate(42, 300);
-    let harness = Harness::new(events.clone()).await;
+    let harness = Harness::on(store, events.clone()).await;
     // Failing until the test clears it, however long the test takes to look.
     harness
         .server
@@ -115,10 +129,11 @@ async fn a_feed_backing_off_after_errors_stops_retrying_when_paused() {
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket() {
+async fn stop_by_socket_exits_0_after_the_daemon_is_gone_and_removes_the_socket_in_store(
+    store: Store,
+) {
     let events = bank::generate(31, 400);
-    let harness = Harness::new(events.clone()).await;
+    let harness = Harness::on(store, events.clone()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
     assert!(harness.socket().exists());
@@ -155,6 +170,7 @@ SELECT count(*) FROM forever
 /// A daemon whose writer is running the endless statement, with `stop_timeout` as given; the
 /// events, and how many of them were committed before the endless batch.
 async fn daemon_stuck_in_a_batch(
+    store: Store,
     stop_timeout: &str,
 ) -> (
     Harness,
@@ -169,7 +185,7 @@ async fn daemon_stuck_in_a_batch(
         .unwrap_or_else(|| panic!("the feed has no statement request"));
     assert!(first_request > 0, "the committed part must not be empty");
     let (before, from_request) = events.split_at(first_request);
-    let harness = Harness::new(before.to_vec()).await;
+    let harness = Harness::on(store, before.to_vec()).await;
     std::fs::write(harness.dir.path().join("endless.toml"), ENDLESS_STATEMENT)
         .unwrap_or_else(|e| panic!("{e}"));
     harness.write_config_with_daemon(
@@ -224,9 +240,10 @@ async fn assert_nothing_of_the_batch_applied(
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout() {
-    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("300ms").await;
+async fn a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout_in_store(
+    store: Store,
+) {
+    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch(store, "300ms").await;
     daemon.signal("TERM");
     let status = daemon.wait_exit().await;
     let log = daemon.log();
@@ -238,10 +255,11 @@ async fn a_stop_interrupts_a_batch_that_has_not_committed_after_stop_timeout() {
     assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing() {
+async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing_in_store(
+    store: Store,
+) {
     // The stop would wait an hour for the batch.
-    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("1h").await;
+    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch(store, "1h").await;
     daemon.signal("TERM");
     wait_for_log(
         &mut daemon,
@@ -274,7 +292,8 @@ async fn a_second_sigterm_while_a_batch_is_stuck_exits_at_once_and_loses_nothing
 #[tokio::test(flavor = "multi_thread")]
 async fn two_sigterms_sent_together_are_one_graceful_stop() {
     // The stop interrupts the stuck batch after 300 ms and exits 0.
-    let (harness, mut daemon, events, committed) = daemon_stuck_in_a_batch("300ms").await;
+    let (harness, mut daemon, events, committed) =
+        daemon_stuck_in_a_batch(Store::Sqlite, "300ms").await;
     // As `timeout` and some supervisors do: two signals at once. (Sent while the first is
     // pending, the kernel would merge them: the second goes once the first is taken.)
     daemon.signal("TERM");
@@ -290,10 +309,11 @@ async fn two_sigterms_sent_together_are_one_graceful_stop() {
     assert_nothing_of_the_batch_applied(&harness, &events, committed).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error() {
+async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error_in_store(
+    store: Store,
+) {
     let events = bank::generate(32, 600);
-    let harness = Harness::new(events.clone()).await;
+    let harness = Harness::on(store, events.clone()).await;
     harness.server.inject(Target::Pages, Fault::Status(500), 3);
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 600).await;
@@ -345,11 +365,10 @@ async fn status_reports_state_checkpoints_head_lag_retries_and_the_last_error() 
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn status_names_a_halted_projection_and_its_poison_event() {
+async fn status_names_a_halted_projection_and_its_poison_event_in_store(store: Store) {
     let mut events = bank::generate(33, 200);
     let poison = common::poison_first_credit(&mut events);
-    let harness = Harness::new(events).await;
+    let harness = Harness::on(store, events).await;
     let mut daemon = harness.spawn_running().await;
     wait_for(&mut daemon, "the ledger to halt", || {
         let feed = harness.feed_status("bank");
@@ -364,10 +383,9 @@ async fn status_names_a_halted_projection_and_its_poison_event() {
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pause_survives_a_restart_until_resumed() {
+async fn a_pause_survives_a_restart_until_resumed_in_store(store: Store) {
     let events = bank::generate(34, 1200);
-    let harness = Harness::new(events[..400].to_vec()).await;
+    let harness = Harness::on(store, events[..400].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 400).await;
     assert!(harness.ctl(&["pause", "bank"]).status.success());
@@ -400,10 +418,11 @@ async fn a_pause_survives_a_restart_until_resumed() {
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs() {
+async fn sighup_adds_a_projection_and_a_broken_config_is_refused_while_the_old_one_runs_in_store(
+    store: Store,
+) {
     let events = bank::generate(35, 1000);
-    let harness = Harness::new(events[..600].to_vec()).await;
+    let harness = Harness::on(store, events[..600].to_vec()).await;
     let balances_only = r#"
 [[projection]]
 name = "account_balances"
@@ -468,10 +487,9 @@ file = "account_balances.toml"
     assert!(daemon.terminate().await.0.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reload_that_cannot_start_brings_the_previous_configuration_back() {
+async fn a_reload_that_cannot_start_brings_the_previous_configuration_back_in_store(store: Store) {
     let events = bank::generate(41, 800);
-    let harness = Harness::new(events[..300].to_vec()).await;
+    let harness = Harness::on(store, events[..300].to_vec()).await;
     let mut daemon = harness.spawn();
     harness.wait_for_checkpoints(&mut daemon, BOTH, 300).await;
 

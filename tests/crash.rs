@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_consistent, Harness};
+use common::{assert_consistent, Harness, Store};
 use projector::demo::bank;
 use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 
@@ -23,8 +23,13 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigkill_at_random_moments_of_a_faulty_catch_up_leaves_the_read_model_exact() {
+on_both_stores! {
+    sigkill_at_random_moments =>
+        sigkill_at_random_moments_of_a_faulty_catch_up_leaves_the_read_model_exact,
+        sigkill_at_random_moments_of_a_faulty_catch_up_on_postgres_leaves_the_read_models_exact;
+}
+
+async fn sigkill_at_random_moments(store: Store) {
     let kills = env_number("PROJECTOR_CRASH_KILLS", 24);
     let seed = env_number("PROJECTOR_CRASH_SEED", 20_261_122);
     eprintln!(
@@ -33,7 +38,7 @@ async fn sigkill_at_random_moments_of_a_faulty_catch_up_leaves_the_read_model_ex
     let chunk = 300;
     let all = bank::generate(seed, 3000 + chunk * kills as usize);
     let mut served = 3000;
-    let harness = Harness::new(all[..served].to_vec()).await;
+    let harness = Harness::on(store, all[..served].to_vec()).await;
     harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
     harness.server.random_faults(seed, 0.05);
     let mut moments = fastrand::Rng::with_seed(seed);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_consistent, wait_for, Harness};
+use common::{assert_consistent, wait_for, Harness, Store};
 use projector::demo::bank;
 use projector::demo::consumer_toml::BOTH_PROJECTIONS;
 use projector::demo::faults::{Fault, Target};
@@ -14,9 +14,9 @@ const BOTH: &[&str] = &["account_balances", "account_ledger"];
 const EVENTS: usize = 200;
 
 /// `fault` on the next `times` requests of `target`; `feed_extra` adds feed keys.
-async fn recovers_from(target: Target, fault: Fault, times: usize, feed_extra: &str) {
+async fn recovers_from(store: Store, target: Target, fault: Fault, times: usize, feed_extra: &str) {
     let events = bank::generate(60, EVENTS);
-    let harness = Harness::new(events.clone()).await;
+    let harness = Harness::on(store, events.clone()).await;
     harness.server.inject(target, fault, times);
     let extra = format!("request_timeout = \"500ms\"\n{feed_extra}");
     harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, &extra);
@@ -40,13 +40,26 @@ async fn recovers_from(target: Target, fault: Fault, times: usize, feed_extra: &
     );
 }
 
+/// Each fault's test, on SQLite; and in `on_postgres`, the same on PostgreSQL.
 macro_rules! retried {
-    ($($name:ident: $target:ident $fault:expr, $times:literal;)*) => {$(
-        #[tokio::test(flavor = "multi_thread")]
-        async fn $name() {
-            recovers_from(Target::$target, $fault, $times, "").await;
+    ($($name:ident: $target:ident $fault:expr, $times:literal;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                recovers_from(Store::Sqlite, Target::$target, $fault, $times, "").await;
+            }
+        )*
+
+        mod on_postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    recovers_from(Store::Postgres, Target::$target, $fault, $times, "").await;
+                }
+            )*
         }
-    )*};
+    };
 }
 
 retried! {
@@ -81,6 +94,7 @@ retried! {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_streamed_page_is_refused_while_it_streams() {
     recovers_from(
+        Store::Sqlite,
         Target::Pages,
         Fault::Oversized,
         3,
@@ -93,6 +107,7 @@ async fn an_oversized_streamed_page_is_refused_while_it_streams() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gzip_bomb_is_refused_while_it_inflates() {
     recovers_from(
+        Store::Sqlite,
         Target::Pages,
         Fault::GzipBomb,
         2,
@@ -100,6 +115,7 @@ async fn a_gzip_bomb_is_refused_while_it_inflates() {
     )
     .await;
     recovers_from(
+        Store::Sqlite,
         Target::Bodies,
         Fault::GzipBomb,
         2,

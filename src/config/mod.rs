@@ -260,7 +260,8 @@ impl Config {
         }
         if let Some(schema) = &daemon.schema {
             let name = schema.get_ref();
-            let plain = name.len() <= 63
+            // Leaves room for the rebuilds' schemas, named `<schema>_rebuild_<hash>`.
+            let plain = name.len() <= 40
                 && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
                 && name
                     .chars()
@@ -268,7 +269,7 @@ impl Config {
             if !plain {
                 return Err(ConfigError::new(
                     src.locate(schema),
-                    format!("schema {name:?} is not a plain PostgreSQL name: use lower-case letters, digits and _, starting with a letter (at most 63)"),
+                    format!("schema {name:?} is not a plain PostgreSQL name: use lower-case letters, digits and _, starting with a letter (at most 40)"),
                 ));
             }
         }

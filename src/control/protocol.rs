@@ -411,10 +411,25 @@ pub struct FeedStatus {
 }
 
 impl FeedStatus {
-    /// Says the feed stands by here: another daemon applies it, and the lag this daemon last saw
-    /// is not the feed's (the daemon applying it reports that), so no alert fires on it here.
-    pub fn stand_by(&mut self) {
-        self.state = FeedState::Standby;
+    /// Says where the feed's lease (PostgreSQL) leaves it here: held, its readers starting
+    /// until they say more; or held by another daemon, which applies it and reports its lag (the
+    /// lag this daemon last saw is not the feed's, so no alert fires on it here). A pause is the
+    /// feed's, wherever it runs, and said first.
+    pub fn under_lease(&mut self, held_here: bool) {
+        let paused_or = |other| {
+            if self.paused {
+                FeedState::Paused
+            } else {
+                other
+            }
+        };
+        if held_here {
+            if self.state == FeedState::Idle {
+                self.state = paused_or(FeedState::Starting);
+            }
+            return;
+        }
+        self.state = paused_or(FeedState::Standby);
         self.lag = None;
         self.eta_seconds = None;
         self.stalled_seconds = None;

@@ -291,9 +291,8 @@ impl Supervisor {
                         let mut status = feed.monitor.snapshot(&url, *feed.paused.borrow());
                         if let (Some(lease), Some(leases)) = (&feed.lease, &leases) {
                             status.lease_holder = leases.holder(&status.name).map(str::to_string);
-                            if *lease.borrow() == super::lease_state::Lease::Standby {
-                                status.stand_by();
-                            }
+                            let held = *lease.borrow() != super::lease_state::Lease::Standby;
+                            status.under_lease(held);
                         }
                         status
                     })

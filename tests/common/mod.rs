@@ -23,11 +23,41 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 pub struct Harness {
     pub server: FeedServer,
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL schema the daemon keeps everything in, when not a SQLite file.
+    pub postgres: Option<pg::Schema>,
+}
+
+/// Where a test's daemon keeps its read models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs a test written for both stores as two tests: `$sqlite` and `$postgres`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($test:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $sqlite() {
+            $test(common::Store::Sqlite).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $postgres() {
+            $test(common::Store::Postgres).await;
+        }
+    )*};
 }
 
 impl Harness {
     /// A feed of `events` on a free loopback port, and a folder with a config reading it.
     pub async fn new(events: Vec<StoredEvent>) -> Harness {
+        Harness::on(Store::Sqlite, events).await
+    }
+
+    /// As `new`, the read models kept in `store` (PostgreSQL: a schema of the test's own).
+    pub async fn on(store: Store, events: Vec<StoredEvent>) -> Harness {
         let server = FeedServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), events)
             .await
             .unwrap_or_else(|e| panic!("starting the feed server: {e}"));
@@ -36,7 +66,12 @@ impl Harness {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("projections/account_balances.toml");
         std::fs::copy(projection, dir.path().join("account_balances.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let harness = Harness { server, dir };
+        let postgres = (store == Store::Postgres).then(pg::Schema::new);
+        let harness = Harness {
+            server,
+            dir,
+            postgres,
+        };
         harness.write_config(&harness.server.url(), BOTH_PROJECTIONS, "");
         harness
     }
@@ -80,14 +115,20 @@ impl Harness {
         feed_extra: &str,
         daemon_extra: &str,
     ) {
-        self.write_config_on(
-            "projector.db",
-            format,
-            url,
-            projections,
-            feed_extra,
-            daemon_extra,
-        );
+        match &self.postgres {
+            Some(schema) => {
+                let keys = format!("{}{daemon_extra}", schema.daemon_keys("2s"));
+                self.write_config_on(&pg::url(), format, url, projections, feed_extra, &keys)
+            }
+            None => self.write_config_on(
+                "projector.db",
+                format,
+                url,
+                projections,
+                feed_extra,
+                daemon_extra,
+            ),
+        }
     }
 
     /// As `write_config_in_format`, with `[daemon] database` = `database`.
@@ -199,16 +240,25 @@ impl Harness {
     }
 
     pub fn checkpoints(&self) -> HashMap<String, u64> {
-        checkpoints(&self.database())
+        match &self.postgres {
+            Some(schema) => schema.checkpoints(),
+            None => checkpoints(&self.database()),
+        }
     }
 
     pub fn balances(&self) -> BTreeMap<String, i64> {
+        if let Some(schema) = &self.postgres {
+            return schema.balances();
+        }
         let conn =
             projector::store::open_reader(&self.database()).unwrap_or_else(|e| panic!("{e}"));
         balances_in(&conn)
     }
 
     pub fn count(&self, sql: &str) -> i64 {
+        if let Some(schema) = &self.postgres {
+            return schema.count(sql);
+        }
         let conn =
             projector::store::open_reader(&self.database()).unwrap_or_else(|e| panic!("{e}"));
         conn.query_row(sql, [], |row| row.get(0))
@@ -449,6 +499,9 @@ pub fn projector(args: &[&str]) -> std::process::Output {
 /// Each projection's read model is the fold of the feed up to its checkpoint, and the
 /// checkpoint's event id is the feed's at that offset.
 pub fn assert_consistent(harness: &Harness, events: &[StoredEvent], context: &str) {
+    if let Some(schema) = &harness.postgres {
+        return schema.assert_consistent(events, context);
+    }
     // One read transaction: a snapshot, even while the daemon commits.
     let mut conn = projector::store::open_reader(&harness.database())
         .unwrap_or_else(|e| panic!("{context}: {e}"));

@@ -55,12 +55,24 @@ impl Schema {
         schema
     }
 
+    /// Drops the schema, and the schemas of its rebuilds in progress.
     fn drop_schema(&self) {
         let name = self.name.clone();
         with_client("public", move |client| {
-            client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                .unwrap_or_else(|e| panic!("{e}"));
+            let rebuilds: Vec<String> = client
+                .query(
+                    "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1 || '\\_rebuild\\_%'",
+                    &[&name],
+                )
+                .unwrap_or_else(|e| panic!("{e}"))
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for schema in rebuilds.iter().chain([&name]) {
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
         });
     }
 
@@ -184,6 +196,24 @@ impl Schema {
                 }
             }
         });
+    }
+
+    /// `account_balances`, by account.
+    pub fn balances(&self) -> BTreeMap<String, i64> {
+        self.query(|client| {
+            let mut tx = client.transaction().unwrap_or_else(|e| panic!("{e}"));
+            balances_in(&mut tx, "")
+        })
+    }
+
+    /// The one number `sql` selects.
+    pub fn count(&self, sql: &str) -> i64 {
+        self.query(|client| {
+            client
+                .query_one(sql, &[])
+                .map(|row| row.get::<_, i64>(0))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        })
     }
 
     /// Both shipped read models hold exactly the fold of `events`.

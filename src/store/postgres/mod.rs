@@ -149,6 +149,12 @@ pub fn connect(store: &PostgresStore, name: &str, session: Session) -> anyhow::R
         settings.push_str(&format!(
             "; SET idle_session_timeout = {millis}; SET idle_in_transaction_session_timeout = {millis}"
         ));
+        // A daemon that dies while a statement runs must not leave it running, holding its
+        // leases and checkpoints: the server checks the client is there while it works.
+        settings.push_str(&format!(
+            "; SET client_connection_check_interval = {}",
+            (millis / 4).max(250)
+        ));
         // As SQLite's NORMAL: a commit does not wait for the server's disk, so only a crash of
         // the server itself can drop the last commits, checkpoints with them (read again).
         if store.synchronous == Synchronous::Normal {

@@ -75,13 +75,14 @@ pub fn drop_shadow(
     ))
 }
 
-/// The schema a rebuild of `projection` builds its tables in: named by a hash, since a
-/// projection's name may be longer than a PostgreSQL name or hold characters it would quote.
+/// The schema a rebuild of `projection` builds its tables in, beside the daemon's `schema`
+/// (at most 40 characters, so this is at most 61): named by a hash of the projection's name,
+/// which may be longer than a PostgreSQL name or hold characters it would quote.
 pub fn shadow_schema(schema: &str, projection: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{schema}\0{projection}"));
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("projector_rebuild_{hex}")
+    let digest = sha2::Sha256::digest(projection);
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{schema}_rebuild_{hex}")
 }
 
 /// The tables, views and sequences of `schema` that are not Projector's own, tables first
