@@ -281,6 +281,25 @@ async fn three_daemons_over_a_faulty_feed_stay_exact_while_the_active_one_is_kil
     let active = node_of(&mut nodes, &holder);
     wait_for_offset(&schema, &mut active.daemon, served as u64).await;
     schema.assert_exact(&all[..served]);
+    // As an operator reads them, with psql, while the daemons run.
+    let psql = std::process::Command::new("psql")
+        .args([
+            &pg::url(),
+            "-Atc",
+            &format!(
+                "SELECT count(*) || ' ' || sum(balance) FROM {}.account_balances",
+                schema.name
+            ),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("psql (apt install postgresql-client): {e}"));
+    let expected = bank::expected_balances(&all[..served]);
+    assert_eq!(
+        String::from_utf8_lossy(&psql.stdout).trim(),
+        format!("{} {}", expected.len(), expected.values().sum::<i64>()),
+        "{}",
+        common::output_text(&psql)
+    );
     eprintln!("takeover after SIGKILL: {}", spread(&mut takeovers));
 }
 
