@@ -2,12 +2,14 @@
 //! lease (an advisory lock on that daemon's writer connection); the others stand by. A round,
 //! every quarter of `lease_timeout`, keeps this daemon's session alive, takes the leases it may
 //! (up to its share of the feeds), hands back what it holds beyond its share when another
-//! daemon holds less, and picks up pauses made through any daemon.
+//! daemon holds less, and picks up what was done through any daemon: pauses, rebuilds begun or
+//! ended, checkpoints an operator changed.
 //!
 //! Each feed has a controller: when its lease is taken it starts the feed's readers from the
 //! checkpoints as committed (by whichever daemon), and when the lease is lost or handed back it
 //! stops them, their batches in flight committed or rolled back whole. A rebuild that begins or
-//! ends (here or through another daemon) starts them again, the shadow's reader with them.
+//! ends, or a checkpoint an operator changed (here or through another daemon), starts them
+//! again, a rebuild's shadow's reader with them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -49,7 +51,7 @@ pub(super) async fn start(
     };
     let starting_points = opened.starting_points();
     let paused_feeds = opened.paused_feeds();
-    let rebuilds = opened.rebuilds_changed();
+    let restarts = opened.restarts();
     let (writer, writer_thread) = opened.spawn().context("starting the writer thread")?;
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -70,7 +72,7 @@ pub(super) async fn start(
             tasks.spawn(control_feed(
                 plan,
                 runtime.clone(),
-                (watching, rebuilds.clone()),
+                (watching, restarts.clone()),
                 writer.clone(),
                 stop.clone(),
             ));
@@ -183,11 +185,11 @@ async fn lease_rounds(
 }
 
 /// Runs `plan`'s readers while this daemon holds the feed's lease, starting them again when a
-/// rebuild begins or ends: see the module's comment.
+/// rebuild begins or ends or a checkpoint is changed: see the module's comment.
 async fn control_feed(
     plan: FeedPlan,
     runtime: FeedRuntime,
-    (mut lease, mut rebuilds): (watch::Receiver<Lease>, watch::Receiver<u64>),
+    (mut lease, mut restarts): (watch::Receiver<Lease>, watch::Receiver<u64>),
     writer: WriterHandle,
     stop: CancellationToken,
 ) {
@@ -198,7 +200,7 @@ async fn control_feed(
             held = lease.wait_for(|lease| *lease == Lease::Held) => if held.is_err() { return },
         }
         // A rebuild that begins or ends from here on starts the readers again.
-        rebuilds.mark_unchanged();
+        restarts.mark_unchanged();
         let points = match writer.starting_points_of(feed.clone()).await {
             Ok(points) => points,
             Err(err) => {
@@ -218,18 +220,18 @@ async fn control_feed(
         };
         readers.start(&plan, &points, &runtime);
         readers.tasks.close();
-        let rebuilt = tokio::select! {
+        let restarted = tokio::select! {
             () = stop.cancelled() => false,
             _ = lease.wait_for(|lease| *lease != Lease::Held) => false,
-            changed = rebuilds.changed() => changed.is_ok(),
+            changed = restarts.changed() => changed.is_ok(),
         };
         readers.stop.cancel();
         readers.tasks.wait().await;
         if stop.is_cancelled() {
             return;
         }
-        if rebuilt {
-            tracing::info!(feed = %feed, "a rebuild began or ended: reading again from the checkpoints");
+        if restarted {
+            tracing::info!(feed = %feed, "a rebuild began or ended, or a checkpoint was changed: reading again from the checkpoints");
         } else if *lease.borrow() == Lease::HandingBack {
             if let Err(err) = writer.release(feed.clone()).await {
                 tracing::warn!(feed = %feed, "could not hand the feed's lease back: {err}");

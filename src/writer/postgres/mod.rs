@@ -56,7 +56,7 @@ pub struct PostgresWriter {
     shadows: Vec<PostgresShadow>,
     /// Counts the changes of rebuilds (begun, ended, swapped in) and operators' changes to
     /// checkpoints seen: the feeds' readers then start again from the checkpoints.
-    rebuilt: tokio::sync::watch::Sender<u64>,
+    restart_readers: tokio::sync::watch::Sender<u64>,
     /// The store's count of operators' changes, as last seen.
     changes_seen: i64,
 }
@@ -171,15 +171,16 @@ impl PostgresWriter {
             paused_feeds,
             cancel,
             shadows,
-            rebuilt: tokio::sync::watch::Sender::new(0),
+            restart_readers: tokio::sync::watch::Sender::new(0),
             changes_seen,
         })
     }
 
-    /// Changes each time a rebuild begins, ends or replaces a projection's tables: the feeds'
-    /// readers must then start again from the checkpoints.
-    pub fn rebuilds_changed(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.rebuilt.subscribe()
+    /// Changes each time a rebuild begins, ends or replaces a projection's tables, or an
+    /// operator changes a checkpoint: the feeds' readers must then start again from the
+    /// checkpoints.
+    pub fn restarts(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.restart_readers.subscribe()
     }
 
     pub fn starting_points(&self) -> Vec<StartingPoint> {

@@ -107,7 +107,7 @@ impl PostgresWriter {
             changed = true;
         }
         if changed {
-            self.rebuilt.send_modify(|count| *count += 1);
+            self.restart_readers.send_modify(|count| *count += 1);
         }
         Ok(())
     }
@@ -145,7 +145,7 @@ impl PostgresWriter {
                 );
                 self.set_state(&shadow.member, SlotState::Retired);
                 self.set_state(&shadow.projection, SlotState::Running);
-                self.rebuilt.send_modify(|count| *count += 1);
+                self.restart_readers.send_modify(|count| *count += 1);
             }
             Err(err) => tracing::error!(
                 projection = %shadow.projection,
