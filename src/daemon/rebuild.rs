@@ -14,7 +14,6 @@ use crate::config::Config;
 use crate::control::protocol::{FeedStatus, Reply};
 use crate::projection::ConfiguredProjection;
 use crate::store;
-use crate::writer::OperatorChange;
 
 /// How often a rebuild run alone reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -26,15 +25,6 @@ impl Supervisor {
             Ok(projection) => projection,
             Err(err) => return Ok(Reply::error(err)),
         };
-        if self.config.daemon.postgres.is_some() {
-            // Recorded in the store: the daemon holding the feed builds it, without a restart.
-            let change = if cancel {
-                OperatorChange::CancelRebuild
-            } else {
-                OperatorChange::Rebuild
-            };
-            return Ok(self.change_in_store(name, change).await);
-        }
         self.change(name, move |database, _| {
             if cancel {
                 cancel_rebuild(database, &projection)

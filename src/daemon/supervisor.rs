@@ -217,6 +217,11 @@ impl Supervisor {
     }
 
     async fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
+        if self.config.daemon.postgres.is_some() {
+            if let Some((projection, change)) = operator_change(&request) {
+                return Ok(self.change_in_store(projection, change).await);
+            }
+        }
         let reply = match request {
             Request::Status => Reply {
                 ok: true,
@@ -227,14 +232,6 @@ impl Supervisor {
             Request::Resume { feed } => self.resume(feed.as_deref()).await?,
             Request::Reload => self.reload().await?,
             Request::Rebuild { projection, cancel } => self.rebuild(&projection, cancel).await?,
-            Request::Skip { projection } if self.config.daemon.postgres.is_some() => {
-                self.change_in_store(&projection, OperatorChange::Skip)
-                    .await
-            }
-            Request::Reset { projection, offset } if self.config.daemon.postgres.is_some() => {
-                self.change_in_store(&projection, OperatorChange::Reset(offset))
-                    .await
-            }
             Request::Skip { projection } => {
                 self.change(&projection, move |database, name| {
                     super::changes::skip_halted_event(database, name)
@@ -256,8 +253,9 @@ impl Supervisor {
     }
 
     /// Makes an operator's change where the store's writer makes it (PostgreSQL): recorded in
-    /// the store, the daemon applying the feed reads again from the checkpoints.
-    pub(super) async fn change_in_store(&self, name: &str, change: OperatorChange) -> Reply {
+    /// the store, the daemon applying the feed reads again from the checkpoints, without a
+    /// restart here.
+    async fn change_in_store(&self, name: &str, change: OperatorChange) -> Reply {
         if let Err(err) = self.projection(name) {
             return Reply::error(err);
         }
@@ -550,6 +548,25 @@ impl Supervisor {
         crate::notify::ready(&self.status().summary());
         Ok(reply)
     }
+}
+
+/// The operator's change `request` asks for of a projection, if it asks for one.
+fn operator_change(request: &Request) -> Option<(&str, OperatorChange)> {
+    Some(match request {
+        Request::Rebuild { projection, cancel } => (
+            projection.as_str(),
+            if *cancel {
+                OperatorChange::CancelRebuild
+            } else {
+                OperatorChange::Rebuild
+            },
+        ),
+        Request::Skip { projection } => (projection.as_str(), OperatorChange::Skip),
+        Request::Reset { projection, offset } => {
+            (projection.as_str(), OperatorChange::Reset(*offset))
+        }
+        _ => return None,
+    })
 }
 
 /// Returns once the engine's rebuild has finished; never without an engine.

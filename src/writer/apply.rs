@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::activity::WriterActivity;
 use super::{ApplyError, Batch, BatchOutcome, Halt, ProjectionOutcome, Slot, SlotState};
@@ -43,9 +44,9 @@ pub(super) trait BatchTx {
         projection: &ConfiguredProjection,
         event: &Event,
     ) -> Result<Result<(), ProjectionError>, ApplyError>;
-    fn savepoint(&mut self) -> Result<(), ApplyError>;
-    fn rollback_to_savepoint(&mut self) -> Result<(), ApplyError>;
-    fn release_savepoint(&mut self) -> Result<(), ApplyError>;
+    /// Runs a statement without parameters (the savepoints' statements, which both stores
+    /// write alike).
+    fn run(&mut self, sql: &str) -> Result<(), ApplyError>;
     fn commit(self) -> Result<(), ApplyError>;
 }
 
@@ -86,6 +87,25 @@ impl Members {
             activity,
             poisoned: HashSet::new(),
         }
+    }
+
+    pub fn set_state(&mut self, name: &str, state: SlotState) {
+        if let Some(&slot) = self.by_name.get(name) {
+            self.slots[slot].state = state;
+        }
+    }
+
+    /// A rebuild's shadow `member` has replaced `projection`'s tables (built by `version`, in
+    /// `took`): the shadow is done, and the projection runs the definition it was built by.
+    pub fn swapped_in(&mut self, projection: &str, member: &str, version: &str, took: Duration) {
+        tracing::info!(
+            projection = %projection,
+            version = %version,
+            swap = ?took,
+            "rebuilt: the new tables replaced the old ones"
+        );
+        self.set_state(member, SlotState::Retired);
+        self.set_state(projection, SlotState::Running);
     }
 
     /// Applies a batch in one transaction of `store`. On error nothing is committed and no
@@ -421,11 +441,11 @@ fn apply_one(
     if savepoints == Savepoints::Off {
         return tx.apply(projection, event);
     }
-    tx.savepoint()?;
+    tx.run("SAVEPOINT projector_event")?;
     let result = tx.apply(projection, event)?;
     if result.is_err() {
-        tx.rollback_to_savepoint()?;
+        tx.run("ROLLBACK TO SAVEPOINT projector_event")?;
     }
-    tx.release_savepoint()?;
+    tx.run("RELEASE SAVEPOINT projector_event")?;
     Ok(result)
 }

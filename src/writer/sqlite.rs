@@ -5,7 +5,7 @@
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::apply::{BatchTx, BeginBatch};
-use super::{ApplyError, Batch, BatchOutcome, SlotState, Writer};
+use super::{ApplyError, Batch, BatchOutcome, Writer};
 use crate::event::Event;
 use crate::projection::{ConfiguredProjection, ProjectionError};
 use crate::store::lifecycle::{self, HaltedEvent};
@@ -66,15 +66,12 @@ impl Writer {
             Ok(false) => {}
             Ok(true) => {
                 let shadow = self.shadows.remove(index);
-                tracing::info!(
-                    projection = %shadow.projection,
-                    version = %shadow.version,
-                    swap = ?started.elapsed(),
-                    "rebuilt: the new tables replaced the old ones"
+                self.members.swapped_in(
+                    &shadow.projection,
+                    &shadow.member,
+                    &shadow.version,
+                    started.elapsed(),
                 );
-                if let Some(&slot) = self.members.by_name.get(&shadow.member) {
-                    self.members.slots[slot].state = SlotState::Retired;
-                }
                 let path = shadow.path.clone();
                 drop(shadow);
                 if let Err(err) = crate::store::lifecycle::remove_shadow(&path) {
@@ -152,29 +149,15 @@ impl BatchTx for SqliteTx<'_> {
         }
     }
 
-    fn savepoint(&mut self) -> Result<(), ApplyError> {
-        self.statement("SAVEPOINT projector_event")
-    }
-
-    fn rollback_to_savepoint(&mut self) -> Result<(), ApplyError> {
-        self.statement("ROLLBACK TO projector_event")
-    }
-
-    fn release_savepoint(&mut self) -> Result<(), ApplyError> {
-        self.statement("RELEASE projector_event")
-    }
-
-    fn commit(self) -> Result<(), ApplyError> {
-        self.0.commit().map_err(ApplyError::storage)
-    }
-}
-
-impl SqliteTx<'_> {
-    fn statement(&self, sql: &str) -> Result<(), ApplyError> {
+    fn run(&mut self, sql: &str) -> Result<(), ApplyError> {
         self.0
             .prepare_cached(sql)
             .and_then(|mut statement| statement.execute([]))
             .map(drop)
             .map_err(ApplyError::storage)
+    }
+
+    fn commit(self) -> Result<(), ApplyError> {
+        self.0.commit().map_err(ApplyError::storage)
     }
 }

@@ -77,22 +77,8 @@ impl BatchTx for PostgresBatch<'_> {
         }
     }
 
-    fn savepoint(&mut self) -> Result<(), ApplyError> {
-        self.tx
-            .batch_execute("SAVEPOINT projector_event")
-            .map_err(ApplyError::postgres)
-    }
-
-    fn rollback_to_savepoint(&mut self) -> Result<(), ApplyError> {
-        self.tx
-            .batch_execute("ROLLBACK TO SAVEPOINT projector_event")
-            .map_err(ApplyError::postgres)
-    }
-
-    fn release_savepoint(&mut self) -> Result<(), ApplyError> {
-        self.tx
-            .batch_execute("RELEASE SAVEPOINT projector_event")
-            .map_err(ApplyError::postgres)
+    fn run(&mut self, sql: &str) -> Result<(), ApplyError> {
+        self.tx.batch_execute(sql).map_err(ApplyError::postgres)
     }
 
     fn commit(self) -> Result<(), ApplyError> {

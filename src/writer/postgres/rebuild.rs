@@ -75,13 +75,14 @@ impl PostgresWriter {
                 continue;
             }
             let shadow = self.shadows.remove(index);
-            self.set_state(&shadow.member, SlotState::Retired);
+            self.members.set_state(&shadow.member, SlotState::Retired);
             let built: Option<Definition> =
                 pg::recorded_definition(&mut self.connection()?.client, &shadow.projection)
                     .map_err(ApplyError::postgres)?;
             if built.is_some_and(|built| built.version == shadow.version) {
                 // Another daemon swapped it in: the definition configured here is the live one.
-                self.set_state(&shadow.projection, SlotState::Running);
+                self.members
+                    .set_state(&shadow.projection, SlotState::Running);
             }
             changed = true;
         }
@@ -102,7 +103,7 @@ impl PostgresWriter {
                 .map_err(|err| ApplyError::Storage(format!("{err:#}")))?;
             tx.commit().map_err(ApplyError::postgres)?;
             tracing::info!(projection = %projection.name, "rebuilding from the feed's start, beside the live tables");
-            self.set_state(&shadow.member, SlotState::Running);
+            self.members.set_state(&shadow.member, SlotState::Running);
             self.shadows.push(shadow);
             changed = true;
         }
@@ -110,12 +111,6 @@ impl PostgresWriter {
             self.restart_readers.send_modify(|count| *count += 1);
         }
         Ok(())
-    }
-
-    pub(super) fn set_state(&mut self, name: &str, state: SlotState) {
-        if let Some(&slot) = self.members.by_name.get(name) {
-            self.members.slots[slot].state = state;
-        }
     }
 
     /// Once the shadow of rebuild `index` has caught up with the live checkpoint, its tables
@@ -137,14 +132,12 @@ impl PostgresWriter {
             Ok(false) => {}
             Ok(true) => {
                 let shadow = self.shadows.remove(index);
-                tracing::info!(
-                    projection = %shadow.projection,
-                    version = %shadow.version,
-                    swap = ?started.elapsed(),
-                    "rebuilt: the new tables replaced the old ones"
+                self.members.swapped_in(
+                    &shadow.projection,
+                    &shadow.member,
+                    &shadow.version,
+                    started.elapsed(),
                 );
-                self.set_state(&shadow.member, SlotState::Retired);
-                self.set_state(&shadow.projection, SlotState::Running);
                 self.restart_readers.send_modify(|count| *count += 1);
             }
             Err(err) => tracing::error!(
